@@ -1,0 +1,421 @@
+"""Talking-face quality metrics (PC-AVS paper, Tables 1 and 3), computed offline.
+
+Pure functions over numpy arrays; the heavy optional tools are imported lazily:
+
+* SSIM / PSNR: scikit-image.
+* CPBD sharpness: ``cpbd-py312``.
+* 68-point landmarks and a face-identity embedding: ``dlib-bin`` + ``face-recognition-models``
+  (its .dat files are located with importlib; its ``__init__`` imports the removed
+  pkg_resources, so it is never imported). The face box comes from mediapipe
+  (:class:`rt_engine.inputs.face.FaceCropper`), mapped to the box shape dlib's predictor expects.
+* Lip sync without SyncNet: mouth-opening curves (inner-lip gap / outer eye-corner distance),
+  their correlation and lag, and the audio-to-mouth offset found by cross-correlating speech-band
+  energy with mouth opening (z-score against circularly shifted audio).
+* LSE-C / LSE-D (Prajwal et al. 2020) with SyncNet (Chung & Zisserman 2016) when its weights
+  (``syncnet_v2.model``, a state dict) are given: the network is defined here in plain torch.
+
+Frames are RGB uint8 ``[N,H,W,3]``; landmark arrays ``[N,68,2]`` hold NaN where no face was found.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MOUTH = list(range(48, 68))  # dlib 68-point mouth
+JAW = list(range(0, 17))  # dlib 68-point jaw contour (pose LMD)
+INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points
+EYE_OUTER = (36, 45)
+FPS = 25
+SAMPLE_RATE = 16000
+
+# mediapipe detector box -> dlib frontal-detector box, measured on 80 demo VoxCeleb2 frames where
+# dlib's HOG detector also finds the face: same centre x, centre y + 1.3% of the height, size x0.885.
+_BOX_SCALE = 0.885
+_BOX_DY = 0.013
+
+
+# ------------------------------------------------------------------ image metrics
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over frames of two [N,H,W,3] uint8 videos (scikit-image, 7x7 window)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = _as_video(a), _as_video(b)
+    vals = [structural_similarity(x, y, channel_axis=2, data_range=255) for x, y in zip(a, b, strict=True)]
+    return float(np.mean(vals))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two [N,H,W,3] uint8 videos (MSE over all frames; inf if identical)."""
+    a, b = _as_video(a), _as_video(b)
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def cpbd_sharpness(frames: np.ndarray, max_frames: int = 25) -> float:
+    """Mean CPBD sharpness (cpbd-py312) over up to ``max_frames`` evenly spaced frames [N,H,W,3]."""
+    try:
+        import cpbd
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("CPBD needs: pip install cpbd-py312") from e
+    frames = _as_video(frames)
+    idx = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+    gray = [0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2] for f in frames[idx]]
+    return float(np.mean([cpbd.compute(g) for g in gray]))
+
+
+def _as_video(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected [N,H,W,3] frames, got {x.shape}")
+    return x
+
+
+def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
+    """[N,3,H,W] float in [-1,1] (generator output) -> [N,H,W,3] uint8."""
+    x = np.asarray(frames, np.float32)
+    x = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+# ------------------------------------------------------------------ landmarks
+def _dlib_model_path(name: str) -> str:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("landmarks need: pip install dlib-bin face-recognition-models")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
+    if not path.is_file():
+        raise ImportError(f"face-recognition-models lacks {path}")
+    return str(path)
+
+
+class FaceAnalyzer:
+    """68-point landmarks and 128-d identity embeddings: mediapipe boxes + dlib models."""
+
+    def __init__(self, cropper=None) -> None:
+        try:
+            import dlib
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("landmarks need: pip install dlib-bin face-recognition-models") from e
+        self._dlib = dlib
+        self._predictor = dlib.shape_predictor(_dlib_model_path("shape_predictor_68_face_landmarks.dat"))
+        self._encoder = None
+        if cropper is None:
+            from rt_engine.inputs.face import FaceCropper
+
+            cropper = FaceCropper()
+        self.cropper = cropper
+
+    def _rect(self, img: np.ndarray):
+        face = self.cropper.detect(img)
+        if face is None:
+            return None
+        w, h = face.x1 - face.x0, face.y1 - face.y0
+        cx, cy = (face.x0 + face.x1) / 2, (face.y0 + face.y1) / 2 + _BOX_DY * h
+        hw, hh = _BOX_SCALE * w / 2, _BOX_SCALE * h / 2
+        return self._dlib.rectangle(int(round(cx - hw)), int(round(cy - hh)), int(round(cx + hw)),
+                                    int(round(cy + hh)))
+
+    def landmarks(self, frames: np.ndarray) -> np.ndarray:
+        """[N,H,W,3] uint8 RGB -> [N,68,2] float32 (x, y) pixels, NaN rows where no face."""
+        frames = _as_video(frames)
+        out = np.full((len(frames), 68, 2), np.nan, np.float32)
+        for k, img in enumerate(frames):
+            img = np.ascontiguousarray(img)
+            rect = self._rect(img)
+            if rect is None:
+                continue
+            shape = self._predictor(img, rect)
+            out[k] = [(p.x, p.y) for p in shape.parts()]
+        return out
+
+    def embeddings(self, frames: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """dlib ResNet face descriptors [N,128] (NaN rows where landmarks are missing)."""
+        if self._encoder is None:
+            self._encoder = self._dlib.face_recognition_model_v1(
+                _dlib_model_path("dlib_face_recognition_resnet_model_v1.dat"))
+        frames = _as_video(frames)
+        out = np.full((len(frames), 128), np.nan, np.float32)
+        for k, (img, lm) in enumerate(zip(frames, landmarks, strict=True)):
+            if not np.isfinite(lm).all():
+                continue
+            x0, y0 = np.floor(lm.min(0)).astype(int)
+            x1, y1 = np.ceil(lm.max(0)).astype(int)
+            pts = [self._dlib.point(int(round(x)), int(round(y))) for x, y in lm]
+            shape = self._dlib.full_object_detection(self._dlib.rectangle(x0, y0, x1, y1), pts)
+            out[k] = np.asarray(self._encoder.compute_face_descriptor(np.ascontiguousarray(img), shape))
+        return out
+
+
+def lmd(lm_a: np.ndarray, lm_b: np.ndarray, points: Sequence[int] | None = None) -> float:
+    """Landmark distance: mean Euclidean distance (pixels) over the given points and the frames
+    where both [N,68,2] sets have a face; NaN when no frame has both."""
+    a, b = np.asarray(lm_a, np.float64), np.asarray(lm_b, np.float64)
+    if points is not None:
+        a, b = a[:, list(points)], b[:, list(points)]
+    ok = np.isfinite(a).all((1, 2)) & np.isfinite(b).all((1, 2))
+    if not ok.any():
+        return math.nan
+    return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean())
+
+
+def mouth_opening(lm: np.ndarray) -> np.ndarray:
+    """Inner-lip gap / outer eye-corner distance per frame; [N,68,2] -> [N] (NaN where no face)."""
+    lm = np.asarray(lm, np.float64)
+    gap = np.mean([np.linalg.norm(lm[:, i] - lm[:, j], axis=-1) for i, j in INNER_LIP_PAIRS], axis=0)
+    eyes = np.linalg.norm(lm[:, EYE_OUTER[0]] - lm[:, EYE_OUTER[1]], axis=-1)
+    return gap / np.maximum(eyes, 1e-6)
+
+
+def cosine_similarity(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
+    """Mean cosine similarity of paired embedding rows [N,D] (rows with NaN ignored)."""
+    a, b = np.asarray(emb_a, np.float64), np.asarray(emb_b, np.float64)
+    ok = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+    if not ok.any():
+        return math.nan
+    a, b = a[ok], b[ok]
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(cos.mean())
+
+
+# ------------------------------------------------------------------ curves and sync
+def _fill_nan(x: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN gaps (edges held); all-NaN stays NaN."""
+    x = np.asarray(x, np.float64).copy()
+    ok = np.isfinite(x)
+    if ok.all() or not ok.any():
+        return x
+    idx = np.arange(len(x))
+    x[~ok] = np.interp(idx[~ok], idx[ok], x[ok])
+    return x
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
+
+
+def curve_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two curves [N] over frames where both are finite (NaN if < 3)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or a[ok].std() < 1e-12 or b[ok].std() < 1e-12:
+        return math.nan
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def lagged_correlations(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:
+    """Pearson correlation of ``y[t]`` with ``x[t - lag]`` for lag = -max_lag..max_lag; [2*max_lag+1].
+
+    A positive lag means ``y`` follows ``x`` (is delayed by ``lag`` frames).
+    """
+    x, y = _fill_nan(x), _fill_nan(y)
+    n = min(len(x), len(y))
+    x, y = x[:n], y[:n]
+    out = np.full(2 * max_lag + 1, np.nan)
+    for k, lag in enumerate(range(-max_lag, max_lag + 1)):
+        if lag >= 0:
+            xs, ys = x[: n - lag], y[lag:]
+        else:
+            xs, ys = x[-lag:], y[: n + lag]
+        out[k] = curve_correlation(xs, ys)
+    return out
+
+
+def curve_offset(gen: np.ndarray, ref: np.ndarray, max_lag: int = 8) -> tuple[int, float]:
+    """(lag, correlation at that lag) maximising the correlation of ``gen[t]`` with ``ref[t-lag]``:
+    a generated mouth curve delayed by 2 frames gives lag 2."""
+    c = lagged_correlations(ref, gen, max_lag)
+    if not np.isfinite(c).any():
+        return 0, math.nan
+    k = int(np.nanargmax(c))
+    return k - max_lag, float(c[k])
+
+
+def speech_energy(wav: np.ndarray, sr: int = SAMPLE_RATE, n_frames: int | None = None, fps: int = FPS,
+                  band: tuple[float, float] = (300.0, 3000.0)) -> np.ndarray:
+    """Log speech-band energy per video frame: [samples] -> [n_frames] (40 ms windows at 25 fps,
+    centred on each frame's time span)."""
+    wav = np.asarray(wav, np.float64).reshape(-1)
+    hop = sr / fps
+    win = int(round(2 * hop))
+    n = int(len(wav) // hop) if n_frames is None else int(n_frames)
+    fft_n = 1 << (win - 1).bit_length()
+    freqs = np.fft.rfftfreq(fft_n, 1.0 / sr)
+    sel = (freqs >= band[0]) & (freqs <= band[1])
+    window = np.hanning(win)
+    out = np.empty(n)
+    for t in range(n):
+        c = int(round((t + 0.5) * hop))
+        seg = wav[max(0, c - win // 2): c - win // 2 + win]
+        if len(seg) < win:
+            seg = np.pad(seg, (0, win - len(seg)))
+        spec = np.abs(np.fft.rfft(seg * window, fft_n)) ** 2
+        out[t] = np.log(spec[sel].sum() + 1e-8)
+    return out
+
+
+def av_offset(energy: np.ndarray, mouth: np.ndarray, max_lag: int = 8, n_shuffle: int = 100,
+              seed: int = 0) -> dict[str, float]:
+    """Audio-to-mouth offset from cross-correlating speech-band energy and mouth opening.
+
+    Returns ``offset`` (frames; positive = the mouth lags the audio), ``corr`` (peak correlation)
+    and ``z``: the peak against the peaks of ``n_shuffle`` circularly shifted energy curves (shifts
+    of at least 2*max_lag frames), i.e. how far the real alignment stands above chance.
+    """
+    e, m = _fill_nan(energy), _fill_nan(mouth)
+    n = min(len(e), len(m))
+    e, m = e[:n], m[:n]
+    nan = {"offset": math.nan, "corr": math.nan, "z": math.nan}
+    if n < 4 * max_lag or not np.isfinite(m).all() or not np.isfinite(e).all():
+        return nan
+    c = lagged_correlations(e, m, max_lag)
+    if not np.isfinite(c).any():
+        return nan
+    k = int(np.nanargmax(c))
+    rng = np.random.default_rng(seed)
+    lo, hi = 2 * max_lag, n - 2 * max_lag
+    peaks = []
+    if hi > lo:
+        for s in rng.integers(lo, hi, n_shuffle):
+            cs = lagged_correlations(np.roll(e, int(s)), m, max_lag)
+            if np.isfinite(cs).any():
+                peaks.append(np.nanmax(cs))
+    z = (c[k] - np.mean(peaks)) / max(np.std(peaks), 1e-6) if len(peaks) > 2 else math.nan
+    return {"offset": float(k - max_lag), "corr": float(c[k]), "z": float(z)}
+
+
+# ------------------------------------------------------------------ SyncNet (LSE-C / LSE-D)
+def _syncnet_class():
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, s=1, p=0, dims=2):
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        return [conv(cin, cout, kernel_size=k, stride=s, padding=p), bn(cout), nn.ReLU(inplace=True)]
+
+    def fc(dim):
+        return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                             nn.Linear(512, dim))
+
+    class SyncNet(nn.Module):
+        """SyncNet "S" of syncnet_python (state-dict keys netcnnaud.*, netfcaud.*, netcnnlip.*,
+        netfclip.*). Audio: MFCC [B,1,13,20]; video: 5 BGR frames [B,3,5,224,224] in 0..255."""
+
+        def __init__(self, dim: int = 1024) -> None:
+            super().__init__()
+            self.netcnnaud = nn.Sequential(
+                *conv_bn(1, 64, 3, 1, 1), nn.MaxPool2d(1, 1),
+                *conv_bn(64, 192, 3, 1, 1), nn.MaxPool2d(3, (1, 2)),
+                *conv_bn(192, 384, 3, 1, 1), *conv_bn(384, 256, 3, 1, 1), *conv_bn(256, 256, 3, 1, 1),
+                nn.MaxPool2d(3, 2),
+                *conv_bn(256, 512, (5, 4), 1, 0),
+            )
+            self.netfcaud = fc(dim)
+            self.netfclip = fc(dim)
+            self.netcnnlip = nn.Sequential(
+                *conv_bn(3, 96, (5, 7, 7), (1, 2, 2), 0, dims=3), nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
+                *conv_bn(96, 256, (1, 5, 5), (1, 2, 2), (0, 1, 1), dims=3),
+                nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+                *conv_bn(256, 256, (1, 3, 3), 1, (0, 1, 1), dims=3),
+                *conv_bn(256, 256, (1, 3, 3), 1, (0, 1, 1), dims=3),
+                *conv_bn(256, 256, (1, 3, 3), 1, (0, 1, 1), dims=3),
+                nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
+                *conv_bn(256, 512, (1, 6, 6), 1, 0, dims=3),
+            )
+
+        def forward_aud(self, x: torch.Tensor) -> torch.Tensor:  # [B,1,13,20] -> [B,dim]
+            return self.netfcaud(self.netcnnaud(x).flatten(1))
+
+        def forward_lip(self, x: torch.Tensor) -> torch.Tensor:  # [B,3,5,224,224] -> [B,dim]
+            return self.netfclip(self.netcnnlip(x).flatten(1))
+
+    return SyncNet
+
+
+def build_syncnet(weights: str | Path | None = None):
+    """SyncNet in eval mode; loads a syncnet_python state dict (``syncnet_v2.model``) when given."""
+    import torch
+
+    net = _syncnet_class()()
+    if weights is not None:
+        state = torch.load(str(weights), map_location="cpu", weights_only=False)
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"SyncNet weights {weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return net.eval()
+
+
+def mfcc_13(wav: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """MFCC as python_speech_features.mfcc with its defaults (25 ms rectangular frames, 10 ms
+    step, 512-point FFT, 26 mel filters, 13 cepstra, lifter 22, c0 = log frame energy), on
+    int16-scaled samples like syncnet_python: [samples] float in [-1,1] -> [13,T]."""
+    from scipy.fft import dct
+
+    x = np.asarray(wav, np.float64).reshape(-1) * 32768.0
+    x = np.append(x[0], x[1:] - 0.97 * x[:-1])
+    flen, step, nfft, nfilt = int(round(0.025 * sr)), int(round(0.01 * sr)), 512, 26
+    nfr = 1 if len(x) <= flen else 1 + int(math.ceil((len(x) - flen) / step))
+    x = np.pad(x, (0, max(0, (nfr - 1) * step + flen - len(x))))
+    idx = np.arange(flen)[None] + step * np.arange(nfr)[:, None]
+    frames = x[idx]  # [T,flen]
+    pspec = np.abs(np.fft.rfft(frames, nfft)) ** 2 / nfft  # [T,257]
+    energy = np.where(pspec.sum(1) == 0, np.finfo(float).eps, pspec.sum(1))
+    mel = np.linspace(0, 2595 * np.log10(1 + (sr / 2) / 700.0), nfilt + 2)
+    bins = np.floor((nfft + 1) * (700 * (10 ** (mel / 2595.0) - 1)) / sr).astype(int)
+    fb = np.zeros((nfilt, nfft // 2 + 1))
+    for j in range(nfilt):
+        for i in range(bins[j], bins[j + 1]):
+            fb[j, i] = (i - bins[j]) / (bins[j + 1] - bins[j])
+        for i in range(bins[j + 1], bins[j + 2]):
+            fb[j, i] = (bins[j + 2] - i) / (bins[j + 2] - bins[j + 1])
+    feat = pspec @ fb.T
+    feat = np.log(np.where(feat == 0, np.finfo(float).eps, feat))
+    cep = dct(feat, type=2, axis=1, norm="ortho")[:, :13]
+    cep *= 1 + (22 / 2.0) * np.sin(np.pi * np.arange(13) / 22)
+    cep[:, 0] = np.log(energy)
+    return cep.T.astype(np.float32)
+
+
+def lse(net, frames: np.ndarray, wav: np.ndarray, vshift: int = 15, batch: int = 20) -> dict[str, float]:
+    """LSE-D (min mean distance) / LSE-C (confidence) / offset as syncnet_python's evaluate:
+    frames [N,224,224,3] uint8 RGB face crops at 25 fps, wav [samples] float at 16 kHz."""
+    import torch
+
+    frames = _as_video(frames)[..., ::-1]  # syncnet_python reads BGR frames
+    cc = mfcc_13(wav)  # [13,T]
+    last = min(len(frames), len(wav) // 640) - 5
+    if last < 1:
+        return {"lse_d": math.nan, "lse_c": math.nan, "offset": math.nan}
+    vid = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2))).float()  # [3,N,H,W]
+    aud = torch.from_numpy(cc)  # [13,T]
+    im_feat, cc_feat = [], []
+    with torch.inference_mode():
+        for i in range(0, last, batch):
+            ks = range(i, min(last, i + batch))
+            im_feat.append(net.forward_lip(torch.stack([vid[:, k:k + 5] for k in ks])))
+            cc_feat.append(net.forward_aud(torch.stack([aud[None, :, 4 * k:4 * k + 20] for k in ks])))
+        f1, f2 = torch.cat(im_feat), torch.cat(cc_feat)
+        win = 2 * vshift + 1
+        f2p = torch.nn.functional.pad(f2, (0, 0, vshift, vshift))
+        dists = torch.stack([torch.nn.functional.pairwise_distance(f1[[i]].repeat(win, 1), f2p[i:i + win])
+                             for i in range(len(f1))], 1)  # [win,L]
+    mdist = dists.mean(1)
+    minval, minidx = torch.min(mdist, 0)
+    return {"lse_d": float(minval), "lse_c": float(mdist.median() - minval),
+            "offset": float(vshift - int(minidx))}

@@ -1,0 +1,155 @@
+"""Frozen configuration dataclasses.
+
+Every config has ``validate()`` which raises :class:`ConfigError` naming the bad field.
+``ModelConfig`` describes the network sizes; ``MODEL_PRESETS`` holds the named sizes:
+
+* ``official``: the published PC-AVS networks (checkpoints of the authors load into it);
+* ``small``: 224x224 output with the generator capped at 128 channels and a narrower FAN,
+  the size the CPU product path and the bundled default model use;
+* ``tiny``: a toy size for tests and CI training runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rt_engine.errors import ConfigError
+
+FPS = 25  # video frame rate of every PC-AVS model
+SAMPLE_RATE = 16000  # audio rate of the mel front end
+MEL_ROWS_PER_FRAME = 4  # 100 mel rows/s at 25 fps
+MEL_WINDOW = 20  # mel rows per audio window (0.2 s)
+FIRST_FRAME = 2  # frames 0 and 1 are never generated (official indexing)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the four networks. The defaults are the official PC-AVS networks."""
+
+    name: str = "official"
+    # generator
+    size: int = 224  # output resolution (start * 2**n_up)
+    start: int = 7  # resolution of the identity map that starts the generator
+    gen_channels: tuple[int, ...] = (512, 512, 512, 512, 256, 128)  # per resolution 7, 14, ...
+    # identity encoder (ResNeXt, groups=32)
+    id_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    id_width: int = 64  # stem width; the last stage has id_width * 32 channels (2048 official)
+    id_groups: int = 32
+    id_map_channels: int = 512  # channels of the identity map fed to the generator
+    # non-identity (pose) encoder: FAN with one hourglass
+    fan_width: int = 256
+    fan_feature: int = 512  # noid feature / hidden width
+    pose_dim: int = 12
+    # audio content encoder: ResNet-SE
+    audio_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    audio_width: int = 32
+    audio_feature: int = 512
+    mouth_dim: int = 500
+    mouth_weight: float = 1.2  # hard-coded mouth_feature_weight of the official inference
+    n_mels: int = 80
+
+    @property
+    def n_up(self) -> int:
+        """Number of upsampling levels of the generator."""
+        return len(self.gen_channels) - 1
+
+    @property
+    def id_dim(self) -> int:
+        """Length of the identity vector (id_feature0)."""
+        return self.id_width * 32
+
+    @property
+    def style_dim(self) -> int:
+        """Style = [identity | mouth | pose]."""
+        return self.id_dim + self.mouth_dim + self.pose_dim
+
+    @property
+    def num_noises(self) -> int:
+        return 1 + 2 * self.n_up
+
+    def validate(self) -> ModelConfig:
+        if self.start < 1:
+            raise ConfigError(f"model.start must be >= 1, got {self.start}")
+        if len(self.gen_channels) < 2:
+            raise ConfigError("model.gen_channels needs at least two resolutions")
+        if self.size != self.start * 2**self.n_up:
+            raise ConfigError(
+                f"model.size={self.size} does not match start={self.start} with "
+                f"{self.n_up} upsamplings ({self.start * 2**self.n_up})")
+        if any(c <= 0 for c in self.gen_channels):
+            raise ConfigError(f"model.gen_channels must be positive: {self.gen_channels}")
+        if self.id_width % 2 or (self.id_width * 2) % self.id_groups:
+            raise ConfigError(f"model.id_width={self.id_width} must be even and give whole groups")
+        if self.fan_width % 4:
+            raise ConfigError(f"model.fan_width={self.fan_width} must be divisible by 4")
+        if self.audio_width % 8:
+            raise ConfigError(f"model.audio_width={self.audio_width} must be divisible by 8")
+        if self.n_mels != 80:
+            raise ConfigError("model.n_mels must be 80 (the audio encoder's input height)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw).validate()
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "official": ModelConfig(),
+    "small": ModelConfig(
+        name="small", gen_channels=(128, 128, 128, 128, 128, 64), id_layers=(2, 2, 2, 2),
+        id_width=32, id_map_channels=128, fan_width=64, fan_feature=256, audio_width=16,
+        audio_layers=(2, 2, 2, 2), audio_feature=256),
+    "tiny": ModelConfig(
+        name="tiny", size=112, gen_channels=(32, 32, 32, 32, 16), id_layers=(1, 1, 1, 1),
+        id_width=32, id_map_channels=32, fan_width=32, fan_feature=64, audio_width=8,
+        audio_layers=(1, 1, 1, 1), audio_feature=64),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    try:
+        return MODEL_PRESETS[name].validate()
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
+
+
+NOISE_MODES = ("stored", "random", "zero")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Options of ``python -m rt_engine.render``."""
+
+    noise: str = "stored"
+    precision: str = "fp32"
+    batch_size: int = 8
+    aligned: bool = False
+    frontalize: bool = False  # zero pose code (paper Fig. 6)
+    threads: int = 0  # 0: leave torch's default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RenderConfig:
+        if self.noise not in NOISE_MODES:
+            raise ConfigError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        return self

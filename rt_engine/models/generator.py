@@ -1,0 +1,75 @@
+"""Generator ``G``: StyleGAN2 (rosinality layout) started from the 7x7 identity map.
+
+style ``[B, id_dim + mouth_dim + pose_dim]`` (= [identity | mouth | pose]) drives every layer
+(the 8-layer style MLP of the official checkpoint is unused). Output ``[B,3,size,size]`` in [-1,1].
+Noise: ``stored`` uses the checkpoint buffers ``noises.noise_i``, ``random`` draws fresh noise
+per layer and call (what upstream ``inference.py`` does), ``zero`` disables it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rt_engine.config import NOISE_MODES, ModelConfig
+from rt_engine.models.modconv import FORMS, ModulatedConv2d, StyledConv, ToRGB
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.gen_channels
+        sd = cfg.style_dim
+        self.cfg = cfg
+        self.conv1 = StyledConv(ch[0], ch[0], sd)
+        self.to_rgb1 = ToRGB(ch[0], sd)
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        for j in range(cfg.n_up):
+            self.convs.append(StyledConv(ch[j], ch[j + 1], sd, upsample=True))
+            self.convs.append(StyledConv(ch[j + 1], ch[j + 1], sd))
+            self.to_rgbs.append(ToRGB(ch[j + 1], sd))
+        self.noises = nn.Module()
+        for i in range(cfg.num_noises):
+            r = cfg.start * 2 ** ((i + 1) // 2)
+            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
+
+    def set_form(self, form: str) -> Generator:
+        """Choose the modulated-conv form ('ref' per-sample weights, 'static' shared weights)."""
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.form = form
+        return self
+
+    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
+        bufs = [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
+        if mode == "stored":
+            return bufs
+        if mode == "zero":
+            return [torch.zeros_like(b) for b in bufs]
+        if mode == "random":
+            b = like.shape[0]
+            return [torch.randn(b, 1, n.shape[2], n.shape[3], device=like.device) for n in bufs]
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+
+    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = "stored",
+                taps: dict[str, Tensor] | None = None) -> Tensor:
+        """style [B,S], id_map [B,C,7,7] -> image [B,3,size,size]. ``taps`` collects intermediates."""
+        noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
+        x = self.conv1(id_map, style, noises[0])  # [B,512,7,7]
+        skip = self.to_rgb1(x, style)  # [B,3,7,7]
+        if taps is not None:
+            taps["conv1"], taps[f"skip{x.shape[-1]}"] = x, skip
+        for j in range(self.cfg.n_up):
+            x = self.convs[2 * j](x, style, noises[2 * j + 1])  # [B,C,2H,2W]
+            if taps is not None:
+                taps[f"convs{2 * j}"] = x
+            x = self.convs[2 * j + 1](x, style, noises[2 * j + 2])
+            if taps is not None:
+                taps[f"convs{2 * j + 1}"] = x
+            skip = self.to_rgbs[j](x, style, skip)
+            if taps is not None:
+                taps[f"skip{x.shape[-1]}"] = skip
+        return torch.tanh(skip)

@@ -40,5 +40,6 @@ class Runner(ABC):
 
     @staticmethod
     def style(id0: Tensor, mouth: Tensor, pose: Tensor) -> Tensor:
-        """[B|1,2048], [B,500], [B,12] -> [B,2560] (identity | mouth | pose)."""
-        return torch.cat([id0.expand(mouth.shape[0], -1), mouth, pose], dim=1)
+        """[B|1,2048], [B|1,500], [B|1,12] -> [B,2560] (identity | mouth | pose)."""
+        b = max(id0.shape[0], mouth.shape[0], pose.shape[0])
+        return torch.cat([id0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)

@@ -17,8 +17,11 @@ fails hold the last good transform (or the first good one for frames before it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -134,6 +137,20 @@ def _check_image(img: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 (native libraries' logging) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class FaceCropper:
     """Detects a face and crops it to the 224x224 VoxCeleb2 framing of PC-AVS.
 
@@ -158,13 +175,17 @@ class FaceCropper:
                 "face cropping needs mediapipe: pip install --no-deps mediapipe==0.10.21 "
                 "absl-py attrs flatbuffers 'protobuf<5' matplotlib"
             ) from e
-        self._det_full = mp.solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=self.min_confidence)
-        self._det_short = mp.solutions.face_detection.FaceDetection(
-            model_selection=0, min_detection_confidence=self.min_confidence)
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-            min_detection_confidence=self.min_confidence)
+        with _quiet_native_stderr():  # mediapipe's C++ start-up chatter would bury our one-line errors
+            self._det_full = mp.solutions.face_detection.FaceDetection(
+                model_selection=1, min_detection_confidence=self.min_confidence)
+            self._det_short = mp.solutions.face_detection.FaceDetection(
+                model_selection=0, min_detection_confidence=self.min_confidence)
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+                min_detection_confidence=self.min_confidence)
+            warm = np.zeros((64, 64, 3), np.uint8)  # first inference logs too
+            for g in (self._det_full, self._det_short, self._mesh):
+                g.process(warm)
 
     def close(self) -> None:
         for g in (self._det_full, self._det_short, self._mesh):

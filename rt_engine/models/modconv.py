@@ -58,8 +58,9 @@ def demodulation(style: Tensor, weight: Tensor) -> Tensor:
 
     style: [B,Cin] (modulation output); weight: [Cout,Cin,k,k] already scaled -> [B,Cout]
     """
-    w2 = weight.float().square().sum(dim=(2, 3))  # [Cout,Cin]
-    return torch.rsqrt(style.float().square() @ w2.t() + DEMOD_EPS)
+    dt = torch.promote_types(style.dtype, torch.float32)  # never below fp32
+    w2 = weight.to(dt).square().sum(dim=(2, 3))  # [Cout,Cin]
+    return torch.rsqrt(style.to(dt).square() @ w2.t() + DEMOD_EPS)
 
 
 def modulated_conv2d_ref(x: Tensor, style: Tensor, weight: Tensor, demodulate: bool = True,
@@ -121,7 +122,9 @@ class EqualLinear(nn.Module):
         self.scale = 1.0 / math.sqrt(in_dim)
 
     def forward(self, x: Tensor) -> Tensor:  # [B,in] -> [B,out]
-        return F.linear(x, self.weight * self.scale, self.bias)
+        # The style modulation is tiny and every layer's output scales with it: always fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float() * self.scale, self.bias.float())
 
 
 class ModulatedConv2d(nn.Module):
@@ -186,7 +189,9 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None) -> Tensor:
-        out = self.conv(x, style) + self.bias.to(x.dtype)  # [B,3,H,W]
-        if skip is not None:
-            out = out + upfirdn2d(skip, blur_kernel(x.device), up=2, pad=(2, 1))
+        # 1x1 conv to 3 channels and the skip sum are cheap; fp32 keeps the image precise under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.conv(x.float(), style) + self.bias.float()  # [B,3,H,W]
+            if skip is not None:
+                out = out + upfirdn2d(skip.float(), blur_kernel(x.device), up=2, pad=(2, 1))
         return out

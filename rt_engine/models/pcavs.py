@@ -45,9 +45,9 @@ class PCAVS(nn.Module):
 
     @staticmethod
     def make_style(id_feature0: Tensor, mouth: Tensor, pose: Tensor) -> Tensor:
-        """[B|1,2048], [B,500], [B,12] -> [B,2560] in the order identity | mouth | pose."""
-        b = mouth.shape[0]
-        return torch.cat([id_feature0.expand(b, -1), mouth, pose], dim=1)
+        """[B|1,2048], [B|1,500], [B|1,12] -> [B,2560] in the order identity | mouth | pose."""
+        b = max(id_feature0.shape[0], mouth.shape[0], pose.shape[0])
+        return torch.cat([id_feature0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
 
     def generate(self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = "stored") -> Tensor:
         """style [B,2560], id map [B|1,512,7,7] -> [B,3,224,224]."""

@@ -169,7 +169,8 @@ class FaceCropper:
         self.last_raw_params: np.ndarray | None = None
         self.last_params: np.ndarray | None = None
         try:
-            import mediapipe as mp  # heavy optional dependency, imported lazily
+            with _quiet_native_stderr():  # with protobuf 6 its import prints a harmless AttributeError
+                import mediapipe as mp  # heavy optional dependency, imported lazily
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise InputError(
                 "face cropping needs mediapipe: pip install --no-deps mediapipe==0.10.21 "

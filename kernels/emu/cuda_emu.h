@@ -97,13 +97,20 @@ struct Report {
 inline Report g_report;
 constexpr size_t kMaxMessages = 20;
 
-inline void report(const std::string& msg) {
+// Record one problem; `make_msg()` builds its text only for the first kMaxMessages problems.
+template <class F>
+void report_lazy(F make_msg) {
   g_report.failed = true;
   const long long n = g_report.count.fetch_add(1);
   if (n < static_cast<long long>(kMaxMessages)) {
+    std::string msg = make_msg();
     std::lock_guard<std::mutex> lock(g_report.mu);
-    g_report.messages.push_back(msg);
+    g_report.messages.push_back(std::move(msg));
   }
+}
+
+inline void report(const std::string& msg) {
+  report_lazy([&]() { return msg; });
 }
 
 struct LaunchCfg {
@@ -267,11 +274,14 @@ struct Shared {
   int32_t r_tid[N] = {};  // the one reader of this epoch, or -1 for several
 
   void hazard(const char* kind, int i, int other, int me) {
-    const std::string who = other < 0 ? std::string("several threads") : "thread " + std::to_string(other);
-    report(std::string(kind) + " hazard on __shared__ array (" + std::to_string(N) + " x " +
-           std::to_string(sizeof(T)) + " B) at index " + std::to_string(i) + ": " + who + " and thread " +
-           std::to_string(me) + " of " + t_block->where() + " with no __syncthreads in between (last barrier: line " +
-           std::to_string(t_block->last_sync_line) + ")");
+    report_lazy([&]() {
+      const std::string who = other < 0 ? std::string("several threads") : "thread " + std::to_string(other);
+      return std::string(kind) + " hazard on __shared__ array (" + std::to_string(N) + " x " +
+             std::to_string(sizeof(T)) + " B) at index " + std::to_string(i) + ": " + who + " and thread " +
+             std::to_string(me) + " of " + t_block->where() +
+             " with no __syncthreads in between (last barrier passed: line " +
+             std::to_string(t_block->last_sync_line) + ")";
+    });
   }
 
   T read(int i) {

@@ -1,0 +1,9 @@
+"""WebRTC server of the streaming engine: ``python -m rt_engine.serve``.
+
+:mod:`.app` (aiohttp routes, session negotiation), :mod:`.tracks` (paced outgoing tracks),
+:mod:`.client` (an aiortc client used by tests and benchmarks), ``static/`` (the page).
+"""
+
+from rt_engine.serve.app import ServerConfig, create_app, enable_loopback_candidates
+
+__all__ = ["ServerConfig", "create_app", "enable_loopback_candidates"]

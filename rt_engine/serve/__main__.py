@@ -1,0 +1,77 @@
+"""``python -m rt_engine.serve``: serve the live talking face over WebRTC.
+
+    python -m rt_engine.serve                       # bundled model, http://127.0.0.1:8080/
+    python -m rt_engine.serve --checkpoint m.safetensors --port 9000
+    python -m rt_engine.serve --host 0.0.0.0 --token SECRET   # other addresses need a token
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rt_engine.errors import CheckpointError, RtEngineError
+
+log = logging.getLogger("rt_engine.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rt_engine.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="model (.safetensors or official folder); default: bundled")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
+    ap.add_argument("--max-sessions", type=int, default=4)
+    ap.add_argument("--backend", default="torch", help="runner backend (torch, or one from rt_engine.backends)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the model worker (0: default)")
+    ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
+    ap.add_argument("--margin-ms", type=float, default=40.0,
+                    help="compute budget after the 120 ms audio lookahead (default one frame, 40 ms)")
+    ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from aiohttp import web
+
+        from rt_engine.render import make_runner
+        from rt_engine.serve.app import ServerConfig, create_app
+        from rt_engine.stream.clock import ClockConfig
+        from rt_engine.stream.scheduler import SchedulerConfig
+        from rt_engine.stream.session import Engine
+
+        cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+                           peer_timeout_s=args.peer_timeout).validate()
+        try:
+            runner = make_runner(args.checkpoint, args.precision, args.backend)
+        except CheckpointError as e:
+            if args.checkpoint is None:
+                raise CheckpointError(f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
+                                      f"checkpoint folder) until the bundled model ships") from None
+            raise
+        engine = Engine(runner, SchedulerConfig(max_batch=args.max_batch),
+                        ClockConfig(margin_s=args.margin_ms / 1e3), threads=args.threads)
+        app = create_app(engine, cfg)
+        log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)
+        web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=5.0)
+        return 0
+    except RtEngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""aiohttp + aiortc server: the page, uploads, WebRTC session negotiation, stats and metrics.
+
+Routes::
+
+    GET  /                 the page (static/index.html + static/app.js, no build step)
+    POST /upload?kind=K    multipart field 'file' (K: identity | audio | pose) -> {"upload": id}
+    POST /offer            {"sdp", "type": "offer", "options": {...}} -> {"sdp", "type", "session"}
+    GET  /stats/{session}  live stats of one session (JSON)
+    POST /close/{session}  end a session
+    GET  /health           liveness + capacity (JSON)
+    GET  /metrics          Prometheus text
+
+Options of /offer: ``audio`` 'mic' | 'file', ``pose`` 'idle' | 'still' | 'webcam' | 'file',
+``identity_upload`` / ``audio_upload`` / ``pose_upload`` (ids from /upload; none: the bundled
+identity and speech), ``stamp`` (paint frame indices, for measurements).
+
+All state lives in the app object (typed aiohttp ``AppKey`` s): ``app[ENGINE]`` (model + scheduler),
+``app[CFG]`` (:class:`ServerConfig`) and ``app[STATE]`` (:class:`ServerState`: sessions, uploads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from rt_engine.errors import ConfigError, InputError, NoFaceError, RtEngineError
+from rt_engine.stream.session import Engine, Session, SessionOptions
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_KINDS = {  # kind -> (max bytes, accepted file suffixes)
+    "identity": (8 << 20, (".jpg", ".jpeg", ".png", ".bmp", ".webp")),
+    "audio": (25 << 20, (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".webm", ".opus", ".aac", ".mp4")),
+    "pose": (60 << 20, (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".jpg", ".jpeg", ".png")),
+}
+VIDEO_CODECS = ("vp8", "h264")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_sessions: int = 4
+    peer_timeout_s: float = 10.0  # close a session whose inbound media stopped this long ago
+    loopback_ice: bool | None = None  # offer 127.0.0.1 ICE candidates (default: when bound to loopback)
+    audio_jitter_frames: int = 1  # server-side audio jitter buffer (aiortc default: 4 = +60 ms)
+    max_uploads: int = 64
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> ServerConfig:
+        if self.host not in LOOPBACK_HOSTS and not self.token:
+            raise ConfigError(f"listening on {self.host} (not loopback) requires --token: every /offer must "
+                              f"then carry it")
+        if not 1 <= self.max_sessions <= 64:
+            raise ConfigError(f"max_sessions must be in [1, 64], got {self.max_sessions}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.audio_jitter_frames <= 8:
+            raise ConfigError(f"audio_jitter_frames must be in [0, 8], got {self.audio_jitter_frames}")
+        return self
+
+    @property
+    def use_loopback_ice(self) -> bool:
+        return self.host in LOOPBACK_HOSTS if self.loopback_ice is None else self.loopback_ice
+
+
+def enable_loopback_candidates() -> None:
+    """Make aioice offer 127.0.0.1 as a host candidate (it leaves it out by default), so a client on
+    the same machine connects over loopback. Process-wide and idempotent."""
+    import aioice.ice
+
+    orig = aioice.ice.get_host_addresses
+    if getattr(orig, "_rt_engine_loopback", False):
+        return
+
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        addrs = orig(use_ipv4, use_ipv6)
+        return (["127.0.0.1"] + addrs) if use_ipv4 and "127.0.0.1" not in addrs else addrs
+
+    with_loopback._rt_engine_loopback = True  # type: ignore[attr-defined]
+    aioice.ice.get_host_addresses = with_loopback
+
+
+def _set_audio_jitter(receiver, frames: int) -> None:
+    """aiortc holds 4 audio packets (80 ms) before decoding; a live mic on a LAN needs ~1."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    if hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+        receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=frames)
+
+
+def _hook_rtcp(obj, session: Session) -> None:
+    """Every RTCP packet from the peer (receiver / sender reports, ~1 per second per stream) counts as a
+    sign of life, so a client that only receives is watched too."""
+    orig = obj._handle_rtcp_packet
+
+    async def hooked(packet):
+        session.last_input = time.monotonic()
+        return await orig(packet)
+
+    obj._handle_rtcp_packet = hooked
+
+
+def error(status: int, message: str) -> web.Response:
+    log.info("HTTP %d: %s", status, message)
+    return web.json_response({"error": message}, status=status)
+
+
+@dataclass
+class Peer:
+    pc: object  # RTCPeerConnection
+    session: Session
+    created: float = field(default_factory=time.monotonic)
+    tasks: list = field(default_factory=list)
+
+
+@dataclass
+class ServerState:
+    upload_dir: str
+    sessions: dict[str, Peer] = field(default_factory=dict)  # session id -> peer
+    uploads: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload id -> (kind, path)
+    pending: int = 0  # offers being set up (they hold a session slot)
+
+
+ENGINE = web.AppKey("engine", Engine)
+CFG = web.AppKey("cfg", ServerConfig)
+STATE = web.AppKey("state", ServerState)
+OWN_ENGINE = web.AppKey("own_engine", bool)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _check_token(request: web.Request, body: dict | None = None) -> web.Response | None:
+    token = request.app[CFG].token
+    if not token:
+        return None
+    got = request.headers.get("Authorization", "")
+    got = got[7:] if got.startswith("Bearer ") else (body or {}).get("token") or request.query.get("token")
+    if got != token:
+        request.app[ENGINE].metrics.inc("requests_rejected_total", reason="token")
+        return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (the server's --token)")
+    return None
+
+
+def _parse_offer(sdp: str) -> tuple[dict[str, tuple[str, list[str]]], str | None]:
+    """-> ({kind: (direction, codec names)}, problem). Uses aiortc's own SDP parser."""
+    from aiortc import sdp as aiortc_sdp
+
+    if not isinstance(sdp, str) or not sdp.lstrip().startswith("v=0"):
+        return {}, "malformed SDP offer: it must start with 'v=0'"
+    try:
+        desc = aiortc_sdp.SessionDescription.parse(sdp)
+    except Exception as e:  # aiortc raises ValueError/AssertionError/... on bad SDP
+        return {}, f"malformed SDP offer ({type(e).__name__}: {e})"
+    media: dict[str, tuple[str, list[str]]] = {}
+    for m in desc.media:
+        if m.kind in ("audio", "video") and m.kind not in media:
+            media[m.kind] = (m.direction or "sendrecv", [c.name.lower() for c in m.rtp.codecs])
+    return media, None
+
+
+async def _read_upload(request: web.Request, kind: str) -> tuple[str, bytes] | web.Response:
+    limit, exts = UPLOAD_KINDS[kind]
+    if request.content_length is not None and request.content_length > limit + 4096:
+        return error(413, f"{kind} upload too large: {request.content_length} bytes (limit {limit >> 20} MiB)")
+    if not request.content_type.startswith("multipart/"):
+        return error(415, "upload must be multipart/form-data with a 'file' field")
+    reader = await request.multipart()
+    async for part in reader:
+        if part.name != "file":
+            continue
+        name = Path(part.filename or f"{kind}.bin").name
+        if Path(name).suffix.lower() not in exts:
+            return error(415, f"unsupported {kind} file type '{Path(name).suffix or name}'; accepted: "
+                              f"{', '.join(exts)}")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            if len(data) > limit:
+                return error(413, f"{kind} upload too large: over {limit >> 20} MiB")
+        return name, bytes(data)
+    return error(400, "upload has no 'file' field")
+
+
+def _validate_upload(kind: str, path: Path, engine: Engine) -> None:
+    """Raises InputError (unreadable / wrong type) or NoFaceError."""
+    if kind == "identity":
+        from rt_engine.inputs.image import decode_image_bytes
+
+        img = decode_image_bytes(path.read_bytes(), path.name)
+        engine.faces.crop(img, path.name)
+    elif kind == "audio":
+        from rt_engine.inputs.audio import load_audio
+
+        wav = load_audio(path)
+        if wav.size < 3200:
+            raise InputError(f"{path.name}: audio shorter than 0.2 s")
+    else:
+        from rt_engine.inputs.pose import read_frames
+
+        frames = read_frames(path, max_frames=5)
+        if engine.faces.crop_or_none(frames[0], path.name) is None:
+            raise NoFaceError(f"no face found in the first frame of {path.name}")
+
+
+# ---------------------------------------------------------------------------------- handlers
+async def index(request: web.Request) -> web.Response:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    eng: Engine = app[ENGINE]
+    return web.json_response({
+        "status": "ok" if eng.scheduler.alive else "model worker stopped",
+        "sessions": len(app[STATE].sessions),
+        "max_sessions": app[CFG].max_sessions,
+        "model": eng.runner.describe(),
+        "output_size": eng.runner.cfg.size,
+        "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
+    }, status=200 if eng.scheduler.alive else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    eng: Engine = app[ENGINE]
+    m = eng.metrics
+    m.set("sessions_active", len(app[STATE].sessions))
+    m.set("sessions_max", app[CFG].max_sessions)
+    m.set("scheduler_pending_frames", eng.scheduler.pending())
+    m.set("model_busy_seconds", eng.scheduler.busy_s)
+    return web.Response(text=m.render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    peer = request.app[STATE].sessions.get(request.match_info["sid"])
+    if peer is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    d = peer.session.describe()
+    d["connection"] = peer.pc.connectionState
+    return web.json_response(d)
+
+
+async def close_session(request: web.Request) -> web.Response:
+    if (r := _check_token(request)) is not None:
+        return r
+    sid = request.match_info["sid"]
+    if sid not in request.app[STATE].sessions:
+        return error(404, f"no session {sid!r}")
+    await _close_peer(request.app, sid, "closed by client")
+    return web.json_response({"closed": sid})
+
+
+async def upload(request: web.Request) -> web.Response:
+    if (r := _check_token(request)) is not None:
+        return r
+    kind = request.query.get("kind", "")
+    if kind not in UPLOAD_KINDS:
+        return error(400, f"upload kind must be one of {sorted(UPLOAD_KINDS)}, got {kind!r}")
+    got = await _read_upload(request, kind)
+    if isinstance(got, web.Response):
+        request.app[ENGINE].metrics.inc("uploads_rejected_total", reason=str(got.status))
+        return got
+    name, data = got
+    app = request.app
+    uid = uuid.uuid4().hex[:16]
+    path = Path(app[STATE].upload_dir) / f"{uid}{Path(name).suffix.lower()}"
+    path.write_bytes(data)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _validate_upload, kind, path, app[ENGINE])
+    except RtEngineError as e:
+        path.unlink(missing_ok=True)
+        msg = str(e).replace(str(path), name).replace(path.name, name)  # never show server paths
+        if isinstance(e, NoFaceError):
+            return error(422, f"{kind} upload: {msg}")
+        return error(415, f"{kind} upload is not a usable {kind} file: {msg}")
+    uploads: dict = app[STATE].uploads
+    uploads[uid] = (kind, str(path))
+    while len(uploads) > app[CFG].max_uploads:
+        old = next(iter(uploads))
+        Path(uploads.pop(old)[1]).unlink(missing_ok=True)
+    return web.json_response({"upload": uid, "kind": kind, "bytes": len(data)})
+
+
+def _options(app: web.Application, raw: dict) -> SessionOptions:
+    if not isinstance(raw, dict):
+        raise ConfigError("options must be a JSON object")
+    known = {"audio", "pose", "identity_upload", "audio_upload", "pose_upload", "stamp", "loop_audio", "webcam_fps"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")
+
+    def upload_path(key: str, kind: str) -> str | None:
+        uid = raw.get(key)
+        if not uid:
+            return None
+        got = app[STATE].uploads.get(uid)
+        if got is None or got[0] != kind:
+            raise InputError(f"{key}: no {kind} upload {uid!r} (upload it first with POST /upload?kind={kind})")
+        return got[1]
+
+    return SessionOptions(
+        identity=upload_path("identity_upload", "identity"), audio=str(raw.get("audio", "mic")),
+        audio_file=upload_path("audio_upload", "audio"), pose=str(raw.get("pose", "idle")),
+        pose_file=upload_path("pose_upload", "pose"), stamp=bool(raw.get("stamp", False)),
+        loop_audio=bool(raw.get("loop_audio", True)), webcam_fps=float(raw.get("webcam_fps", 5.0)),
+    ).validate()
+
+
+async def offer(request: web.Request) -> web.Response:
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from rt_engine.serve.tracks import EngineAudioTrack, EngineVideoTrack
+
+    app = request.app
+    eng: Engine = app[ENGINE]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except Exception:
+        return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"options\": {...}}")
+    if (r := _check_token(request, body)) is not None:
+        return r
+    if body.get("type") != "offer":
+        return error(400, f"type must be 'offer', got {body.get('type')!r}")
+    media, problem = _parse_offer(body.get("sdp"))
+    if problem:
+        eng.metrics.inc("requests_rejected_total", reason="sdp")
+        return error(400, problem)
+    if "video" not in media or media["video"][0] not in ("recvonly", "sendrecv"):
+        return error(400, "the offer has no video receiver: add a video transceiver with direction "
+                          "'recvonly' or 'sendrecv'")
+    if not any(c in VIDEO_CODECS for c in media["video"][1]):
+        return error(400, f"unsupported video codec(s) {media['video'][1]}: the server sends VP8 or H264")
+    if "audio" in media and "opus" not in media["audio"][1]:
+        return error(400, f"unsupported audio codec(s) {media['audio'][1]}: the server uses Opus")
+    try:
+        opts = _options(app, body.get("options") or {})
+    except RtEngineError as e:
+        return error(400, f"bad options: {e}")
+    if opts.audio == "mic" and ("audio" not in media or media["audio"][0] not in ("sendonly", "sendrecv")):
+        return error(400, "options.audio='mic' but the offer sends no audio track (add the microphone, or "
+                          "use audio='file')")
+    if opts.pose == "webcam" and media["video"][0] != "sendrecv":
+        return error(400, "options.pose='webcam' but the offer sends no video track (add the webcam)")
+    # ---- capacity: reserve a slot before the heavy work
+    cfg: ServerConfig = app[CFG]
+    if len(app[STATE].sessions) + app[STATE].pending >= cfg.max_sessions:
+        eng.metrics.inc("sessions_rejected_total", reason="full")
+        return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
+    app[STATE].pending += 1
+    pc = None
+    ok = False
+    try:
+        try:
+            session = await eng.create_session(opts)
+        except NoFaceError as e:
+            return error(422, str(e))
+        except RtEngineError as e:
+            return error(400, str(e))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        peer = Peer(pc, session)
+        sid = session.sid
+
+        @pc.on("track")
+        def on_track(track):
+            if track.kind == "audio" and opts.audio == "mic":
+                session.add_task(session.run_audio_track(track))
+            elif track.kind == "video" and opts.pose == "webcam":
+                session.add_task(session.run_webcam_track(track))
+            else:  # unused inbound media must still be read, or aiortc queues it forever
+                session.add_task(_drain(track))
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            log.info("session %s: connection %s", sid, pc.connectionState)
+            if pc.connectionState == "connected":
+                session.last_input = time.monotonic()
+            if pc.connectionState in ("failed", "closed"):
+                await _close_peer(app, sid, f"connection {pc.connectionState}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
+        except Exception as e:
+            await session.close()
+            return error(400, f"cannot use the SDP offer ({type(e).__name__}: {e})")
+        for t in pc.getTransceivers():
+            if t.kind == "audio":
+                _set_audio_jitter(t.receiver, cfg.audio_jitter_frames)
+        pc.addTrack(EngineVideoTrack(session))
+        if "audio" in media and media["audio"][0] in ("recvonly", "sendrecv"):
+            pc.addTrack(EngineAudioTrack(session))
+        for t in pc.getTransceivers():
+            _hook_rtcp(t.sender, session)
+            _hook_rtcp(t.receiver, session)
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:
+            await session.close()
+            return error(400, f"cannot answer the offer ({type(e).__name__}: {e})")
+        app[STATE].sessions[sid] = peer
+        ok = True
+        peer.tasks.append(asyncio.ensure_future(_watchdog(app, sid)))
+        eng.metrics.inc("sessions_total")
+        log.info("session %s: started (audio=%s pose=%s)", sid, opts.audio, opts.pose)
+        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid})
+    finally:
+        app[STATE].pending -= 1
+        if pc is not None and not ok:
+            await pc.close()
+
+
+async def _drain(track) -> None:
+    from aiortc.mediastreams import MediaStreamError
+
+    try:
+        while True:
+            await track.recv()
+    except MediaStreamError:
+        return
+
+
+async def _watchdog(app: web.Application, sid: str) -> None:
+    """Close a session whose client vanished: no inbound media or RTCP for ``peer_timeout_s``, or
+    never connected within max(peer_timeout_s, 15 s)."""
+    cfg: ServerConfig = app[CFG]
+    while True:
+        await asyncio.sleep(min(1.0, cfg.peer_timeout_s / 4))
+        peer = app[STATE].sessions.get(sid)
+        if peer is None:
+            return
+        s = peer.session
+        now = time.monotonic()
+        if peer.pc.connectionState != "connected" and now - peer.created > max(cfg.peer_timeout_s, 15.0):
+            await _close_peer(app, sid, "never connected")
+            return
+        if peer.pc.connectionState == "connected" and now - s.last_input > cfg.peer_timeout_s:
+            await _close_peer(app, sid, f"silent: nothing from the client for {cfg.peer_timeout_s:g} s")
+            return
+
+
+async def _close_peer(app: web.Application, sid: str, reason: str) -> None:
+    peer = app[STATE].sessions.pop(sid, None)
+    if peer is None:
+        return
+    log.info("session %s: closing (%s); %s", sid, reason, peer.session.describe())
+    app[ENGINE].metrics.inc("sessions_closed_total", reason=reason.split(" ")[0])
+    current = asyncio.current_task()
+    for t in peer.tasks:
+        if t is not current:
+            t.cancel()
+    await peer.session.close()
+    await peer.pc.close()
+
+
+# ---------------------------------------------------------------------------------- app
+async def _on_shutdown(app: web.Application) -> None:
+    for sid in list(app[STATE].sessions):
+        await _close_peer(app, sid, "server shutdown")
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    if app[OWN_ENGINE]:
+        app[ENGINE].close()
+    shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
+
+
+def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool = True) -> web.Application:
+    """The aiohttp application. ``own_engine``: close the engine on cleanup."""
+    cfg = (cfg or ServerConfig()).validate()
+    if cfg.use_loopback_ice:
+        enable_loopback_candidates()
+    app = web.Application(client_max_size=max(v[0] for v in UPLOAD_KINDS.values()) + (1 << 20))
+    app[CFG] = cfg
+    app[ENGINE] = engine
+    app[OWN_ENGINE] = own_engine
+    app[STATE] = ServerState(upload_dir=tempfile.mkdtemp(prefix="rt_engine_uploads_"))
+    m = engine.metrics
+    m.describe("stage_latency_seconds", "histogram", "per-stage latency: mel (window complete to job), queue, model "
+               "(batch compute), media_to_send (input media time to frame send)")
+    m.describe("frames_dropped_total", "counter", "frames not shown fresh, by reason")
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats/{sid}", stats)
+    app.router.add_post("/close/{sid}", close_session)
+    app.router.add_post("/upload", upload)
+    app.router.add_post("/offer", offer)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    return app

@@ -1,0 +1,299 @@
+"""The model worker: one thread runs the Runner for every session, batching frames across sessions.
+
+Sessions submit :class:`FrameJob` s (frame index, mel window [1,80,20], pose code [12], due time).
+The worker takes every pending job, drops the ones that can no longer be shown in time (their due
+time has passed: the output track has already held the previous frame for them), orders the rest
+by due time and runs up to ``max_batch`` of them as one batch, whatever session they belong to:
+
+    windows [B,1,80,20] --encode_audio--> mouth [B,500]
+    id0 [B,id_dim], id1 [B,C,7,7] (stacked per row: identities differ per row), pose [B,12]
+    --generate--> frames [B,3,H,W] -> uint8 [B,H,W,3] -> session.deliver(i, image)
+
+When compute keeps up every batch holds one frame per session; when it falls behind the pending
+frames of a session batch together, and late ones are dropped, never queued up (no drift, no
+growing latency). Other model work (identity features, pose codes) runs through :meth:`call`, in
+the same thread, between batches: frame batches go first, a call waits at most ``CALL_WAIT_S``.
+
+:class:`Metrics` is a tiny thread-safe registry printed in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from rt_engine.backends.base import Runner
+from rt_engine.errors import ConfigError
+from rt_engine.inputs.image import to_uint8
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+CALL_WAIT_S = 0.25  # longest a non-frame model call (identity, pose) waits behind frame batches
+
+
+class Metrics:
+    """Counters, gauges and histograms with labels; ``render()`` gives Prometheus text."""
+
+    def __init__(self, prefix: str = "rt_engine"):
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
+        self._gauges: dict[tuple[str, tuple], float] = {}
+        self._hist: dict[tuple[str, tuple], list] = {}  # -> [bucket bounds, counts, sum, count]
+        self._help: dict[str, tuple[str, str]] = {}
+
+    @staticmethod
+    def _key(name: str, labels: dict[str, Any]) -> tuple[str, tuple]:
+        return name, tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+    def describe(self, name: str, kind: str, text: str) -> None:
+        self._help[name] = (kind, text)
+
+    def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
+        with self._lock:
+            self._counters[self._key(name, labels)] += value
+
+    def set(self, name: str, value: float, **labels: Any) -> None:
+        with self._lock:
+            self._gauges[self._key(name, labels)] = float(value)
+
+    def observe(self, name: str, value: float, buckets: tuple = LATENCY_BUCKETS, **labels: Any) -> None:
+        with self._lock:
+            h = self._hist.get(self._key(name, labels))
+            if h is None:
+                h = self._hist[self._key(name, labels)] = [buckets, [0] * len(buckets), 0.0, 0]
+            for j, b in enumerate(h[0]):
+                if value <= b:
+                    h[1][j] += 1
+            h[2] += value
+            h[3] += 1
+
+    def counter(self, name: str, **labels: Any) -> float:
+        with self._lock:
+            return self._counters.get(self._key(name, labels), 0.0)
+
+    def render(self) -> str:
+        def lab(labels: tuple, extra: tuple = ()) -> str:
+            items = list(labels) + list(extra)
+            return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}" if items else ""
+
+        lines: list[str] = []
+        with self._lock:
+            groups: dict[str, list[str]] = defaultdict(list)
+            kinds: dict[str, str] = {}
+            for (name, labels), v in sorted(self._counters.items()):
+                groups[name].append(f"{self.prefix}_{name}{lab(labels)} {v:g}")
+                kinds[name] = "counter"
+            for (name, labels), v in sorted(self._gauges.items()):
+                groups[name].append(f"{self.prefix}_{name}{lab(labels)} {v:g}")
+                kinds[name] = "gauge"
+            for (name, labels), (bounds, counts, total, n) in sorted(self._hist.items()):
+                full = f"{self.prefix}_{name}"
+                for b, c in zip(bounds, counts, strict=True):
+                    groups[name].append(f"{full}_bucket{lab(labels, (('le', f'{b:g}'),))} {c}")
+                groups[name].append(f"{full}_bucket{lab(labels, (('le', '+Inf'),))} {n}")
+                groups[name].append(f"{full}_sum{lab(labels)} {total:.6f}")
+                groups[name].append(f"{full}_count{lab(labels)} {n}")
+                kinds[name] = "histogram"
+        for name, rows in groups.items():
+            kind, text = self._help.get(name, (kinds[name], name.replace("_", " ")))
+            lines.append(f"# HELP {self.prefix}_{name} {text}")
+            lines.append(f"# TYPE {self.prefix}_{name} {kinds[name]}")
+            lines.extend(rows)
+        return "\n".join(lines) + "\n"
+
+
+class JobOwner(Protocol):
+    """What the scheduler needs from a session."""
+
+    sid: str
+    id0: torch.Tensor  # [1,id_dim]
+    id1: torch.Tensor  # [1,C,7,7]
+
+    def deliver(self, i: int, image: np.ndarray, computed_at: float) -> None: ...
+
+    def dropped(self, i: int, reason: str) -> None: ...
+
+
+@dataclass
+class FrameJob:
+    owner: JobOwner
+    index: int  # video frame index i
+    window: np.ndarray  # [1,80,20] mel window
+    pose: np.ndarray  # [12]
+    due: float  # wall time (monotonic) when the frame is sent
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 8
+    noise: str = "stored"
+    late_grace_s: float = 0.0  # a job may still run this long after its due time
+
+    def validate(self) -> SchedulerConfig:
+        if not 1 <= self.max_batch <= 64:
+            raise ConfigError(f"scheduler.max_batch must be in [1, 64], got {self.max_batch}")
+        if self.noise not in ("stored", "zero", "random"):
+            raise ConfigError(f"scheduler.noise must be stored, zero or random, got {self.noise!r}")
+        return self
+
+
+class Scheduler:
+    """Owns the Runner; everything that touches the model goes through its single thread."""
+
+    def __init__(self, runner: Runner, cfg: SchedulerConfig | None = None, metrics: Metrics | None = None,
+                 threads: int = 0):
+        self.runner = runner
+        self.cfg = (cfg or SchedulerConfig()).validate()
+        self.metrics = metrics or Metrics()
+        self.threads = threads
+        self._jobs: list[FrameJob] = []
+        self._calls: list[tuple[Callable[[Runner], Any], concurrent.futures.Future, float]] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.frames = 0
+        self.busy_s = 0.0
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rt-engine-model", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cv:
+            for _, fut, _ in self._calls:
+                fut.cancel()
+            self._calls.clear()
+            self._jobs.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ input
+    def submit(self, jobs: list[FrameJob]) -> None:
+        if not jobs:
+            return
+        with self._cv:
+            self._jobs.extend(jobs)
+            self._cv.notify()
+
+    def call(self, fn: Callable[[Runner], Any]) -> concurrent.futures.Future:
+        """Run ``fn(runner)`` in the model thread; returns a Future (wrap with asyncio.wrap_future)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._stop:
+                fut.set_exception(RuntimeError("scheduler stopped"))
+                return fut
+            self._calls.append((fn, fut, time.monotonic()))
+            self._cv.notify()
+        return fut
+
+    def forget(self, owner: JobOwner) -> None:
+        """Remove a closed session's pending jobs."""
+        with self._cv:
+            self._jobs = [j for j in self._jobs if j.owner is not owner]
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._jobs)
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not self._stop and not self._jobs and not self._calls:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                # frames first; other model work when idle or once it has waited CALL_WAIT_S
+                urgent = self._calls and (not self._jobs or time.monotonic() - self._calls[0][2] > CALL_WAIT_S)
+                call = self._calls.pop(0) if urgent else None
+                jobs: list[FrameJob] = []
+                if call is None:
+                    jobs, self._jobs = self._select(self._jobs)
+            if call is not None:
+                fn, fut, _ = call
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self.runner))
+                    except BaseException as e:  # handed to the caller
+                        fut.set_exception(e)
+                continue
+            if jobs:
+                self._run(jobs)
+
+    def _select(self, pending: list[FrameJob]) -> tuple[list[FrameJob], list[FrameJob]]:
+        """-> (this batch, still pending). Late jobs are dropped here."""
+        now = time.monotonic()
+        live = []
+        for j in pending:
+            if j.due + self.cfg.late_grace_s < now:
+                try:
+                    j.owner.dropped(j.index, "late")
+                except Exception:
+                    log.exception("session %s: drop notification failed", j.owner.sid)
+                self.metrics.inc("frames_dropped_total", reason="late_compute")
+            else:
+                live.append(j)
+        live.sort(key=lambda j: j.due)
+        return live[:self.cfg.max_batch], live[self.cfg.max_batch:]
+
+    def _run(self, jobs: list[FrameJob]) -> None:
+        t0 = time.monotonic()
+        for j in jobs:
+            self.metrics.observe("stage_latency_seconds", t0 - j.submitted, stage="queue")
+        try:
+            wins = torch.from_numpy(np.stack([j.window for j in jobs]))  # [B,1,80,20]
+            pose = torch.from_numpy(np.stack([j.pose for j in jobs]).astype(np.float32))  # [B,12]
+            owners = [j.owner for j in jobs]
+            if all(o is owners[0] for o in owners):
+                id0, id1 = owners[0].id0, owners[0].id1  # [1,...] broadcast
+            else:
+                id0 = torch.cat([o.id0 for o in owners])  # [B,id_dim]
+                id1 = torch.cat([o.id1 for o in owners])  # [B,C,7,7]
+            mouth = self.runner.encode_audio(wins)  # [B,500]
+            frames = self.runner.generate(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,3,H,W]
+            images = to_uint8(frames)  # [B,H,W,3]
+        except Exception:
+            log.exception("model batch of %d frames failed; dropping them", len(jobs))
+            for j in jobs:
+                j.owner.dropped(j.index, "error")
+                self.metrics.inc("frames_dropped_total", reason="model_error")
+            return
+        t1 = time.monotonic()
+        self.batches += 1
+        self.frames += len(jobs)
+        self.busy_s += t1 - t0
+        self.metrics.observe("stage_latency_seconds", t1 - t0, stage="model")
+        self.metrics.observe("batch_size", len(jobs), buckets=BATCH_BUCKETS)
+        self.metrics.inc("frames_generated_total", len(jobs))
+        for j, img in zip(jobs, images, strict=True):
+            try:
+                j.owner.deliver(j.index, img, t1)
+            except Exception:  # one broken session must not stop the worker
+                log.exception("delivering frame %d to session %s failed", j.index, j.owner.sid)

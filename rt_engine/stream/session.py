@@ -1,0 +1,507 @@
+"""A streaming session and the engine that owns the shared model worker.
+
+Data flow of one session (all on the asyncio loop except the model, which runs in the
+:class:`~rt_engine.stream.scheduler.Scheduler` thread):
+
+    audio (file feeder or live track) -> AudioInput -> StreamingMel windows of frames i
+        -> FrameJob(i, window, pose_source.code_for(i), due = clock.frame_due(i)) -> Scheduler
+        -> deliver(i, image) -> _frames[i]
+    video track: next_video_frame() sleeps until frame_due(i), sends frame i, or holds the previous
+                 image when i is not ready (pts stays i * 3600: the video never drifts)
+    audio track: next_audio_chunk() sends input samples [m, m+960) at clock.wall_of(m / 48000)
+
+``Engine`` holds the runner, the scheduler, the metrics, a face cropper and a cache of identity
+features, and creates sessions from :class:`SessionOptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rt_engine.backends.base import Runner
+from rt_engine.config import FIRST_FRAME, SAMPLE_RATE
+from rt_engine.errors import ConfigError, InputError
+from rt_engine.inputs.image import official_crop, to_tensor
+from rt_engine.stream import sources
+from rt_engine.stream.clock import AUDIO_PTIME_S, FRAME_S, OUT_RATE, ClockConfig, MediaClock
+from rt_engine.stream.scheduler import FrameJob, Metrics, Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+AUDIO_MODES = ("file", "mic")
+POSE_MODES = ("still", "idle", "webcam", "file")
+CHUNK_OUT = int(OUT_RATE * AUDIO_PTIME_S)  # 960 samples per outgoing audio frame
+CHUNK_IN = int(SAMPLE_RATE * AUDIO_PTIME_S)  # 320 samples per file-feeder step
+
+
+# ------------------------------------------------------------------------------ frame stamp
+STAMP_BITS = 24  # 20 bits of frame index + 4 bits checksum, 12 blocks per row, 2 rows
+
+
+def _stamp_bits(i: int) -> list[int]:
+    idx = i & 0xFFFFF
+    check = (sum((idx >> k) & 1 for k in range(20)) + (idx & 0xF)) & 0xF
+    word = idx | (check << 20)
+    return [(word >> k) & 1 for k in range(STAMP_BITS)]
+
+
+def stamp_index(img: np.ndarray, i: int) -> None:
+    """Paint frame index ``i`` as black/white blocks into the bottom rows of [H,W,3] u8 (in place).
+    Used by tests and benchmarks to identify received frames (option ``stamp``)."""
+    h, w = img.shape[:2]
+    b = w // 12
+    for k, bit in enumerate(_stamp_bits(i)):
+        r, c = divmod(k, 12)
+        y0 = h - 2 * b + r * b
+        img[y0:y0 + b, c * b:(c + 1) * b] = 255 if bit else 0
+
+
+def read_stamp(img: np.ndarray) -> int | None:
+    """Inverse of :func:`stamp_index` on a decoded [H,W,3] u8 frame; None if the checksum fails."""
+    h, w = img.shape[:2]
+    b = w // 12
+    word = 0
+    for k in range(STAMP_BITS):
+        r, c = divmod(k, 12)
+        y0 = h - 2 * b + r * b
+        m = b // 4
+        v = float(img[y0 + m:y0 + b - m, c * b + m:(c + 1) * b - m].mean())
+        word |= (1 if v > 127 else 0) << k
+    idx = word & 0xFFFFF
+    return idx if _stamp_bits(idx) == [(word >> k) & 1 for k in range(STAMP_BITS)] else None
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a client asks for. Paths are server-side files (uploads are stored by the server)."""
+
+    identity: str | None = None  # image path; None: bundled default
+    audio: str = "mic"  # 'mic' (the client's audio track) or 'file'
+    audio_file: str | None = None  # for audio='file'; None: bundled speech
+    pose: str = "idle"  # still | idle | webcam | file
+    pose_file: str | None = None
+    stamp: bool = False  # paint the frame index into the frames (tests, benchmarks)
+    loop_audio: bool = True  # a file source loops
+    webcam_fps: float = 5.0  # pose updates per second from a webcam (smoothed in between)
+
+    def validate(self) -> SessionOptions:
+        if self.audio not in AUDIO_MODES:
+            raise ConfigError(f"audio must be one of {AUDIO_MODES}, got {self.audio!r}")
+        if self.pose not in POSE_MODES:
+            raise ConfigError(f"pose must be one of {POSE_MODES}, got {self.pose!r}")
+        if self.pose == "file" and not self.pose_file:
+            raise ConfigError("pose='file' needs pose_file (upload a pose video first)")
+        if not 1.0 <= self.webcam_fps <= 30.0:
+            raise ConfigError(f"webcam_fps must be in [1, 30], got {self.webcam_fps}")
+        for name in ("identity", "audio_file", "pose_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise InputError(f"{name}: file not found: {p}")
+        return self
+
+
+@dataclass
+class SessionStats:
+    frames_sent: int = 0
+    frames_fresh: int = 0  # sent frames that were generated for their own index
+    frames_held: int = 0  # sent frames that repeat the previous image (compute was late)
+    frames_skipped: int = 0  # indices never sent because the sender itself was late
+    frames_dropped: int = 0  # computed too late or not at all
+    audio_chunks: int = 0
+    audio_underruns: int = 0
+    first_frame_s: float | None = None  # from session start to the first sent frame
+    latency_sum: float = 0.0  # sum over fresh frames of (send wall - media time - t0)
+    latency_max: float = 0.0
+
+
+# ------------------------------------------------------------------------------ session
+class Session:
+    def __init__(self, engine: Engine, opts: SessionOptions, id0: torch.Tensor, id1: torch.Tensor,
+                 pose_source: sources.PoseSource, file_audio: sources.FileAudio | None,
+                 loop: asyncio.AbstractEventLoop):
+        self.sid = uuid.uuid4().hex[:12]
+        self.engine = engine
+        self.opts = opts
+        self.id0, self.id1 = id0, id1  # [1,id_dim], [1,C,7,7]
+        self.pose = pose_source
+        self.file_audio = file_audio
+        self.loop = loop
+        self.clock = MediaClock(engine.clock_cfg)
+        self.audio = sources.AudioInput(self.clock, gain=file_audio.gain if file_audio else None)
+        self.metrics = engine.metrics
+        self.stats = SessionStats()
+        self.created = time.monotonic()
+        self.closed = False
+        self._frames: dict[int, np.ndarray] = {}  # generated, not yet sent
+        self._frame_event = asyncio.Event()
+        self._started = asyncio.Event()
+        self._last_image: np.ndarray | None = None
+        self._next_frame: int | None = None
+        self._next_chunk: int | None = None
+        self.first_audio_sample: int | None = None  # 48 kHz index of the first outgoing audio chunk
+        self.first_video_frame: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.last_input = time.monotonic()  # last inbound media (watchdog)
+
+    # --- start / stop
+    def start(self) -> None:
+        """Begin the media clock for file audio (live audio starts it with its first packet)."""
+        if self.file_audio is not None and not self.clock.started:
+            self.clock.start_at(time.monotonic())
+            self._started.set()
+            self._tasks.append(asyncio.ensure_future(self._feed_file()))
+
+    def add_task(self, coro) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.scheduler.forget(self)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        self.pose.close()
+        self._frames.clear()
+        self._frame_event.set()
+        self._started.set()
+
+    # --- audio in
+    async def _feed_file(self) -> None:
+        """Plays the file on the media clock: 20 ms chunks at their real-time instants."""
+        fa = self.file_audio
+        assert fa is not None
+        t0 = self.clock.t0
+        k = 0
+        n = fa.wav16.size
+        while not self.closed:
+            if not fa.loop and k * CHUNK_IN >= n + SAMPLE_RATE:  # one second of padding, then stop
+                self.audio.mel.finish()
+                self._pump()
+                return
+            x16, x48 = fa.chunk(k * CHUNK_IN, CHUNK_IN)
+            self.audio.push_file_chunk(x16, x48)
+            self._pump()
+            k += 1
+            await asyncio.sleep(max(0.0, t0 + k * AUDIO_PTIME_S - time.monotonic()))
+
+    async def run_audio_track(self, track) -> None:
+        """Consume the client's microphone track (aiortc RemoteStreamTrack)."""
+        from aiortc.mediastreams import MediaStreamError
+
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                log.info("session %s: audio track ended", self.sid)
+                return
+            now = time.monotonic()
+            self.last_input = now
+            self.audio.push_frame(frame, now)
+            if not self._started.is_set():
+                self._started.set()
+                log.info("session %s: audio input %s", self.sid, self.audio.input_format)
+            self._pump()
+
+    def _pump(self) -> None:
+        """Turn newly complete mel windows into model jobs."""
+        idx, wins = self.audio.windows()
+        if not len(idx):
+            return
+        now = time.monotonic()
+        jobs = []
+        for i, w in zip(idx.tolist(), wins, strict=True):
+            due = self.clock.frame_due(i)
+            self.metrics.observe("stage_latency_seconds", max(0.0, now - (due - self.clock.cfg.margin_s)),
+                                 stage="mel")
+            jobs.append(FrameJob(self, i, w, self.pose.code_for(i), due))
+        self.engine.scheduler.submit(jobs)
+
+    # --- webcam pose
+    async def run_webcam_track(self, track) -> None:
+        """Pose codes from the client's webcam, at most ``webcam_fps`` per second (latest frame wins)."""
+        from aiortc.mediastreams import MediaStreamError
+
+        pose = self.pose
+        assert isinstance(pose, sources.WebcamPose)
+        latest: list = [None]
+        period = 1.0 / self.opts.webcam_fps
+
+        async def reader():
+            while not self.closed:
+                try:
+                    latest[0] = await track.recv()
+                except MediaStreamError:
+                    latest[0] = None
+                    return
+                self.last_input = time.monotonic()
+
+        rd = asyncio.ensure_future(reader())
+        try:
+            while not self.closed and not rd.done():
+                t = time.monotonic()
+                frame, latest[0] = latest[0], None
+                if frame is not None:
+                    img = frame.to_ndarray(format="rgb24")  # [H,W,3]
+                    crop = await self.loop.run_in_executor(None, self.engine.faces.crop_or_none, img, "webcam")
+                    if crop is None:
+                        pose.misses += 1
+                    else:
+                        x = to_tensor(official_crop(crop))
+                        code = await asyncio.wrap_future(self.engine.scheduler.call(lambda r, x=x: r.encode_pose(x)))
+                        pose.update(code.numpy()[0])
+                await asyncio.sleep(max(0.0, t + period - time.monotonic()))
+        finally:
+            rd.cancel()
+
+    # --- model output (called from the model thread)
+    def deliver(self, i: int, image: np.ndarray, computed_at: float) -> None:
+        if self.closed:
+            return
+        if self.opts.stamp:
+            image = image.copy()
+            stamp_index(image, i)
+        self._call_soon(self._store, i, image)
+
+    def dropped(self, i: int, reason: str) -> None:
+        self._call_soon(self._count_drop)
+
+    def _call_soon(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is gone: the session is over
+            self.closed = True
+
+    def _count_drop(self) -> None:
+        self.stats.frames_dropped += 1
+
+    def _store(self, i: int, image: np.ndarray) -> None:
+        if self.closed or (self._next_frame is not None and i < self._next_frame):
+            self.stats.frames_dropped += 1  # arrived after its slot was sent
+            self.metrics.inc("frames_dropped_total", reason="late_arrival")
+            return
+        self._frames[i] = image
+        self._frame_event.set()
+
+    # --- paced output (called by the outgoing tracks)
+    async def next_video_frame(self) -> tuple[int, np.ndarray, bool]:
+        """-> (frame index i, image [H,W,3] u8, fresh). Returns at the frame's send time."""
+        await self._started.wait()
+        if self.closed:
+            raise ConnectionError("session closed")
+        if self._next_frame is None:
+            self._next_frame = FIRST_FRAME
+        if self._last_image is None:  # first frame: wait for it, however long the first batch takes
+            while FIRST_FRAME not in self._frames and not self.closed:
+                self._frame_event.clear()
+                await self._frame_event.wait()
+                if self._frames and FIRST_FRAME not in self._frames:  # first frames dropped: take the oldest
+                    self._next_frame = min(self._frames)
+                    break
+            if self.closed:
+                raise ConnectionError("session closed")
+        now = time.monotonic()
+        cur = self.clock.frame_at(now)
+        if self._last_image is not None and cur > self._next_frame:
+            skipped = cur - self._next_frame  # the sender fell behind: never send a burst of old frames
+            self.stats.frames_skipped += skipped
+            self.metrics.inc("frames_dropped_total", skipped, reason="late_send")
+            self._next_frame = cur
+        i = self._next_frame
+        due = self.clock.frame_due(i)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        deadline = due + self.clock.cfg.hold_grace_s
+        while i not in self._frames and time.monotonic() < deadline and not self.closed:
+            self._frame_event.clear()
+            try:
+                await asyncio.wait_for(self._frame_event.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        for k in [k for k in self._frames if k < i]:
+            del self._frames[k]
+        img = self._frames.pop(i, None)
+        fresh = img is not None
+        if fresh:
+            self._last_image = img
+            self.stats.frames_fresh += 1
+            lat = time.monotonic() - self.clock.t0 - i * FRAME_S
+            self.stats.latency_sum += lat
+            self.stats.latency_max = max(self.stats.latency_max, lat)
+            self.metrics.observe("stage_latency_seconds", lat, stage="media_to_send")
+        else:
+            self.stats.frames_held += 1
+            self.metrics.inc("frames_held_total")
+            img = self._last_image
+        if img is None:  # first frame dropped entirely: wait for any
+            raise ConnectionError("no frame available")
+        if self.stats.first_frame_s is None:
+            self.stats.first_frame_s = time.monotonic() - self.created
+            self.first_video_frame = i
+        self.stats.frames_sent += 1
+        self.metrics.inc("frames_sent_total")
+        self._next_frame = i + 1
+        return i, img, fresh
+
+    async def next_audio_chunk(self) -> tuple[int, np.ndarray]:
+        """-> (first 48 kHz sample index m, samples [960]) at the chunk's send time."""
+        await self._started.wait()
+        if self.closed:
+            raise ConnectionError("session closed")
+        now = time.monotonic()
+        cur = int((now - self.clock.wall_of(0.0)) / AUDIO_PTIME_S) if self.clock.started else 0
+        if self._next_chunk is None or cur > self._next_chunk + 1:
+            self._next_chunk = max(0, cur)  # start (or resync) at the current chunk, no burst
+        k = self._next_chunk
+        m = k * CHUNK_OUT
+        if self.first_audio_sample is None:
+            self.first_audio_sample = m
+        await asyncio.sleep(max(0.0, self.clock.wall_of(m / OUT_RATE) - time.monotonic()))
+        x, missing = self.audio.out.read(m, CHUNK_OUT)
+        if missing:
+            self.stats.audio_underruns += 1
+            self.metrics.inc("audio_underruns_total")
+        self.stats.audio_chunks += 1
+        self._next_chunk = k + 1
+        return m, x
+
+    def describe(self) -> dict:
+        s = self.stats
+        age = time.monotonic() - self.created
+        return {
+            "session": self.sid,
+            "age_s": round(age, 2),
+            "audio": self.opts.audio,
+            "audio_input": self.audio.input_format,
+            "pose": self.pose.kind,
+            "pose_updates": getattr(self.pose, "updates", None),
+            "frames_sent": s.frames_sent,
+            "frames_fresh": s.frames_fresh,
+            "frames_held": s.frames_held,
+            "frames_skipped": s.frames_skipped,
+            "frames_dropped": s.frames_dropped,
+            "fps": round(s.frames_sent / max(age - (s.first_frame_s or age), 1e-6), 2) if s.first_frame_s else 0.0,
+            "latency_ms": round(1e3 * s.latency_sum / s.frames_fresh, 1) if s.frames_fresh else None,
+            "latency_max_ms": round(1e3 * s.latency_max, 1),
+            "algorithmic_latency_ms": round(1e3 * self.clock.cfg.delay_s, 1),
+            "first_frame_s": None if s.first_frame_s is None else round(s.first_frame_s, 3),
+            "audio_underruns": s.audio_underruns,
+            "agc_gain": round(self.audio.agc.gain, 3) if self.audio.agc else None,
+            "first_audio_sample": self.first_audio_sample,
+            "first_video_frame": self.first_video_frame,
+        }
+
+
+# ------------------------------------------------------------------------------ engine
+class Engine:
+    """Runner + scheduler + shared helpers; makes sessions."""
+
+    def __init__(self, runner: Runner, scheduler_cfg: SchedulerConfig | None = None,
+                 clock_cfg: ClockConfig | None = None, threads: int = 0, metrics: Metrics | None = None,
+                 gil_switch_s: float | None = 0.001):
+        if gil_switch_s is not None:
+            # The model thread runs many small torch ops with Python in between; with the default 5 ms
+            # GIL switch interval the asyncio thread (pacing, RTP, audio) waits up to 5 ms each time
+            # it wants the GIL back. Process-wide setting.
+            sys.setswitchinterval(gil_switch_s)
+        self.runner = runner
+        self.metrics = metrics or Metrics()
+        self.clock_cfg = (clock_cfg or ClockConfig()).validate()
+        self.scheduler = Scheduler(runner, scheduler_cfg, self.metrics, threads=threads).start()
+        self.faces = sources.FaceService()
+        self._id_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
+        self._id_locks: dict[str, asyncio.Lock] = {}
+        self._pose_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()  # (identity key, kind) -> codes
+
+    async def _run(self, fn):
+        return await asyncio.wrap_future(self.scheduler.call(fn))
+
+    async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
+        """Identity features (cached by file content) -> (id0 [1,D], id1 [1,C,7,7], aligned crop, cache key)."""
+        data = Path(path).read_bytes() if path else None
+        key = hashlib.sha1(data).hexdigest() if data is not None else "default"
+        lock = self._id_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._id_cache:
+                self._id_cache.move_to_end(key)
+                return (*self._id_cache[key], key)
+            loop = asyncio.get_running_loop()
+            crop = await loop.run_in_executor(None, sources.identity_crop, self.faces, data,
+                                              Path(path).name if path else "identity")
+            x = to_tensor(official_crop(crop))  # [1,3,224,224]
+            id0, id1 = await self._run(lambda r: r.encode_identity(x))
+            self._id_cache[key] = (id0, id1, crop)
+            while len(self._id_cache) > 16:
+                self._id_cache.popitem(last=False)
+        self._id_locks.pop(key, None)
+        return id0, id1, crop, key
+
+    async def create_session(self, opts: SessionOptions) -> Session:
+        opts = opts.validate()
+        loop = asyncio.get_running_loop()
+        id0, id1, crop, key = await self.identity(opts.identity)
+
+        def encode(crops_u8: np.ndarray) -> np.ndarray:  # [N,224,224,3] -> [N,12]
+            x = to_tensor(crops_u8)
+            return np.concatenate([self.runner.encode_pose(x[s:s + 16]).numpy() for s in range(0, len(x), 16)])
+
+        still = self._pose_cache.get((key, "still"))
+        if still is None:
+            still = (await self._run(lambda r: r.encode_pose(to_tensor(official_crop(crop))))).numpy()  # [1,12]
+            self._cache_pose((key, "still"), still)
+        pose: sources.PoseSource
+        if opts.pose == "still":
+            pose = sources.StillPose(still[0])
+        elif opts.pose == "webcam":
+            pose = sources.WebcamPose(still[0])
+        elif opts.pose == "idle":
+            codes = self._pose_cache.get((key, "idle"))
+            if codes is None:  # 10 s of idle motion (51 key poses), played forward and backward
+                codes = await self._run(lambda r: sources.idle_codes(crop, encode, seconds=10.0))
+                self._cache_pose((key, "idle"), codes)
+            pose = sources.CodesPose(codes, "idle")
+        else:
+            assert opts.pose_file is not None
+            pf = opts.pose_file
+            crops = await loop.run_in_executor(None, lambda: _pose_crops(self.faces, pf))
+            codes = await self._run(lambda r: encode(crops))
+            pose = sources.CodesPose(codes, "file")
+        file_audio = None
+        if opts.audio == "file":
+            path = opts.audio_file or str(sources.DEFAULT_SPEECH)
+            file_audio = await loop.run_in_executor(None, lambda: sources.FileAudio(path, loop=opts.loop_audio))
+        return Session(self, opts, id0, id1, pose, file_audio, loop)
+
+    def _cache_pose(self, key: tuple, codes: np.ndarray) -> None:
+        self._pose_cache[key] = codes
+        while len(self._pose_cache) > 64:
+            self._pose_cache.popitem(last=False)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.faces.close()
+
+
+def _pose_crops(faces: sources.FaceService, path: str) -> np.ndarray:
+    from rt_engine.inputs import pose as pose_in
+
+    frames = pose_in.read_frames(path, max_frames=750)
+    crops = faces.crop_video(frames, name=Path(path).name)
+    return np.stack([official_crop(c) for c in crops])

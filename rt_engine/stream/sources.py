@@ -1,0 +1,339 @@
+"""Inputs of a streaming session: audio (file or live track), pose (file, webcam, idle, still), identity.
+
+Audio path (both kinds end in :class:`AudioInput`):
+
+    live track: av.AudioFrame (any rate / layout) --av resampler--> 48 kHz mono float
+                --> outgoing-audio buffer (:class:`AudioBuffer`, sent back delayed)
+                --soxr stream 48k->16k--> slow AGC --> StreamingMel --> 0.2 s windows per frame
+    file:       16 kHz mono (whole-file RMS gain, identical to the offline front end) --> StreamingMel
+                48 kHz mono --> outgoing-audio buffer
+
+Live gain: the offline front end scales the whole clip to RMS 0.1. A live stream has no "whole
+clip", so :class:`Agc` tracks the RMS of the voiced chunks with a slow (3 s) exponential average
+and scales to the same 0.1 target; silence (RMS < 1e-3) does not update it, so pauses do not pump
+the gain up, and the gain is clamped to [0.1, 100].
+
+Pose sources hand out one pose code [12] per frame index (:meth:`PoseSource.code_for`). Only the
+pose code is taken from a webcam: the mouth code comes from the audio alone, so the webcam's mouth
+cannot reach the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rt_engine.config import SAMPLE_RATE
+from rt_engine.errors import InputError, NoFaceError
+from rt_engine.inputs import audio as audio_in
+from rt_engine.inputs import pose as pose_in
+from rt_engine.inputs.image import decode_image_bytes, official_crop, pingpong_index
+from rt_engine.stream.clock import OUT_RATE, MediaClock
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_IDENTITY = ASSETS / "identity.jpg"
+DEFAULT_SPEECH = ASSETS / "speech.flac"
+RATIO = OUT_RATE // SAMPLE_RATE  # 3 outgoing samples per mel-rate sample
+
+
+# ------------------------------------------------------------------------------------------ gain
+class Agc:
+    """Slow automatic gain control towards the official RMS target (see module doc)."""
+
+    def __init__(self, target_rms: float = audio_in.TARGET_RMS, time_constant_s: float = 3.0,
+                 gate_rms: float = 1e-3, min_gain: float = 0.1, max_gain: float = 100.0, init_gain: float = 2.0):
+        self.target = target_rms
+        self.tc = time_constant_s
+        self.gate = gate_rms
+        self.lo, self.hi = min_gain, max_gain
+        self.power: float | None = None  # EMA of the voiced power
+        self.init_gain = init_gain
+
+    @property
+    def gain(self) -> float:
+        if self.power is None:
+            return self.init_gain
+        return float(np.clip(self.target / np.sqrt(self.power), self.lo, self.hi))
+
+    def process(self, x: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+        """Scale a chunk [N] by the current gain, then update the estimate with it."""
+        g = self.gain
+        if x.size:
+            p = float(np.mean(np.square(x, dtype=np.float64)))
+            if p > self.gate**2:
+                a = min(1.0, x.size / (sr * self.tc))
+                self.power = p if self.power is None else (1 - a) * self.power + a * p
+        return (x * np.float32(g)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- outgoing audio
+class AudioBuffer:
+    """48 kHz mono samples addressed by absolute sample index; old samples are trimmed."""
+
+    def __init__(self, keep_s: float = 5.0):
+        self._data = np.zeros(0, np.float32)
+        self._base = 0  # absolute index of _data[0]
+        self._keep = int(keep_s * OUT_RATE)
+        self._lock = threading.Lock()
+
+    @property
+    def end(self) -> int:
+        return self._base + self._data.size
+
+    def write(self, start: int, x: np.ndarray) -> None:
+        """Write samples at absolute index ``start`` (gaps are zero-filled, overlaps overwrite)."""
+        with self._lock:
+            end = self._base + self._data.size
+            if start > end:
+                self._data = np.concatenate([self._data, np.zeros(start - end, np.float32)])
+                end = start
+            off = start - self._base
+            if off < 0:  # older than what we keep
+                x = x[-off:]
+                off = 0
+            tail = off + x.size
+            if tail > self._data.size:
+                self._data = np.concatenate([self._data, np.zeros(tail - self._data.size, np.float32)])
+            self._data[off:tail] = x
+
+    def read(self, start: int, n: int) -> tuple[np.ndarray, int]:
+        """Samples [start, start+n) (zeros where missing) and how many were missing."""
+        out = np.zeros(n, np.float32)
+        with self._lock:
+            lo, hi = max(start, self._base), min(start + n, self.end)
+            if hi > lo:
+                out[lo - start:hi - start] = self._data[lo - self._base:hi - self._base]
+            # trim what is older than keep_s before this read
+            cut = min(start - self._base - self._keep, self._data.size)
+            if cut > 0:
+                self._data = self._data[cut:]
+                self._base += cut
+        return out, n - max(0, hi - lo)
+
+
+# ---------------------------------------------------------------------------------- audio input
+class AudioInput:
+    """Feeds the mel front end and the outgoing-audio buffer; observes the media clock.
+
+    ``windows()`` hands out (frame indices [F], windows [F,1,80,20]) as they become complete.
+    """
+
+    def __init__(self, clock: MediaClock, gain: float | None = None):
+        self.clock = clock
+        self.mel = audio_in.StreamingMel(gain=1.0 if gain is None else gain)
+        self.agc = Agc() if gain is None else None
+        self.out = AudioBuffer()
+        self.samples48 = 0  # next 48 kHz sample index
+        self.samples16 = 0
+        self._soxr = None
+        self._av_resampler = None
+        self._pts0: int | None = None
+        self.input_format: str | None = None  # e.g. "s16 stereo 48000 Hz" of the live track
+
+    # --- live track
+    def push_frame(self, frame, arrival: float) -> None:  # frame: av.AudioFrame
+        """A decoded frame of the live track (any rate, layout, format)."""
+        import av
+
+        fmt = f"{frame.format.name} {frame.layout.name} {frame.sample_rate} Hz"
+        if self.input_format != fmt:
+            if self.input_format is not None:
+                log.info("audio input changed from %s to %s", self.input_format, fmt)
+            self.input_format = fmt
+            self._av_resampler = av.AudioResampler(format="flt", layout="mono", rate=OUT_RATE)
+        # gaps in pts (lost packets) keep their place on the media clock
+        start = None
+        if frame.pts is not None and frame.time_base is not None:
+            if self._pts0 is None:
+                self._pts0 = frame.pts
+                self._tb = frame.time_base
+            start = int(round(float((frame.pts - self._pts0) * self._tb) * OUT_RATE))
+        chunks = [f.to_ndarray().reshape(-1) for f in self._av_resampler.resample(frame)]
+        x = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if start is not None and start > self.samples48 + OUT_RATE // 100:  # > 10 ms gap: fill silence
+            self.push48(np.zeros(start - self.samples48, np.float32), arrival, observe=False)
+        self.push48(x, arrival)
+
+    def push48(self, x: np.ndarray, arrival: float, observe: bool = True) -> None:
+        """48 kHz mono float samples that arrived at wall time ``arrival``."""
+        import soxr
+
+        if self._soxr is None:
+            self._soxr = soxr.ResampleStream(OUT_RATE, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self.out.write(self.samples48, x)
+        self.samples48 += x.size
+        if observe and x.size:
+            self.clock.observe(self.samples48 / OUT_RATE, arrival)
+        y = self._soxr.resample_chunk(x)
+        self._push16(y)
+
+    # --- file
+    def push_file_chunk(self, x16: np.ndarray, x48: np.ndarray, arrival: float | None = None) -> None:
+        """Matching 16 kHz and 48 kHz chunks of a file source."""
+        self.out.write(self.samples48, x48)
+        self.samples48 += x48.size
+        if arrival is not None:
+            self.clock.observe(self.samples48 / OUT_RATE, arrival)
+        self._push16(x16)
+
+    def _push16(self, y: np.ndarray) -> None:
+        if self.agc is not None:
+            y = self.agc.process(y)
+        self.samples16 += y.size
+        self.mel.accept(y)
+
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mel.get_windows()
+
+
+class FileAudio:
+    """A whole audio file prepared for streaming: 16 kHz for the mel path, 48 kHz to send back."""
+
+    def __init__(self, path: str | Path, loop: bool = True):
+        self.path = Path(path)
+        self.wav16 = audio_in.load_audio(self.path, SAMPLE_RATE)  # [N]
+        if self.wav16.size < int(0.2 * SAMPLE_RATE):
+            raise InputError(f"{self.path.name}: audio is {self.wav16.size / SAMPLE_RATE:.2f} s; need >= 0.2 s")
+        self.wav48 = audio_in.load_audio(self.path, OUT_RATE)
+        n = min(self.wav16.size, self.wav48.size // RATIO)  # exact 1:3 lengths
+        self.wav16, self.wav48 = self.wav16[:n], self.wav48[:n * RATIO]
+        self.gain = audio_in.rms_gain(self.wav16)  # whole-file RMS normalisation (offline semantics)
+        self.loop = loop
+
+    def chunk(self, start16: int, n16: int) -> tuple[np.ndarray, np.ndarray]:
+        """16 kHz samples [start16, start16+n16) (looping or zero past the end) and the 48 kHz match."""
+        n = self.wav16.size
+        idx = np.arange(start16, start16 + n16)
+        if self.loop:
+            idx16 = idx % n
+            x16 = self.wav16[idx16]
+            idx48 = (np.repeat(idx16 * RATIO, RATIO) + np.tile(np.arange(RATIO), n16))
+            return x16, self.wav48[idx48]
+        x16 = np.where(idx < n, self.wav16[np.minimum(idx, n - 1)], 0).astype(np.float32)
+        x48 = np.zeros(n16 * RATIO, np.float32)
+        lo = max(0, min(n16, n - start16))
+        x48[:lo * RATIO] = self.wav48[start16 * RATIO:(start16 + lo) * RATIO]
+        return x16, x48
+
+
+# ------------------------------------------------------------------------------------- identity
+class FaceService:
+    """One shared FaceCropper (mediapipe graphs are not thread-safe: a lock serialises calls)."""
+
+    def __init__(self):
+        self._cropper = None
+        self._lock = threading.Lock()
+
+    def crop(self, img_rgb: np.ndarray, name: str) -> np.ndarray:
+        """[H,W,3] u8 -> aligned [224,224,3] u8; NoFaceError if none."""
+        with self._lock:
+            if self._cropper is None:
+                from rt_engine.inputs.face import FaceCropper
+
+                self._cropper = FaceCropper()
+            return self._cropper.crop_image(img_rgb, name=name)
+
+    def crop_or_none(self, img_rgb: np.ndarray, name: str) -> np.ndarray | None:
+        try:
+            return self.crop(img_rgb, name)
+        except NoFaceError:
+            return None
+
+    def crop_video(self, frames: np.ndarray, name: str) -> np.ndarray:
+        from rt_engine.inputs.face import FaceCropper
+
+        with FaceCropper() as fc:  # its own instance: video smoothing keeps per-call state
+            return fc.crop_video(frames, name=name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cropper is not None:
+                self._cropper.close()
+                self._cropper = None
+
+
+def identity_crop(faces: FaceService, data: bytes | None, name: str = "identity") -> np.ndarray:
+    """Identity image bytes (None: the bundled default) -> aligned crop [224,224,3] u8."""
+    if data is None:
+        if not DEFAULT_IDENTITY.is_file():
+            raise InputError(f"bundled identity image missing: {DEFAULT_IDENTITY}")
+        data = DEFAULT_IDENTITY.read_bytes()
+        name = DEFAULT_IDENTITY.name
+    img = decode_image_bytes(data, name)
+    return faces.crop(img, name)
+
+
+# ----------------------------------------------------------------------------------------- pose
+class PoseSource:
+    """Pose code per frame index."""
+
+    kind = "abstract"
+
+    def code_for(self, i: int) -> np.ndarray:  # [12]
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class StillPose(PoseSource):
+    kind = "still"
+
+    def __init__(self, code: np.ndarray):
+        self.code = np.asarray(code, np.float32).reshape(-1)
+
+    def code_for(self, i: int) -> np.ndarray:
+        return self.code
+
+
+class CodesPose(PoseSource):
+    """Precomputed codes [N,12] for frames 0..N-1, played forward then backward (official)."""
+
+    def __init__(self, codes: np.ndarray, kind: str):
+        if len(codes) == 0:
+            raise InputError("pose source gave no pose codes")
+        self.codes = np.asarray(codes, np.float32)
+        self.kind = kind
+
+    def code_for(self, i: int) -> np.ndarray:
+        return self.codes[pingpong_index(i, len(self.codes))]
+
+
+class WebcamPose(PoseSource):
+    """Latest pose code of a live webcam, lightly smoothed; the still code until a face is seen."""
+
+    kind = "webcam"
+
+    def __init__(self, fallback: np.ndarray, smooth: float = 0.5):
+        self.code = np.asarray(fallback, np.float32).reshape(-1)
+        self.smooth = smooth
+        self.updates = 0
+        self.misses = 0
+        self._seen = False
+
+    def update(self, code: np.ndarray) -> None:
+        code = np.asarray(code, np.float32).reshape(-1)
+        self.code = code if not self._seen else self.smooth * self.code + (1 - self.smooth) * code
+        self._seen = True
+        self.updates += 1
+
+    def code_for(self, i: int) -> np.ndarray:
+        return self.code
+
+
+Encode = Callable[[np.ndarray], np.ndarray]  # aligned crops [N,224,224,3] u8 -> codes [N,12]
+
+
+def idle_codes(id_aligned: np.ndarray, encode: Encode, seconds: float = 20.0) -> np.ndarray:
+    """Built-in idle motion as in ``render.py`` (pose='idle'): key poses at 5 fps interpolated to
+    25 fps, ``seconds`` long (played forward/backward). -> [N,12]"""
+    n_key = int(seconds * pose_in.IDLE_KEY_FPS) + 1
+    keys = np.stack([official_crop(f) for f in pose_in.idle_frames(id_aligned, n_key)])
+    key_codes = encode(keys)
+    return pose_in.interpolate_codes(key_codes, int(seconds * 25))

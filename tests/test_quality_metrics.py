@@ -1,0 +1,176 @@
+"""Metrics of benchmarks.quality on known cases (real demo frames; skipped without ../shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 not installed")
+pytest.importorskip("dlib", reason="dlib-bin not installed")
+pytest.importorskip("skimage", reason="scikit-image not installed")
+
+from benchmarks import metrics as M  # noqa: E402
+from benchmarks import quality as Q  # noqa: E402
+
+SHARED = Path(os.environ.get("RT_ENGINE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+DEMO = SHARED / "data" / "demo" / "pcavs" / "misc"
+MOUTH_DIR = DEMO / "Mouth_Source_unz/Mouth_Source/681600002"
+AUDIO = DEMO / "Audio_Source_unz/Audio_Source/681600002.flac"
+N = 200  # frames of the demo clip used (8 s): enough for a stable audio-mouth offset
+
+pytestmark = pytest.mark.skipif(not MOUTH_DIR.is_dir(), reason=f"shared demo data absent ({DEMO})")
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return M.FaceAnalyzer()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    sf = pytest.importorskip("soundfile")
+    files = sorted(MOUTH_DIR.glob("*.jpg"))[:N]
+    frames = np.stack([cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files])  # [N,224,224,3]
+    wav, sr = sf.read(str(AUDIO), dtype="float32")
+    assert sr == 16000
+    return SimpleNamespace(frames=frames, wav=wav)
+
+
+@pytest.fixture(scope="module")
+def gt_landmarks(analyzer, clip):
+    return analyzer.landmarks(clip.frames)  # [N,68,2]
+
+
+def _delay(x: np.ndarray, k: int) -> np.ndarray:
+    """x delayed by k frames (the first frame repeated)."""
+    return np.concatenate([np.repeat(x[:1], k, 0), x[:-k]])
+
+
+def test_identical_frames(analyzer, clip, gt_landmarks):
+    f = clip.frames[:6]
+    assert M.ssim(f, f) == pytest.approx(1.0)
+    assert math.isinf(M.psnr(f, f))
+    lm = gt_landmarks[:6]
+    assert np.isfinite(lm).all()
+    assert M.lmd(lm, lm, M.MOUTH) == 0.0 and M.lmd(lm, lm, M.JAW) == 0.0
+    mouth = M.mouth_opening(gt_landmarks)
+    assert M.curve_correlation(mouth, mouth) == pytest.approx(1.0)
+    emb = analyzer.embeddings(f[:2], lm[:2])
+    assert M.cosine_similarity(emb, emb) == pytest.approx(1.0)
+
+
+def test_different_frames_score_lower(clip, gt_landmarks):
+    a, b = clip.frames[:4], clip.frames[40:44]
+    assert M.ssim(a, b) < 0.9 and M.psnr(a, b) < 30
+    assert M.lmd(gt_landmarks[:4], gt_landmarks[40:44], M.MOUTH) > 1.0
+
+
+def test_video_delayed_by_two_frames(analyzer, clip, gt_landmarks):
+    delayed = _delay(clip.frames, 2)
+    lm_d = analyzer.landmarks(delayed)
+    m_gt, m_d = M.mouth_opening(gt_landmarks), M.mouth_opening(lm_d)
+    lag, corr_at_lag = M.curve_offset(m_d, m_gt)
+    assert lag == 2 and corr_at_lag > 0.99
+    assert M.curve_correlation(m_d, m_gt) < 0.8  # lower than 1 at lag 0
+    energy = M.speech_energy(clip.wav, 16000, len(clip.frames))
+    av_gt, av_d = M.av_offset(energy, m_gt), M.av_offset(energy, m_d)
+    assert av_d["offset"] - av_gt["offset"] == 2
+    assert av_gt["z"] > 2.0  # the real audio-mouth alignment stands out from shifted audio
+    # a still face has no mouth curve: the sync measures are undefined, not a crash
+    still = M.av_offset(energy, np.full(len(energy), m_gt[0]))
+    assert math.isnan(still["offset"])
+
+
+def test_blur_lowers_cpbd(clip):
+    f = clip.frames[:4]
+    blurred = np.stack([cv2.GaussianBlur(x, (0, 0), 2.0) for x in f])
+    sharp, soft = M.cpbd_sharpness(f), M.cpbd_sharpness(blurred)
+    assert sharp > 0 and soft < 0.7 * sharp
+
+
+def test_speech_energy_frame_count(clip):
+    e = M.speech_energy(clip.wav[:16000], 16000)
+    assert e.shape == (25,) and np.isfinite(e).all()
+
+
+def test_syncnet_shapes(tmp_path, clip):
+    torch = pytest.importorskip("torch")
+    net = M.build_syncnet(None)
+    path = tmp_path / "syncnet_v2.model"
+    torch.save(net.state_dict(), path)  # the state-dict layout of syncnet_python's weights
+    net = M.build_syncnet(path)
+    cc = M.mfcc_13(clip.wav[:16000])
+    assert cc.shape == (13, 99)  # python_speech_features: 1 + ceil((16000 - 400) / 160) frames
+    res = M.lse(net, clip.frames[:12], clip.wav[: 12 * 640])
+    assert set(res) == {"lse_c", "lse_d", "offset"} and all(np.isfinite(list(res.values())))
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def _write_wav(path: Path, wav: np.ndarray) -> None:
+    import soundfile as sf
+
+    sf.write(str(path), wav, 16000)
+
+
+def test_cli_runs_and_skips_bad_clips(tmp_path, clip, monkeypatch):
+    """End to end on a folder: a good aligned clip, a clip without a face, one without audio.
+
+    The model is stood in by a fake render_arrays that returns the ground truth 2 frames late.
+    """
+    clips = tmp_path / "clips"
+    good = clips / "good"
+    good.mkdir(parents=True)
+    for k, f in enumerate(clip.frames[:40]):
+        cv2.imwrite(str(good / f"{k:06d}.jpg"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    _write_wav(clips / "good.wav", clip.wav[: 40 * 640])
+    rng = np.random.default_rng(0)
+    _write_video(clips / "noface.mp4", rng.integers(0, 256, (20, 96, 128, 3), dtype=np.uint8))
+    _write_wav(clips / "noface.wav", clip.wav[: 20 * 640])
+    _write_video(clips / "silent_film.mp4", np.repeat(cv2.resize(clip.frames[0], (128, 128))[None], 20, 0))
+
+    def fake_render(identity, audio, pose, checkpoint=None, aligned=False, max_frames=None, **kw):
+        t = math.ceil(len(audio) / 160) + 7
+        inds = np.arange(2, t // 4 - 2)[:max_frames]
+        src = np.repeat(identity[None], 200, 0) if isinstance(pose, str) else _delay(pose, 2)
+        view = Q.model_view(src[np.minimum(inds, len(src) - 1)])
+        frames = view.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0  # [N,3,224,224]
+        return SimpleNamespace(frames=frames, frame_inds=inds)
+
+    import rt_engine.render
+
+    monkeypatch.setattr(rt_engine.render, "render_arrays", fake_render, raising=False)
+    out = tmp_path / "out"
+    assert Q.main(["--clips", str(clips), "--out", str(out), "-q", "--cpbd-frames", "3",
+                   "--csim-frames", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    reasons = {s["name"]: s["reason"] for s in res["skipped"]}
+    assert "no face" in reasons["noface.mp4"]
+    assert "no audio" in reasons["silent_film.mp4"]
+    (c,) = res["clips"]
+    gt, still, model = c["methods"]["gt"], c["methods"]["still"], c["methods"]["model"]
+    assert gt["ssim"] == pytest.approx(1.0) and gt["lmd_mouth"] == 0 and gt["psnr"] == "inf"
+    assert still["ssim"] < gt["ssim"] and still["lmd_mouth"] > 0
+    assert model["mouth_lag"] == 2 and model["mouth_corr"] < 0.9
+    assert c["methods"]["fixed_pose"]["lmd_pose"] > 0
+    report = (out / "report.md").read_text()
+    assert "Ground truth (ceiling)" in report and "LSE-C / LSE-D not computed" in report
+    assert (out / c["plot"]).is_file()

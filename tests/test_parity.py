@@ -56,13 +56,15 @@ def _tol(fx, key, mode="fp32"):
     return tol.get(key, tol["*"])
 
 
-def check(fx, key, mine, mode="fp32"):
-    g = fx["golden"][key]
+def check(fx, key, mine, mode="fp32", rows=None):
+    """Compare with the golden array (its first ``rows`` frames; relative limits use the whole array's max)."""
+    g_all = fx["golden"][key]
+    g = g_all if rows is None else g_all[:rows]
     a = np.asarray(mine, dtype=np.float64).reshape(g.shape)
     kind, limit = _tol(fx, key, mode)
     err = np.abs(a - g).max()
     if kind == "rel_max":
-        assert err <= limit * np.abs(g).max(), f"{key}: rel_max {err / np.abs(g).max():.3g} > {limit}"
+        assert err <= limit * np.abs(g_all).max(), f"{key}: rel_max {err / np.abs(g_all).max():.3g} > {limit}"
     elif kind == "abs":
         assert err <= limit, f"{key}: abs {err:.3g} > {limit}"
     elif kind == "levels":
@@ -138,14 +140,15 @@ def test_generator(fx, model, form):
     g = fx["golden"]
     model.generator.set_form(form)
     taps = {}
+    n = 8 if form == "ref" else 3  # the static form on fewer frames: it is proven equal in test_modconv
     id1 = torch.from_numpy(g["id_feature1"]).expand(8, -1, -1, -1)
-    out = model.generator(torch.from_numpy(g["style"]), id1, "stored", taps)
-    check(fx, "out", out)
+    out = model.generator(torch.from_numpy(g["style"][:n]), id1[:n], "stored", taps)
+    check(fx, "out", out, rows=n)
     for k in ("conv1", "convs0", "convs1", "skip7", "skip14", "skip28", "skip56", "skip112", "skip224"):
         check(fx, f"g0_{k}", taps[k][0])
-    check(fx, "out_uint8", I.to_uint8(out))
+    check(fx, "out_uint8", I.to_uint8(out), rows=n)
     if form == "ref":
-        check(fx, "out_ref_pose", model.generator(torch.from_numpy(g["style_ref"]), id1, "stored"))
+        check(fx, "out_ref_pose", model.generator(torch.from_numpy(g["style_ref"][:3]), id1[:3], "stored"), rows=3)
         # noise matters: zero noise must NOT pass (guards against a test that cannot fail)
         zero = model.generator(torch.from_numpy(g["style"][:2]), id1[:2], "zero")
         assert np.abs(zero.numpy() - g["out"][:2]).max() > 100 * 1e-4 * np.abs(g["out"]).max()
@@ -155,22 +158,25 @@ def _psnr(a, b):
     return 10 * np.log10(4.0 / np.mean((np.asarray(a, np.float64) - b) ** 2))
 
 
+# bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX: the default suite checks the first frame,
+# the slow marker all eight.
+@pytest.mark.parametrize("n", [1, pytest.param(8, marks=pytest.mark.slow)])
 @torch.inference_mode()
-def test_bf16_psnr(fx, model):
+def test_bf16_psnr(fx, model, n):
     g = fx["golden"]
     r = TorchRunner(model, precision="bf16")
     try:
         id0, id1 = r.encode_identity(I.to_tensor(g["input_id_u8"]))
-        mouth = r.encode_audio(torch.from_numpy(g["mel_windows"]))
-        pose = r.encode_pose(I.to_tensor(g["pose_frames_u8"]))
+        mouth = r.encode_audio(torch.from_numpy(g["mel_windows"][:n]))
+        pose = r.encode_pose(I.to_tensor(g["pose_frames_u8"][:n]))
         out = r.generate(id0, id1, mouth, pose, "stored").numpy()
     finally:
         for m in model.modules():  # back to the reference layout for the other tests
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous()
         model.generator.set_form("ref")
-    per_frame = [_psnr(o, t) for o, t in zip(out, g["out"], strict=True)]
-    assert _psnr(out, g["out"]) >= 40.0, per_frame
+    per_frame = [_psnr(o, t) for o, t in zip(out, g["out"][:n], strict=True)]
+    assert _psnr(out, g["out"][:n]) >= 40.0, per_frame
     assert min(per_frame) >= 36.0, per_frame
 
 

@@ -1,0 +1,336 @@
+"""training/: augmentations, negatives, config layering, preprocessing, and tiny end-to-end runs.
+
+The training runs use a synthetic cache (two short clips of a drawn face whose mouth opens with
+the loudness of a synthetic voice) and a CI-sized model, so they run in seconds on a loaded CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rt_engine.errors import InputError
+from rt_engine.inputs import audio as audio_in
+from training import augment
+from training.config import resolve
+from training.data import sample_negatives
+from training.nets import info_nce, load_vgg19
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RT_ENGINE_SHARED", ROOT.parent / "shared"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# A CI-sized model: the 'tiny' preset narrowed further (112x112 output).
+CI_MODEL = ("{gen_channels: [16, 16, 16, 8, 8], id_map_channels: 16, id_width: 16, fan_width: 16, fan_feature: 32, "
+            "audio_width: 8, audio_feature: 32, mouth_dim: 32}")
+
+
+def ci_args(data: Path, out: Path, stage: str, steps: int, *extra: str) -> list[str]:
+    return ["--stage", stage, "--data", str(data), "--out", str(out), "--steps", str(steps), "--preset", "tiny",
+            "--model", CI_MODEL, "--batch-size", "2", "--num-negatives", "1", "--min-shift", "3",
+            "--d-channels", "8", "--d-layers", "2", "--threads", "1", "--log-every", "1", "--sample-every", "1000",
+            "--ckpt-every", "1000", "--seed", "3", *extra]
+
+
+# ------------------------------------------------------------------------------------ synthetic data
+def _face(t: float, mouth: float, hue: int) -> np.ndarray:
+    """An aligned-looking 224x224 drawn face; ``mouth`` in [0,1] sets the mouth opening."""
+    img = np.full((224, 224, 3), 40 + hue // 4, np.uint8)
+    cx = 112 + int(4 * np.sin(t))  # small head motion
+    cv2.ellipse(img, (cx, 110), (62, 80), 0, 0, 360, (200 - hue // 3, 160, 120 + hue // 2), -1)
+    for dx in (-24, 24):
+        cv2.circle(img, (cx + dx, 90), 8, (30, 30, 30), -1)
+    cv2.ellipse(img, (cx, 150), (22, 3 + int(14 * mouth)), 0, 0, 360, (60, 20, 40), -1)
+    return img
+
+
+def make_synthetic_cache(root: Path, n_clips: int = 2, seconds: float = 2.4) -> Path:
+    """A cache in the layout of training.preprocess: speech-like bursts drive the drawn mouth."""
+    from training.preprocess import write_frames
+
+    sr, fps = audio_in.SAMPLE_RATE, 25
+    clips = []
+    for c in range(n_clips):
+        rng = np.random.default_rng(c)
+        n = int(seconds * sr)
+        t = np.arange(n) / sr
+        env = np.clip(np.sin(2 * np.pi * (1.3 + 0.4 * c) * t + c), 0, None) ** 2  # syllable-like envelope
+        wav = (env * (0.5 * np.sin(2 * np.pi * (140 + 40 * c) * t) + 0.2 * rng.standard_normal(n))).astype(np.float32)
+        _, mel = audio_in.audio_features(wav)
+        n_frames = int(seconds * fps)
+        frames = np.stack([_face(k / fps, float(env[min(n - 1, int(k / fps * sr))]), 60 * c) for k in range(n_frames)])
+        cid = f"synth{c}"
+        d = root / "clips" / cid
+        d.mkdir(parents=True)
+        write_frames(d / "frames.mp4", frames)
+        np.save(d / "mel.npy", mel)
+        meta = {"id": cid, "identity": f"person{c}", "n_frames": n_frames, "n_usable": n_frames - 4, "has_audio": True,
+                "video": "synthetic", "audio": None, "crop": "synthetic"}
+        (d / "meta.json").write_text(json.dumps(meta))
+        clips.append(meta)
+    (root / "index.json").write_text(json.dumps({"fps": fps, "clips": clips}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return make_synthetic_cache(tmp_path_factory.mktemp("cache"))
+
+
+def stats(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------------------------------ augmentations
+@pytest.mark.parametrize("margin,shift", [(0.0, 0.0), (10.0, 5.0), (22.4, -13.4), (3.0, 9.9)])
+def test_perspective_maps_source_points_to_target_points(margin, shift):
+    w = h = 224
+    src, dst = augment.perspective_points(w, h, margin, shift)
+    # source points lie outside the image by the margin
+    assert np.allclose(src[[0, 3], 0], -margin) and np.allclose(src[[1, 2], 0], w - 1 + margin)
+    assert np.allclose(src[:2, 1], -margin) and np.allclose(src[2:, 1], h - 1 + margin)
+    # target points: y unchanged, x moved by the shift, mirror-symmetric about the centre line
+    assert np.allclose(dst[:, 1], src[:, 1])
+    assert np.allclose(np.abs(dst[:, 0] - src[:, 0]), abs(shift))
+    assert np.allclose(dst[0, 0] + dst[1, 0], w - 1) and np.allclose(dst[2, 0] + dst[3, 0], w - 1)
+    hm = augment.perspective_matrix(w, h, margin, shift)
+    mapped = cv2.perspectiveTransform(src[None].astype(np.float64), hm)[0]
+    assert np.allclose(mapped, dst, atol=1e-3)
+
+
+def test_perspective_warp_keeps_the_vertical_centre_line():
+    img = np.zeros((224, 224, 3), np.uint8)
+    img[:, 110:114] = 255  # a vertical bar on the centre line stays centred (symmetric change)
+    out = augment.perspective(img, np.random.default_rng(1), max_margin=0.1, max_shift=0.06)
+    cols = np.nonzero(out[:, :, 0].mean(0) > 128)[0]
+    assert out.shape == img.shape and abs(cols.mean() - 111.5) < 1.5
+
+
+@pytest.mark.parametrize("w,h", [(224, 224), (225, 224), (100, 57)])
+def test_centered_crop_stays_centred(w, h):
+    for scale in np.linspace(0.5, 1.0, 23):
+        x0, y0, x1, y1 = augment.centered_box(w, h, float(scale))
+        assert (x0 + x1) / 2 == w / 2 and (y0 + y1) / 2 == h / 2
+        assert abs((x1 - x0) - scale * w) <= 1.5
+    img = np.zeros((h, w, 3), np.uint8)
+    img[h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2] = 255
+    out = augment.centered_crop(img, np.random.default_rng(0), 0.6)
+    ys, xs = np.nonzero(out[:, :, 0] > 100)
+    assert out.shape == img.shape and abs(ys.mean() - (h - 1) / 2) < 1.5 and abs(xs.mean() - (w - 1) / 2) < 1.5
+
+
+def test_color_transfer_changes_channels_independently():
+    img = np.full((8, 8, 3), 128, np.uint8)
+    out = augment.color_transfer(img, np.random.default_rng(5), 0.3)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert len(set(out[0, 0].tolist())) == 3  # each channel got its own gain/bias
+    assert np.all(out == out[0, 0])  # spatially uniform change
+
+
+# ------------------------------------------------------------------------------------ negatives
+def test_negative_is_never_the_positive():
+    rng = np.random.default_rng(0)
+    valid = [np.arange(2, 40), np.arange(2, 9), np.arange(5, 60)]
+    for _ in range(300):
+        c = int(rng.integers(3))
+        f = int(rng.choice(valid[c]))
+        negs = sample_negatives(rng, valid, c, f, 6, min_shift=4)
+        assert len(negs) == 6
+        for k, g in negs:
+            assert (k, g) != (c, f)
+            assert g in valid[k]
+            if k == c:
+                assert abs(g - f) >= 4
+        assert any(k == c for k, _ in negs) or len(valid[c][np.abs(valid[c] - f) >= 4]) == 0
+        assert any(k != c for k, _ in negs)
+
+
+def test_negatives_single_clip_and_impossible_case():
+    rng = np.random.default_rng(1)
+    negs = sample_negatives(rng, [np.arange(0, 30)], 0, 10, 5, min_shift=5)
+    assert all(k == 0 and abs(g - 10) >= 5 for k, g in negs)
+    with pytest.raises(InputError, match="no negative"):
+        sample_negatives(rng, [np.arange(0, 5)], 0, 2, 1, min_shift=5)
+
+
+def test_info_nce_prefers_the_positive():
+    q = torch.randn(4, 16)
+    good = info_nce(q, q + 0.01 * torch.randn(4, 16), torch.randn(4, 3, 16), 0.1)
+    bad = info_nce(q, -q, torch.randn(4, 3, 16), 0.1)
+    assert good < 0.1 < bad
+
+
+# ------------------------------------------------------------------------------------ config / VGG
+def test_config_layering_defaults_yaml_cli(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"data": "d", "steps": 7, "lr": 0.5, "model": {"gen_channels": [8, 8, 8, 8, 8]}}))
+    b.write_text(yaml.safe_dump({"steps": 9}))
+    cfg = resolve(["--config", str(a), "--config", str(b), "--lr", "0.25"])
+    assert (cfg.steps, cfg.lr, cfg.batch_size) == (9, 0.25, 4)  # yaml b > yaml a, CLI > yaml, default kept
+    assert cfg.model_config().gen_channels == (8, 8, 8, 8, 8)
+    with pytest.raises(Exception, match="unknown fields"):
+        (tmp_path / "c.yaml").write_text("stepz: 3\n")
+        resolve(["--config", str(tmp_path / "c.yaml")])
+    with pytest.raises(Exception, match="stage"):
+        resolve(["--data", "d", "--stage", "nope"])
+
+
+def test_vgg_loss_off_without_weights_is_loud(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING):
+        assert load_vgg19("") is None
+        assert load_vgg19(str(tmp_path / "missing.pth")) is None
+    assert sum("VGG perceptual loss DISABLED" in r.message for r in caplog.records) == 2
+
+
+def test_vgg_loads_torchvision_layout_weights(tmp_path):
+    from training.nets import VGG19, PerceptualLoss
+
+    torch.manual_seed(0)
+    sd = {k: v for k, v in VGG19().state_dict().items() if k.startswith("features.")}
+    sd["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision files carry a classifier: ignored
+    torch.save(sd, tmp_path / "vgg19.pth")
+    vgg = load_vgg19(str(tmp_path / "vgg19.pth"))
+    assert vgg is not None and torch.equal(vgg.features[0].weight, sd["features.0.weight"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    loss = PerceptualLoss(vgg)
+    assert loss(x, x).item() == 0 and loss(x, -x).item() > 0
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+def test_csv_index_pairs_separate_audio_and_reports_silent_clips():
+    table = SHARED / "data" / "train.csv"
+    if not table.is_file():
+        pytest.skip(f"shared data absent: {table}")
+    from training.preprocess import index_csv
+
+    sources, skipped = index_csv(table)
+    by_id = {s.id.split("_")[0]: s for s in sources}
+    kristi = by_id["m0079"]
+    assert kristi.audio is not None and kristi.audio.endswith("KristiNoem.flac") and Path(kristi.audio).is_file()
+    assert by_id["m0131"].audio is None  # audio from the video's own track
+    reasons = {s["id"]: s["reason"] for s in skipped}
+    assert "no usable speech" in reasons["m0101"]  # a video-only expression clip
+
+
+def test_preprocess_folder_skips_a_clip_without_face_and_caches_a_real_one(tmp_path):
+    pytest.importorskip("mediapipe")
+    from training.preprocess import Source, run, write_frames
+
+    noise = np.random.default_rng(0).integers(0, 255, (30, 96, 96, 3), dtype=np.uint8)
+    write_frames(tmp_path / "noise.mp4", noise)
+    src = [Source("noise", str(tmp_path / "noise.mp4"), None, "nobody", want_audio=False)]
+    real = SHARED / "data/train/pcavs/misc/Pose_Source_unz/Pose_Source/731200067.mp4"
+    if real.is_file():
+        src.append(Source("real", str(real), None, "vox_id07312"))
+    out = tmp_path / "cache"
+    report = run(src, out, workers=1)
+    assert [s["id"] for s in report["skipped"]] == ["noise"] and "no face" in report["skipped"][0]["reason"]
+    if real.is_file():
+        idx = json.loads((out / "index.json").read_text())["clips"]
+        assert idx[0]["id"] == "real" and idx[0]["has_audio"] and idx[0]["n_usable"] > 100
+        mel = np.load(out / "clips/real/mel.npy")
+        assert mel.shape[1] == 80
+        again = run(src, out, workers=1)  # resumable: the finished clip is not redone
+        assert again["ok"] == 1
+
+
+# ------------------------------------------------------------------------------------ training runs
+def test_three_stages_end_to_end_and_render(cache, tmp_path):
+    from training.export import export
+    from training.train import main
+
+    runs = tmp_path / "runs"
+    assert main(ci_args(cache, runs / "id", "identity", 2)) == 0
+    assert main(ci_args(cache, runs / "content", "content", 2, "--init", str(runs / "id/last.pt"))) == 0
+    assert main(ci_args(cache, runs / "joint", "joint", 2, "--init", str(runs / "content/last.pt"),
+                        "--sample-every", "2", "--bf16", "true")) == 0  # bf16 autocast path
+    for stage, key in (("id", "id"), ("content", "content"), ("joint", "l1")):
+        recs = stats(runs / stage)
+        assert len(recs) == 2 and all(np.isfinite(r["loss"]) and key in r for r in recs)
+    joint = stats(runs / "joint")[-1]
+    assert {"g_gan", "fm", "d", "content", "id", "l1"} <= set(joint)
+    assert (runs / "joint/config.yaml").is_file() and "git_revision" in (runs / "joint/config.yaml").read_text()
+    assert (runs / "joint/loss.png").is_file() and list((runs / "joint/samples").glob("step_*.png"))
+    model_file = export(runs / "joint/last.pt", tmp_path / "m.safetensors", half=True, command="pytest")
+    from rt_engine.models.checkpoint import read_single_meta
+
+    prov = read_single_meta(model_file)["provenance"]
+    assert [s["stage"] for s in prov["stages"]] == ["identity", "content", "joint"] and prov["total_steps"] == 6
+    # the checkpoint renders through the engine's command line
+    wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
+    r = subprocess.run([sys.executable, "-m", "rt_engine.render", "--identity", str(tmp_path / "id.png"),
+                        "--audio", str(tmp_path / "a.wav"), "--checkpoint", str(model_file), "--aligned",
+                        "--save-raw", str(tmp_path / "o.npz"), "--threads", "1", "-q"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    frames = np.load(tmp_path / "o.npz")["frames"]
+    assert frames.shape[1:] == (3, 112, 112) and len(frames) >= 5 and np.isfinite(frames).all()
+
+
+def test_losses_fall_on_one_batch(cache, tmp_path):
+    from training.train import main
+
+    out = tmp_path / "overfit"
+    assert main(ci_args(cache, out, "joint", 24, "--overfit-one-batch", "true", "--lr", "2e-3", "--w-gan", "0.1",
+                        "--w-fm", "0.1")) == 0
+    recs = stats(out)
+    assert all(np.isfinite(v) for r in recs for k, v in r.items() if k != "time")
+    first = np.mean([r["l1"] for r in recs[:3]])
+    last = np.mean([r["l1"] for r in recs[-3:]])
+    assert last < 0.7 * first, (first, last)
+    print(f"l1 {first:.4f} -> {last:.4f}")
+    c_first, c_last = np.mean([r["content"] for r in recs[:3]]), np.mean([r["content"] for r in recs[-3:]])
+    assert c_last < c_first, (c_first, c_last)
+
+
+def test_resume_gives_the_same_next_step_loss(cache, tmp_path):
+    from training.train import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(ci_args(cache, a, "joint", 3)) == 0
+    assert main(ci_args(cache, b, "joint", 2)) == 0  # stops after 2 steps, writes last.pt
+    assert main(ci_args(cache, b, "joint", 3)) == 0  # resumes from the checkpoint
+    ra, rb = stats(a), stats(b)
+    assert [r["step"] for r in rb] == [0, 1, 2]
+    for k in ("loss", "l1", "d", "g_gan", "fm", "content", "id"):
+        assert ra[2][k] == rb[2][k], (k, ra[2][k], rb[2][k])  # bit for bit
+    assert ra[1]["loss"] == rb[1]["loss"]
+
+
+def test_ddp_two_processes_gloo(cache, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.train", *ci_args(cache, out, "content", 2)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 ranks in sync" in r.stdout + r.stderr
+    assert len(stats(out)) == 2  # only rank 0 writes
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pt", "loss.png", "stats.jsonl"]
+
+
+def test_holdout_folder_links_held_out_clips_with_their_audio(tmp_path):
+    table = SHARED / "data" / "train.csv"
+    if not table.is_file():
+        pytest.skip(f"shared data absent: {table}")
+    from training.data import read_holdout
+    from training.holdout import HOLDOUT, write_holdout_folder
+
+    ids = write_holdout_folder(table, tmp_path / "h")
+    assert len(ids) >= 3 and len(read_holdout(HOLDOUT)) >= 3
+    names = sorted(p.name for p in (tmp_path / "h").iterdir())
+    assert "m0079_KristiNoem.flac" in names and "m0079_KristiNoem.mp4" in names  # paired separate speech
+    assert all((tmp_path / "h" / n).resolve().is_file() for n in names)

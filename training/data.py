@@ -1,0 +1,199 @@
+"""Training samples from a preprocessed cache (``python -m training.preprocess``).
+
+A cache folder holds ``index.json`` and per clip ``clips/<id>/frames.mp4`` (aligned 224x224
+crops at 25 fps), ``mel.npy`` ([T,80] log-mel, 100 rows/s) and ``meta.json``.
+
+One sample, for target frame ``i`` of clip ``c``::
+
+    target  official_crop(frame i)                           [3,224,224]  what G must produce
+    mel     mel_window(mel, i)                               [1,80,20]    the 0.2 s around frame i
+    ref     official_crop(frame j), j != i, same clip        [3,224,224]  identity branch input
+    aug     official_crop(augment(frame i))                  [3,224,224]  non-identity branch input
+    label   identity index                                   []
+    neg_mel / neg_aug  N negatives (other clips, time shifts of the same clip)  [N,1,80,20] / [N,3,224,224]
+
+Batches are a pure function of (seed, step, rank): resuming at step k reproduces the data
+order exactly, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rt_engine.errors import InputError
+from rt_engine.inputs import audio as audio_in
+from rt_engine.inputs.image import official_crop, to_tensor
+from training.augment import augment_nonidentity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Clip:
+    id: str
+    identity: str
+    label: int  # index into ClipStore.identities
+    frames: np.ndarray  # [N,224,224,3] uint8 aligned crops
+    mel: np.ndarray | None  # [T,80] float32, None for clips without speech
+    valid: np.ndarray  # [F] frame indices that have both a frame and a full mel window
+
+
+def read_holdout(path: str | Path | None) -> set[str]:
+    """Identity labels listed in a holdout file (one per line, '#' starts a comment)."""
+    if not path:
+        return set()
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"holdout file not found: {p}")
+    out = set()
+    for line in p.read_text().splitlines():
+        tok = line.split("#", 1)[0].strip()
+        if tok:
+            out.add(tok.split()[0])
+    return out
+
+
+def decode_frames(path: Path) -> np.ndarray:
+    """frames.mp4 of the cache -> [N,H,W,3] uint8 (every stored frame, already 25 fps)."""
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+class ClipStore:
+    """All clips of a cache in memory, filtered by holdout and by what the stage needs."""
+
+    def __init__(self, root: str | Path, holdout: set[str] | None = None, need_audio: bool = True,
+                 max_clips: int | None = None):
+        self.root = Path(root)
+        idx_path = self.root / "index.json"
+        if not idx_path.is_file():
+            raise InputError(f"{self.root}: no index.json (run python -m training.preprocess first)")
+        entries = json.loads(idx_path.read_text())["clips"]
+        holdout = holdout or set()
+        kept = [e for e in entries if e["identity"] not in holdout and (e["has_audio"] or not need_audio)]
+        if max_clips is not None:
+            kept = kept[:max_clips]
+        if not kept:
+            raise InputError(f"{self.root}: no usable clips (holdout {sorted(holdout)}, need_audio={need_audio})")
+        self.identities = sorted({e["identity"] for e in kept})
+        self.clips: list[Clip] = []
+        for e in kept:
+            d = self.root / "clips" / e["id"]
+            frames = decode_frames(d / "frames.mp4")
+            mel = np.load(d / "mel.npy") if e["has_audio"] else None
+            if mel is not None:
+                t = audio_in.target_frames(mel.shape[0])
+                valid = t[t < len(frames)]
+            else:
+                valid = np.arange(len(frames), dtype=np.int64)
+            if len(valid) < 2:
+                log.warning("clip %s: fewer than 2 usable frames, left out", e["id"])
+                continue
+            self.clips.append(Clip(e["id"], e["identity"], self.identities.index(e["identity"]), frames, mel,
+                                   valid))
+        if not self.clips:
+            raise InputError(f"{self.root}: every clip is too short")
+        # sample clips in proportion to their usable frames
+        sizes = np.array([len(c.valid) for c in self.clips], np.float64)
+        self.clip_p = sizes / sizes.sum()
+        log.info("data: %d clips, %d identities, %d frames (holdout %d identities)", len(self.clips),
+                 len(self.identities), int(sizes.sum()), len(holdout))
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.identities)
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """A random (clip index, frame index)."""
+        c = int(rng.choice(len(self.clips), p=self.clip_p))
+        return c, int(rng.choice(self.clips[c].valid))
+
+
+def sample_negatives(rng: np.random.Generator, valid: list[np.ndarray], clip: int, frame: int, n: int,
+                     min_shift: int) -> list[tuple[int, int]]:
+    """N negatives for the positive (clip, frame): about half from other clips, the rest from the
+    same clip at least ``min_shift`` frames away. Never returns the positive itself.
+    ``valid``: usable frame indices of every clip."""
+    same = valid[clip][np.abs(valid[clip] - frame) >= min_shift]
+    others = [k for k in range(len(valid)) if k != clip]
+    out: list[tuple[int, int]] = []
+    for m in range(n):
+        use_same = len(same) > 0 and (not others or m % 2 == 1)
+        if use_same:
+            out.append((clip, int(rng.choice(same))))
+        elif others:
+            k = others[int(rng.integers(len(others)))]
+            out.append((k, int(rng.choice(valid[k]))))
+        else:
+            raise InputError(f"no negative possible for clip {clip}: one clip and no frame {min_shift} frames away")
+    return out
+
+
+@dataclass
+class AugmentParams:
+    color_strength: float = 0.2
+    persp_margin: float = 0.1
+    persp_shift: float = 0.06
+    crop_min: float = 0.85
+
+
+class Batcher:
+    """Makes the batch of a given step; a pure function of (seed, step, rank)."""
+
+    def __init__(self, store: ClipStore, batch_size: int, num_negatives: int, min_shift: int, seed: int,
+                 rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True):
+        self.store = store
+        self.bs = batch_size
+        self.n_neg = num_negatives
+        self.min_shift = min_shift
+        self.seed = seed
+        self.rank = rank
+        self.aug = aug or AugmentParams()
+        self.negatives = negatives
+        self._valid = [c.valid for c in store.clips]
+
+    def _net(self, img: np.ndarray) -> np.ndarray:
+        return official_crop(img)
+
+    def _aug(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a = self.aug
+        return official_crop(augment_nonidentity(img, rng, a.color_strength, a.persp_margin, a.persp_shift,
+                                                 a.crop_min))
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        clips = self.store.clips
+        tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos = [], [], [], [], [], [], [], []
+        for _ in range(self.bs):
+            c, i = self.store.draw(rng)
+            clip = clips[c]
+            j = int(rng.choice(clip.valid[clip.valid != i]))
+            tgt.append(self._net(clip.frames[i]))
+            ref.append(self._net(clip.frames[j]))
+            aug.append(self._aug(clip.frames[i], rng))
+            lab.append(clip.label)
+            pos.append((c, i))
+            if clip.mel is not None:
+                mel.append(audio_in.mel_window(clip.mel, i))
+            if self.negatives and clip.mel is not None:
+                for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift):
+                    neg_mel.append(audio_in.mel_window(clips[k].mel, f))
+                    neg_aug.append(self._aug(clips[k].frames[f], rng))
+        out = {"target": to_tensor(np.stack(tgt)), "ref": to_tensor(np.stack(ref)), "aug": to_tensor(np.stack(aug)),
+               "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long)}
+        if len(mel) == self.bs:
+            out["mel"] = torch.from_numpy(np.stack(mel))  # [B,1,80,20]
+        if neg_mel and len(neg_mel) == self.bs * self.n_neg:
+            n = self.n_neg
+            out["neg_mel"] = torch.from_numpy(np.stack(neg_mel)).reshape(self.bs, n, 1, 80, -1)  # [B,N,1,80,20]
+            out["neg_aug"] = to_tensor(np.stack(neg_aug)).reshape(self.bs, n, 3, *out["aug"].shape[-2:])
+        return out

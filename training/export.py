@@ -1,0 +1,90 @@
+"""Training checkpoint (.pt) -> the engine's single-file model (.safetensors) with provenance.
+
+    python -m training.export runs/default/joint/last.pt rt_engine/assets/default.safetensors --half \
+        --command "bash training/train_default.sh"
+
+The provenance stored in the file (and printed) holds the data, the stage configs, the steps,
+the training wall time and the mean of the last logged losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rt_engine.config import ModelConfig
+from rt_engine.errors import CheckpointError, RtEngineError
+from rt_engine.models.checkpoint import save_single
+from rt_engine.models.pcavs import PCAVS
+
+log = logging.getLogger(__name__)
+
+
+def recent_losses(stats: Path, last: int = 20) -> dict[str, float]:
+    """Mean of each logged value over the last ``last`` records of a stats.jsonl."""
+    if not stats.is_file():
+        return {}
+    recs = [json.loads(x) for x in stats.read_text().splitlines() if x.strip()][-last:]
+    keys = sorted({k for r in recs for k in r} - {"step", "time", "sec_per_step", "elapsed"})
+    return {k: round(sum(r[k] for r in recs if k in r) / max(1, sum(k in r for r in recs)), 4) for k in keys}
+
+
+def stage_history(ckpt: Path) -> list[dict[str, Any]]:
+    """Steps / time / config of this run and of the runs it was initialised from (``init`` chain)."""
+    out, seen = [], set()
+    p: Path | None = ckpt
+    while p is not None and p.is_file() and p not in seen:
+        seen.add(p)
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        c = ck["config"]
+        out.append({"stage": c["stage"], "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
+                    "batch_size": c["batch_size"], "data": c["data"], "holdout": c["holdout"], "run": str(p.parent),
+                    "git": ck.get("git", "unknown"), "losses_last_logged": recent_losses(p.parent / "stats.jsonl")})
+        p = Path(c["init"]) if c.get("init") else None
+    return list(reversed(out))
+
+
+def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",
+           extra: dict[str, Any] | None = None) -> Path:
+    p = Path(ckpt)
+    if not p.is_file():
+        raise CheckpointError(f"training checkpoint not found: {p}")
+    ck = torch.load(p, map_location="cpu", weights_only=False)
+    model = PCAVS(ModelConfig.from_dict(ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    model.generator.set_form("ref")
+    hist = stage_history(p)
+    prov = {"trained_by": "training/train.py (rt_engine)", "command": command, "stages": hist,
+            "total_steps": sum(h["steps"] for h in hist), "total_train_seconds": sum(h["train_seconds"] for h in hist),
+            "identities_trained": len(ck.get("identities", [])), **(extra or {})}
+    path = save_single(model.eval(), out, half=half, provenance=prov)
+    log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, json.dumps(prov))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="last.pt of a training run")
+    ap.add_argument("out", help="output .safetensors")
+    ap.add_argument("--half", action="store_true", help="store fp16 weights")
+    ap.add_argument("--command", default="", help="the command that trained it (provenance)")
+    ap.add_argument("--note", default="", help="free text stored in the provenance")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None)
+        return 0
+    except RtEngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

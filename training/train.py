@@ -1,0 +1,490 @@
+"""Train PC-AVS (paper Sec. 3-4) in three stages; one small loop for all of them.
+
+    python -m training.train --stage identity --data runs/data/train --out runs/x/identity --steps 500
+    python -m training.train --stage content  --data runs/data/train --out runs/x/content \
+        --init runs/x/identity/last.pt
+    python -m training.train --stage joint    --data runs/data/train --out runs/x/joint \
+        --init runs/x/content/last.pt
+    torchrun --nproc_per_node 8 -m training.train --config my.yaml     # DDP (nccl on GPU, gloo on CPU)
+
+Stages:
+
+1. ``identity``: the identity encoder V learns to classify the identity of a reference frame.
+2. ``content``: the non-identity encoder E (through a visual content head) and the audio encoder
+   A meet in one speech-content space: InfoNCE with cosine similarity in both directions
+   (visual->audio and audio->visual) against N negatives from other clips and time shifts.
+3. ``joint``: G, the pose mapping and all encoders reconstruct the target frame from the identity
+   of another frame of the clip, the pose of the augmented target and the target's audio:
+   hinge GAN with a multi-scale discriminator, feature matching, VGG perceptual, pixel L1, plus
+   the content and identity losses (weights ``w_*``).
+
+A run folder holds ``config.yaml`` (resolved config + git revision), ``last.pt`` (rewritten every
+``ckpt_every`` steps / ``ckpt_minutes`` and on Ctrl-C or SIGTERM), ``stats.jsonl``, ``loss.png`` and
+``samples/step_*.png`` (reference | generated | target). Rerunning the same command resumes from
+``last.pt``; the batches and noise of step k depend only on (seed, k, rank), and the optimiser,
+model and RNG states are restored, so a resumed run continues the same schedule bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rt_engine.errors import RtEngineError
+from rt_engine.models.pcavs import PCAVS
+from training.config import TrainConfig, git_revision, resolve, save_run_config
+from training.data import AugmentParams, Batcher, ClipStore, read_holdout
+from training.nets import (
+    Heads,
+    MultiScaleDiscriminator,
+    PerceptualLoss,
+    d_hinge_loss,
+    feature_matching_loss,
+    g_hinge_loss,
+    info_nce,
+    load_vgg19,
+)
+
+log = logging.getLogger("training")
+
+
+# ------------------------------------------------------------------------------------ distributed
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE set) joins the process group."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def all_reduce_mean(tensors: list[Tensor], world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+def sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over ranks (what DDP does, written out: one flat all-reduce)."""
+    if world <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_mean([flat], world)
+    o = 0
+    for g in grads:
+        g.copy_(flat[o:o + g.numel()].view_as(g))
+        o += g.numel()
+
+
+def broadcast_params(modules: list[torch.nn.Module], world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        for m in modules:
+            for t in m.state_dict().values():
+                dist.broadcast(t, 0)
+
+
+def params_checksum(modules: list[torch.nn.Module]) -> float:
+    return float(sum(p.detach().double().sum() for m in modules for p in m.parameters()))
+
+
+# ------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None):
+        self.cfg = cfg
+        self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        self.out = Path(cfg.out)
+        self.mcfg = cfg.model_config()
+        need_audio = cfg.stage != "identity"
+        self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio)
+        aug = AugmentParams(cfg.color_strength, cfg.persp_margin, cfg.persp_shift, cfg.crop_min)
+        self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
+                               negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0))
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.model = PCAVS(self.mcfg).to(self.device)
+        self.model.generator.set_form("static")  # equal maths, dense convs: faster for training batches
+        self.heads = Heads(self.mcfg, self.store.num_identities).to(self.device)
+        self.D = (MultiScaleDiscriminator(cfg.d_scales, cfg.d_channels, cfg.d_layers).to(self.device)
+                  if cfg.stage == "joint" else None)
+        self.vgg = None
+        if cfg.stage == "joint" and cfg.w_vgg > 0:
+            vgg = load_vgg19(cfg.vgg_weights)
+            self.vgg = PerceptualLoss(vgg).to(self.device) if vgg is not None else None
+        if cfg.init:
+            self.load_networks(cfg.init)
+        broadcast_params([self.model, self.heads] + ([self.D] if self.D is not None else []), world)
+        self.g_params = self._trainable()
+        self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+                      if self.D is not None else None)
+        self.step = 0
+        self.elapsed = 0.0  # training wall seconds over all sessions
+        self.stop_requested = False
+
+    # -------------------------------------------------------------- parameters per stage
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        m, h, stage = self.model, self.heads, self.cfg.stage
+        if stage == "identity":
+            mods = [m.identity_encoder, h.id_classifier]
+        elif stage == "content":
+            mods = [m.pose_encoder.model, m.audio_encoder, h.visual_content]
+        else:
+            mods = [m, h]
+        for p in list(m.parameters()) + list(h.parameters()):
+            p.requires_grad_(False)
+        params: list[torch.nn.Parameter] = []
+        for mod in mods:
+            for p in mod.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        self._train_mods = mods
+        return params
+
+    def _set_modes(self) -> None:
+        self.model.eval()
+        self.heads.eval()
+        for mod in self._train_mods:
+            mod.train()
+        if self.D is not None:
+            self.D.train()
+
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # -------------------------------------------------------------- losses
+    def _content_loss(self, noid: Tensor, audio: Tensor, b: dict[str, Tensor]) -> Tensor:
+        """Symmetric InfoNCE between visual content (from the non-identity feature) and audio content."""
+        bs, n = b["neg_mel"].shape[:2]
+        v = self.heads.visual_content(noid)  # [B,D]
+        neg_a = self.model.audio_encoder(b["neg_mel"].flatten(0, 1)).reshape(bs, n, -1)  # [B,N,D]
+        neg_noid = self.model.pose_encoder.noid_feature(b["neg_aug"].flatten(0, 1))
+        neg_v = self.heads.visual_content(neg_noid).reshape(bs, n, -1)  # [B,N,D]
+        t = self.cfg.temperature
+        return 0.5 * (info_nce(v, audio, neg_a, t) + info_nce(audio, v, neg_v, t))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + self.rank)  # noise of this step
+        b = {k: v.to(self.device) for k, v in self.batcher.batch(0 if cfg.overfit_one_batch else step).items()}
+        self._set_modes()
+        logs: dict[str, float] = {}
+        m = self.model
+        if cfg.stage == "identity":
+            with self._autocast():
+                id0, _ = m.encode_identity(torch.cat([b["ref"], b["target"]]))
+                logits = self.heads.id_classifier(id0)
+            loss = F.cross_entropy(logits.float(), torch.cat([b["label"], b["label"]]))
+            logs["id"] = loss.item()
+            logs["id_acc"] = (logits.argmax(1) == torch.cat([b["label"], b["label"]])).float().mean().item()
+        elif cfg.stage == "content":
+            with self._autocast():
+                noid = m.pose_encoder.noid_feature(b["aug"])
+                audio = m.audio_encoder(b["mel"])
+                loss = self._content_loss(noid, audio, b)
+            logs["content"] = loss.item()
+        else:
+            loss, fake = self._joint_g_loss(b, logs)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(self.g_params, self.world)
+        self.opt_g.step()
+        if cfg.stage == "joint":
+            self._d_step(b, fake, logs)
+            self._last = (b, fake.detach())
+        logs["loss"] = loss.item()
+        vals = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64)
+        all_reduce_mean([vals], self.world)
+        return dict(zip(sorted(logs), vals.tolist(), strict=True))
+
+    def _target(self, b: dict[str, Tensor]) -> Tensor:
+        t = b["target"]  # [B,3,224,224]
+        s = self.mcfg.size
+        return t if t.shape[-1] == s else F.interpolate(t, size=(s, s), mode="bilinear", antialias=True,
+                                                         align_corners=False)
+
+    def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, float]) -> tuple[Tensor, Tensor]:
+        cfg, m = self.cfg, self.model
+        target = self._target(b)
+        with self._autocast():
+            id0, id1 = m.encode_identity(b["ref"])  # identity of another frame of the clip
+            noid = m.pose_encoder.noid_feature(b["aug"])  # pose from the augmented target
+            pose = m.pose_encoder.headpose(noid)  # [B,12]
+            audio = m.audio_encoder(b["mel"])  # [B,512]
+            style = m.make_style(id0, m.pose_encoder.mouth(audio), pose)
+            fake = m.generate(style, id1, noise="random")  # [B,3,S,S]
+        fake = fake.float()
+        total = torch.zeros((), device=self.device)
+        if cfg.w_l1 > 0:
+            logs["l1"] = (l1 := F.l1_loss(fake, target)).item()
+            total = total + cfg.w_l1 * l1
+        if cfg.w_gan > 0 or cfg.w_fm > 0:
+            self.D.requires_grad_(False)
+            with self._autocast():
+                d_fake = self.D(fake)
+                with torch.no_grad():
+                    d_real = self.D(target)
+            if cfg.w_gan > 0:
+                logs["g_gan"] = (g := g_hinge_loss(d_fake)).item()
+                total = total + cfg.w_gan * g
+            if cfg.w_fm > 0:
+                logs["fm"] = (fm := feature_matching_loss(d_real, d_fake)).item()
+                total = total + cfg.w_fm * fm
+            self.D.requires_grad_(True)
+        if self.vgg is not None:
+            with self._autocast():
+                vl = self.vgg(fake, target)
+            logs["vgg"] = vl.item()
+            total = total + cfg.w_vgg * vl
+        if cfg.w_content > 0:
+            with self._autocast():
+                c = self._content_loss(noid, audio, b)
+            logs["content"] = c.item()
+            total = total + cfg.w_content * c
+        if cfg.w_id > 0:
+            logits = self.heads.id_classifier(id0.float())
+            logs["id"] = (idl := F.cross_entropy(logits, b["label"])).item()
+            total = total + cfg.w_id * idl
+        return total, fake
+
+    def _d_step(self, b: dict[str, Tensor], fake: Tensor, logs: dict[str, float]) -> None:
+        if self.cfg.w_gan <= 0 and self.cfg.w_fm <= 0:
+            return
+        with self._autocast():
+            d_real = self.D(self._target(b))
+            d_fake = self.D(fake.detach())
+        loss_d = d_hinge_loss(d_real, d_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        sync_grads(list(self.D.parameters()), self.world)
+        self.opt_d.step()
+        logs["d"] = loss_d.item()
+
+    # -------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
+            "model_config": self.mcfg.to_dict(), "identities": self.store.identities, "git": git_revision(),
+            "model": self.model.state_dict(), "heads": self.heads.state_dict(),
+            "D": self.D.state_dict() if self.D is not None else None,
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def save(self, path: Path | None = None) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = path or self.out / "last.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+        log.info("checkpoint %s (step %d)", path, self.step)
+        return path
+
+    def resume(self, path: Path) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        if ck["config"]["stage"] != self.cfg.stage:
+            raise RtEngineError(f"{path}: checkpoint of stage {ck['config']['stage']!r}, this run is "
+                                f"{self.cfg.stage!r}; use another --out")
+        changed = sorted(k for k, v in ck["config"].items() if k not in ("steps", "out") and
+                         self.cfg.to_dict().get(k) != v)
+        if changed:
+            log.warning("resuming with changed config fields %s: the schedule is no longer the same", changed)
+        self.model.load_state_dict(ck["model"])
+        self.heads.load_state_dict(ck["heads"])
+        if self.D is not None and ck["D"] is not None:
+            self.D.load_state_dict(ck["D"])
+        self.opt_g.load_state_dict(ck["opt_g"])
+        if self.opt_d is not None and ck["opt_d"] is not None:
+            self.opt_d.load_state_dict(ck["opt_d"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        self.step, self.elapsed = int(ck["step"]), float(ck["elapsed"])
+        log.info("resumed %s at step %d", path, self.step)
+
+    def load_networks(self, path: str) -> None:
+        """Start from another run's networks (an earlier stage): model weights, and heads whose shapes fit."""
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        own = self.heads.state_dict()
+        ok = {k: v for k, v in ck["heads"].items() if k in own and own[k].shape == v.shape}
+        if ck.get("identities") != self.store.identities:
+            ok = {k: v for k, v in ok.items() if not k.startswith("id_classifier")}
+        self.heads.load_state_dict({**own, **ok})
+        log.info("initialised networks from %s (stage %s, step %d)", path, ck["config"]["stage"], ck["step"])
+
+    # -------------------------------------------------------------- outputs
+    def write_samples(self) -> None:
+        if self.rank != 0 or self.cfg.stage != "joint" or not hasattr(self, "_last"):
+            return
+        import cv2
+
+        from rt_engine.inputs.image import to_uint8
+
+        b, fake = self._last
+        s = self.mcfg.size
+        k = min(4, fake.shape[0])
+        ref = F.interpolate(b["ref"][:k], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        rows = [np.concatenate(list(to_uint8(x)), axis=1) for x in (ref, fake[:k], self._target(b)[:k])]
+        grid = np.concatenate([np.concatenate([r[:, i * s:(i + 1) * s] for r in rows], axis=1) for i in range(k)],
+                              axis=0)  # one row per sample: reference | generated | target
+        d = self.out / "samples"
+        d.mkdir(exist_ok=True)
+        cv2.imwrite(str(d / f"step_{self.step:07d}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+    def plot_losses(self) -> None:
+        if self.rank != 0:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            log.warning("matplotlib missing: no loss.png")
+            return
+        recs = [json.loads(x) for x in (self.out / "stats.jsonl").read_text().splitlines() if x.strip()]
+        keys = sorted({k for r in recs for k in r} - {"step", "time", "sec_per_step", "elapsed"})
+        if not keys:
+            return
+        fig, axes = plt.subplots(len(keys), 1, figsize=(6, 1.6 * len(keys)), sharex=True, squeeze=False)
+        for ax, k in zip(axes[:, 0], keys, strict=True):
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8)
+            ax.set_ylabel(k, fontsize=8)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=80)
+        plt.close(fig)
+
+    # -------------------------------------------------------------- loop
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.rank == 0:
+            save_run_config(cfg, self.out)
+        if (self.out / "last.pt").is_file():
+            self.resume(self.out / "last.pt")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        stats_f = open(self.out / "stats.jsonl", "a") if self.rank == 0 else None
+        last_ckpt = time.monotonic()
+        logs: dict[str, float] = {}
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", disable=self.rank != 0,
+                       mininterval=5)
+            while self.step < cfg.steps and not self.stop_requested:
+                t0 = time.perf_counter()
+                logs = self.train_step(self.step)
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                if not all(math.isfinite(v) for v in logs.values()):
+                    raise RtEngineError(f"non-finite loss at step {self.step}: {logs}")
+                self.step += 1
+                bar.update(1)
+                if stats_f and (self.step % cfg.log_every == 0 or self.step == 1):
+                    rec = {"step": self.step - 1, "time": time.time(), "sec_per_step": dt,
+                           "elapsed": self.elapsed, **logs}
+                    stats_f.write(json.dumps(rec) + "\n")
+                    stats_f.flush()
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "loss"}, refresh=False)
+                if self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                    self.plot_losses()
+                if self.step % cfg.ckpt_every == 0 or time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
+                    self.save()
+                    last_ckpt = time.monotonic()
+            bar.close()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.save()
+            if stats_f:
+                stats_f.close()
+                self.write_samples()
+                self.plot_losses()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            mods = [self.model, self.heads] + ([self.D] if self.D is not None else [])
+            sums = [None] * self.world
+            dist.all_gather_object(sums, params_checksum(mods))
+            if self.rank == 0:
+                if max(sums) - min(sums) != 0:
+                    raise RtEngineError(f"DDP ranks diverged: parameter checksums {sums}")
+                log.info("DDP: %d ranks in sync (parameter checksum %.6f)", self.world, sums[0])
+        if self.stop_requested:
+            log.info("stopped at step %d on request; rerun the same command to resume", self.step)
+        return logs
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # second Ctrl-C: give up at once (the checkpoint is still written)
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing this step, then saving a checkpoint", signum)
+        self.stop_requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve(argv)
+    except RtEngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world, device = setup_distributed(cfg)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, rank, world, device)
+        logs = trainer.fit()
+        if rank == 0:
+            log.info("done: step %d, %.0f s of training, last losses %s", trainer.step, trainer.elapsed,
+                     {k: round(v, 4) for k, v in logs.items()})
+        return 0
+    except RtEngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(old_threads)  # main() may run inside another program (tests)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

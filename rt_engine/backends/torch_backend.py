@@ -5,7 +5,7 @@
   channels-last memory (AMX on recent Intel CPUs). Demodulation stays fp32.
 * ``torch-fast`` (:class:`FastTorchRunner`): the product CPU path. Generator replaced by
   :class:`~rt_engine.backends.fast.FastGenerator` (modulation of the identity part precomputed once
-  per identity, static weights, dense-conv upsampling, channels-last); bf16 where the CPU has
+  per identity, static weights, dense-conv upsampling on AMX CPUs, channels-last); bf16 where the CPU has
   native bf16 (AVX512-BF16 / AMX), else fp32; optional ``torch.compile`` with frozen weights.
 """
 
@@ -109,11 +109,16 @@ class FastTorchRunner(Runner):
     the first call per batch size compiles (tens of seconds at the official size).
     """
 
-    def __init__(self, model: PCAVS, precision: str = "auto", compile: bool = False, upsample: str = "dense",
+    def __init__(self, model: PCAVS, precision: str = "auto", compile: bool = False, upsample: str = "auto",
                  channels_last: bool = True):
         from rt_engine.backends.fast import FastGenerator
 
         self.precision = resolve_precision(precision)
+        if upsample == "auto":
+            # The dense rewrite does 4x the multiply-adds of the transposed conv: it pays off where oneDNN's
+            # dense convs are much faster per FLOP (AMX / AVX512-BF16, NOTES.md); on an AVX2-only CPU the
+            # official-size benchmark measured the transposed form faster (benchmarks/results/latency_official).
+            upsample = "dense" if native_bf16() else "transpose"
         if precision == "auto":
             log.info("torch-fast: precision %s (native bf16 on this CPU: %s)", self.precision, native_bf16())
         self.cfg = model.cfg

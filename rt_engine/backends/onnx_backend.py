@@ -1,0 +1,180 @@
+"""ONNX Runtime and OpenVINO runners over the stage graphs of ``export/onnx_export.py``.
+
+    PCAVS (torch) --export_onnx(noise="input")--> <cache>/<weights sha>/{identity,pose,audio,generator}.onnx
+                  --> onnxruntime.InferenceSession  (OnnxRuntimeRunner, fp32)
+                  --> openvino.Core.compile_model   (OpenVINORunner, fp32 or bf16 inference precision)
+
+The graphs are exported once per set of weights and cached (``RT_ENGINE_ONNX_CACHE`` or
+``~/.cache/rt_engine/onnx``); an export whose manifest does not match the weights is redone.
+The generator graph is exported with noise maps as inputs, so one graph serves every noise mode
+(stored buffers, zero, fresh random noise). Inputs and outputs are float32 CPU tensors whatever the
+runtime computes in. OpenVINO compiles one static-shape model per batch size (lazily) because
+static shapes let its CPU plugin pick blocked layouts ahead of time.
+
+Work avoidance here is coarser than in ``torch-fast``: the generator graph takes the whole style
+vector, so the identity part of the modulation is recomputed per frame (a [B,2560]x[2560,N] matmul).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rt_engine.backends.base import Runner
+from rt_engine.models.pcavs import PCAVS
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("identity", "pose", "audio", "generator")
+
+
+def onnx_cache_dir() -> Path:
+    env = os.environ.get("RT_ENGINE_ONNX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rt_engine" / "onnx"
+
+
+def ensure_export(model: PCAVS, out_dir: str | Path | None = None) -> Path:
+    """Stage graphs of ``model`` (noise as inputs), exported on first use; returns their folder."""
+    try:
+        from export.onnx_export import export_onnx, read_manifest, weights_sha256
+    except ImportError as e:
+        raise RuntimeError(f"the ONNX backends need export/onnx_export.py from the repository ({e})") from None
+    d = Path(out_dir) if out_dir else onnx_cache_dir() / weights_sha256(model)[:16]
+    try:
+        man = read_manifest(d, model.cfg)
+        if man.get("noise") == "input" and man.get("weights_sha256") == weights_sha256(model) and all(
+                s in man.get("graphs", {}) for s in STAGE_NAMES):
+            return d
+    except Exception as e:  # ExportError / missing: (re-)export below
+        log.debug("no usable export in %s (%s)", d, e)
+    log.info("exporting ONNX graphs of model '%s' to %s", model.cfg.name, d)
+    export_onnx(model, d, batch=1, noise="input", verify=False)
+    return d
+
+
+class _OnnxRunnerBase(Runner):
+    """Shared logic: graph paths, noise feeds, identity/pose/audio/generator calls."""
+
+    def __init__(self, model: PCAVS, onnx_dir: str | Path | None = None, threads: int | None = None):
+        self.cfg = model.cfg
+        self.dir = ensure_export(model, onnx_dir)
+        self.threads = threads or torch.get_num_threads()
+        gen = model.generator
+        self._stored = [getattr(gen.noises, f"noise_{i}").detach().float().numpy()
+                        for i in range(self.cfg.num_noises)]  # [1,1,r,r] each
+        self._sessions: dict[Any, Any] = {}
+
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _noise_feeds(self, b: int, noise: str) -> dict[str, np.ndarray]:
+        out = {}
+        for i, buf in enumerate(self._stored):
+            if noise == "stored":
+                n = np.broadcast_to(buf, (b, *buf.shape[1:]))
+            elif noise == "zero":
+                n = np.zeros((b, *buf.shape[1:]), np.float32)
+            elif noise == "random":
+                n = torch.randn(b, *buf.shape[1:]).numpy()
+            else:
+                raise ValueError(f"noise must be 'stored', 'zero' or 'random', got {noise!r}")
+            out[f"noise_{i}"] = np.ascontiguousarray(n, dtype=np.float32)
+        return out
+
+    @staticmethod
+    def _np(x: Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.detach().float().cpu().numpy())
+
+    def encode_identity(self, img: Tensor) -> tuple[Tensor, Tensor]:
+        id0, id1 = self._run("identity", {"img": self._np(img)})
+        return torch.from_numpy(id0), torch.from_numpy(id1)
+
+    def encode_pose(self, img: Tensor) -> Tensor:
+        return torch.from_numpy(self._run("pose", {"img": self._np(img)})[0])
+
+    def encode_audio(self, mel: Tensor) -> Tensor:
+        return torch.from_numpy(self._run("audio", {"mel": self._np(mel)})[0])
+
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+        style = self.style(id0, mouth, pose)  # [B,S]
+        b = style.shape[0]
+        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)),
+                 **self._noise_feeds(b, noise)}
+        return torch.from_numpy(self._run("generator", feeds)[0])
+
+
+class OnnxRuntimeRunner(_OnnxRunnerBase):
+    """ONNX Runtime, CPU execution provider, fp32, all graph optimisations."""
+
+    def __init__(self, model: PCAVS, precision: str = "fp32", onnx_dir: str | Path | None = None,
+                 threads: int | None = None):
+        if precision not in ("fp32", "auto"):
+            raise ValueError(f"onnxruntime runs fp32 on the CPU; precision {precision!r} is not available")
+        super().__init__(model, onnx_dir, threads)
+        self.precision = "fp32"
+        self.name = "onnxruntime"
+
+    def _session(self, stage: str):
+        if stage not in self._sessions:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._sessions[stage] = ort.InferenceSession(str(self.dir / f"{stage}.onnx"), so,
+                                                         providers=["CPUExecutionProvider"])
+        return self._sessions[stage]
+
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session(stage).run(None, feeds)
+
+
+class OpenVINORunner(_OnnxRunnerBase):
+    """OpenVINO CPU plugin; ``precision`` bf16 sets ``INFERENCE_PRECISION_HINT`` (native on AMX /
+    AVX512-BF16 CPUs), fp32 forces f32, auto lets the plugin use bf16 only where it is native."""
+
+    def __init__(self, model: PCAVS, precision: str = "auto", onnx_dir: str | Path | None = None,
+                 threads: int | None = None):
+        from rt_engine.backends.torch_backend import resolve_precision
+
+        super().__init__(model, onnx_dir, threads)
+        self.precision = resolve_precision(precision)
+        import openvino as ov
+
+        self._core = ov.Core()
+        self._models: dict[str, Any] = {}
+        self.effective_precision = "?"  # what the CPU plugin really runs (f32 where bf16 is not native)
+        self.name = "openvino"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.precision}, plugin runs {self.effective_precision}, model '{self.cfg.name}')"
+
+    def _compiled(self, stage: str, feeds: dict[str, np.ndarray]):
+        b = next(iter(feeds.values())).shape[0]
+        key = (stage, b)
+        if key not in self._sessions:
+            if stage not in self._models:
+                self._models[stage] = self._core.read_model(str(self.dir / f"{stage}.onnx"))
+            m = self._models[stage].clone()
+            m.reshape({name: list(arr.shape) for name, arr in feeds.items()})
+            cfg = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.threads),
+                   "NUM_STREAMS": "1"}
+            compiled = self._core.compile_model(m, "CPU", cfg)
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
+            self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+            self._sessions[key] = compiled.create_infer_request()
+            log.debug("openvino: compiled %s for batch %d (%s; runs %s)", stage, b, cfg, self.effective_precision)
+        return self._sessions[key]
+
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        req = self._compiled(stage, feeds)
+        res = req.infer(feeds)
+        return [np.array(res[out], dtype=np.float32, copy=True) for out in req.model_outputs]

@@ -1,0 +1,244 @@
+"""Backends against the fp32 reference on a tiny random model; the fast generator's rewrites;
+auto-selection (including a backend that fails the fidelity check)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rt_engine.backends import Probe, available_backends, make_backend, psnr, run_frame, select_backend
+from rt_engine.backends.base import Runner
+from rt_engine.backends.fast import FastGenerator, dense_upsample_weight
+from rt_engine.backends.torch_backend import FastTorchRunner, TorchRunner, resolve_precision
+from rt_engine.config import model_preset
+from rt_engine.errors import ConfigError
+from rt_engine.models.modconv import blur_kernel, upfirdn2d
+from rt_engine.models.pcavs import PCAVS
+
+FP32_MAX_ABS = 1e-4  # images in [-1,1]
+BF16_MIN_PSNR = 40.0  # dB against fp32 (measured ~77 dB on this tiny model)
+
+
+@pytest.fixture(scope="module")
+def model() -> PCAVS:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    m = PCAVS(model_preset("tiny")).eval()
+    with torch.no_grad():  # non-zero noise weights and biases, so every term of the layers matters
+        for name, p in m.generator.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+            elif name.endswith("bias") and "modulation" not in name:
+                p.normal_(0, 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """One ONNX export of the tiny model for all tests of this module (never the user's cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RT_ENGINE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def probe() -> Probe:
+    return Probe.random(seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(model, probe) -> torch.Tensor:
+    return run_frame(make_backend("torch", model=model), probe)
+
+
+def _style_inputs(cfg, b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    id0 = torch.rand(1, cfg.id_dim, generator=g)
+    id1 = torch.randn(1, cfg.id_map_channels, cfg.start, cfg.start, generator=g)
+    mouth = torch.randn(b, cfg.mouth_dim, generator=g)
+    pose = torch.randn(b, cfg.pose_dim, generator=g) * 3
+    return id0, id1, mouth, pose
+
+
+# ---------------------------------------------------------------------------------- rewrites
+def test_static_and_ref_forms_equal(model):
+    cfg = model.cfg
+    id0, id1, mouth, pose = _style_inputs(cfg, 3)
+    style = torch.cat([id0.expand(3, -1), mouth, pose], 1)
+    g = copy.deepcopy(model.generator)
+    with torch.no_grad():
+        a = g.set_form("ref")(style, id1.expand(3, -1, -1, -1))
+        b = g.set_form("static")(style, id1.expand(3, -1, -1, -1))
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_dense_upsample_weight_equals_transposed_conv_and_blur():
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    w = torch.randn(4, 6, 3, 3, dtype=torch.float64)  # [Cout,Cin,3,3]
+    ref = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)  # [B,Cout,2H+1,2W+1]
+    ref = upfirdn2d(ref, blur_kernel().double(), pad=(1, 1))  # [B,Cout,2H,2W]
+    dense = F.pixel_shuffle(F.conv2d(x, dense_upsample_weight(w), padding=1), 2)
+    assert dense.shape == ref.shape == (2, 4, 10, 14)
+    assert torch.allclose(dense, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("upsample", ["dense", "transpose"])
+@pytest.mark.parametrize("noise", ["stored", "zero"])
+def test_fast_generator_fp32_matches_reference(model, upsample, noise):
+    cfg = model.cfg
+    id0, id1, mouth, pose = _style_inputs(cfg, 3)
+    with torch.no_grad():
+        ref = model.generator(torch.cat([id0.expand(3, -1), mouth, pose], 1), id1.expand(3, -1, -1, -1), noise)
+        fg = FastGenerator(model.generator, torch.float32, channels_last=True, upsample=upsample)
+        out = fg(fg.identity_base(id0), torch.cat([mouth, pose], 1), id1, noise)
+    assert out.shape == ref.shape == (3, 3, cfg.size, cfg.size)
+    assert (out - ref).abs().max().item() < FP32_MAX_ABS
+
+
+def test_fast_generator_random_noise_changes_output(model):
+    cfg = model.cfg
+    id0, id1, mouth, pose = _style_inputs(cfg, 1)
+    fg = FastGenerator(model.generator, torch.float32)
+    with torch.no_grad():
+        base, var = fg.identity_base(id0), torch.cat([mouth, pose], 1)
+        a, b, z = fg(base, var, id1, "random"), fg(base, var, id1, "random"), fg(base, var, id1, "zero")
+    assert a.shape == (1, 3, cfg.size, cfg.size) and not torch.equal(a, b)
+    assert (a - z).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="noise"):
+        fg(base, var, id1, "bogus")
+
+
+def test_fast_runner_identity_cache_is_not_stale(model):
+    cfg = model.cfg
+    runner = FastTorchRunner(model, precision="fp32")
+    ref = TorchRunner(copy.deepcopy(model))
+    for seed in (0, 1, 0):  # switch identity and back: the cached modulation base must follow
+        id0, id1, mouth, pose = _style_inputs(cfg, 2, seed)
+        out, exp = runner.generate(id0, id1, mouth, pose), ref.generate(id0, id1, mouth, pose)
+        assert (out - exp).abs().max().item() < FP32_MAX_ABS
+
+
+def test_fast_runner_batch_equals_single_frames(model):
+    id0, id1, mouth, pose = _style_inputs(model.cfg, 3)
+    runner = FastTorchRunner(model, precision="fp32")
+    batch = runner.generate(id0, id1, mouth, pose)
+    single = torch.cat([runner.generate(id0, id1, mouth[i:i + 1], pose[i:i + 1]) for i in range(3)])
+    assert (batch - single).abs().max().item() < 1e-5
+
+
+def test_resolve_precision():
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int4")
+
+
+# ---------------------------------------------------------------------------------- backends vs reference
+FP32_VARIANTS = [("torch-fast", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
+BF16_VARIANTS = [("torch", "bf16"), ("torch-fast", "bf16"), ("openvino", "bf16")]
+
+
+def _need(name: str) -> None:
+    if name not in available_backends():
+        pytest.skip(f"backend {name} not available here (runtime missing or does not import)")
+
+
+@pytest.mark.parametrize("name,precision", FP32_VARIANTS)
+def test_fp32_backend_matches_reference(model, probe, reference, name, precision, onnx_cache):
+    _need(name)
+    runner = make_backend(name, model=model, precision=precision)
+    out = run_frame(runner, probe)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert (out - reference).abs().max().item() < FP32_MAX_ABS, runner.describe()
+    assert psnr(out, reference) > 80
+    id0, id1 = runner.encode_identity(probe.id_img)  # every stage, batched
+    ref_runner = make_backend("torch", model=model)
+    rid0, rid1 = ref_runner.encode_identity(probe.id_img)
+    assert torch.allclose(id0, rid0, atol=1e-4, rtol=1e-4) and torch.allclose(id1, rid1, atol=1e-4, rtol=1e-4)
+    imgs = torch.cat([probe.pose_img, -probe.pose_img])
+    assert torch.allclose(runner.encode_pose(imgs), ref_runner.encode_pose(imgs), atol=1e-3, rtol=1e-4)
+    mels = torch.cat([probe.mel, 1 - probe.mel])
+    assert torch.allclose(runner.encode_audio(mels), ref_runner.encode_audio(mels), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,precision", BF16_VARIANTS)
+def test_bf16_backend_within_psnr_bound(model, probe, reference, name, precision, onnx_cache):
+    _need(name)
+    out = run_frame(make_backend(name, model=model, precision=precision), probe)
+    p = psnr(out, reference)
+    assert p >= BF16_MIN_PSNR, f"{name} bf16: {p:.1f} dB"
+
+
+def test_make_backend_errors(model):
+    with pytest.raises(ConfigError, match="unknown backend"):
+        make_backend("cuda-magic", model=model)
+    with pytest.raises(ConfigError, match="engine_dir"):
+        make_backend("tensorrt")
+
+
+def test_make_backend_torch_leaves_callers_model_alone(model):
+    forms = {m.form for m in model.modules() if hasattr(m, "form")}
+    make_backend("torch", model=model, precision="bf16")  # switches a copy to the static form
+    assert {m.form for m in model.modules() if hasattr(m, "form")} == forms
+
+
+# ---------------------------------------------------------------------------------- auto
+class _Wrapped(Runner):
+    """A reference runner made slower and/or wrong, to drive the selection logic."""
+
+    def __init__(self, model: PCAVS, delay: float = 0.0, corrupt: float = 0.0, name: str = "fake"):
+        self.inner = TorchRunner(copy.deepcopy(model))
+        self.cfg, self.delay, self.corrupt, self.name = model.cfg, delay, corrupt, name
+
+    def encode_identity(self, img):
+        return self.inner.encode_identity(img)
+
+    def encode_pose(self, img):
+        return self.inner.encode_pose(img)
+
+    def encode_audio(self, mel):
+        return self.inner.encode_audio(mel)
+
+    def generate(self, id0, id1, mouth, pose, noise="stored"):
+        time.sleep(self.delay)
+        out = self.inner.generate(id0, id1, mouth, pose, noise)
+        return out + self.corrupt * torch.randn_like(out)
+
+
+def test_auto_rejects_backend_failing_fidelity_and_picks_fastest_passing(model, probe):
+    def broken() -> Runner:
+        raise RuntimeError("runtime not installed")
+
+    factories = {
+        "fast-but-wrong": lambda: _Wrapped(model, delay=0.0, corrupt=0.2, name="fast-but-wrong"),
+        "quick": lambda: _Wrapped(model, delay=0.01, name="quick"),
+        "slow": lambda: _Wrapped(model, delay=0.15, name="slow"),
+        "broken": broken,
+    }
+    sel = select_backend(model, candidates=list(factories), probe=probe, repeats=2, factories=factories)
+    by = {c.name: c for c in sel.candidates}
+    assert sel.name == "quick" and sel.runner.name == "quick"
+    assert by["fast-but-wrong"].status == "rejected" and by["fast-but-wrong"].psnr_db < 35
+    assert by["broken"].status == "failed" and "not installed" in by["broken"].reason
+    assert by["slow"].status == "ok" and by["slow"].ms_per_frame > by["quick"].ms_per_frame
+    assert "picked quick" in sel.summary()
+
+
+def test_auto_falls_back_to_reference_when_nothing_passes(model, probe):
+    factories = {"wrong": lambda: _Wrapped(model, corrupt=0.5)}
+    sel = select_backend(model, candidates=["wrong"], probe=probe, repeats=1, factories=factories)
+    assert sel.name == "torch" and isinstance(sel.runner, TorchRunner)
+    assert sel.candidates[0].status == "rejected"
+
+
+def test_auto_backend_real_candidates(model, probe, reference):
+    runner = make_backend("auto", model=model, candidates=["torch-fast"], repeats=1)
+    out = run_frame(runner, probe)
+    assert math.isinf(psnr(out, reference)) or psnr(out, reference) > 35

@@ -50,10 +50,10 @@ def make_runner(checkpoint: str | Path | None = None, precision: str = "fp32", b
     from rt_engine.models.checkpoint import load_checkpoint
 
     if backend != "torch":
-        from rt_engine.backends import make_backend  # type: ignore[attr-defined]
+        from rt_engine.backends import make_backend
 
-        return make_backend(backend, checkpoint=checkpoint, precision=precision)
-    return TorchRunner(load_checkpoint(checkpoint), precision=precision)
+        return make_backend(backend, checkpoint=checkpoint, precision=None if precision == "auto" else precision)
+    return TorchRunner(load_checkpoint(checkpoint), precision="fp32" if precision == "auto" else precision)
 
 
 def load_identity(identity: str | Path | np.ndarray, aligned: bool) -> np.ndarray:
@@ -108,12 +108,12 @@ def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndar
                   aligned: bool = False, noise: str = "stored", precision: str = "fp32",
                   frontalize: bool = False, batch_size: int = 8, max_frames: int | None = None,
                   pose_length: int | None = None, runner: Runner | None = None,
-                  progress: bool = False) -> RenderResult:
+                  progress: bool = False, backend: str = "torch") -> RenderResult:
     """Render frames in memory. ``pose``: video / frames folder / frames array, 'still' (pose of
     the identity image) or 'idle' (built-in motion). ``frontalize`` uses a zero pose code."""
     cfg = RenderConfig(noise=noise, precision=precision, batch_size=batch_size, aligned=aligned,
                        frontalize=frontalize).validate()
-    runner = runner or make_runner(checkpoint, precision)
+    runner = runner or make_runner(checkpoint, precision, backend)
     # ---- inputs
     id_aligned = load_identity(identity, aligned)  # [224,224,3]
     id_img = to_tensor(official_crop(id_aligned))  # [1,3,224,224]
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--aligned", action="store_true", help="inputs are aligned 224x224 crops: no detection")
     ap.add_argument("--noise", default="stored", choices=["stored", "random", "zero"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--backend", default="torch",
+                    help="torch (reference, default), torch-fast, onnxruntime, openvino or auto")
     ap.add_argument("--frontalize", action="store_true", help="zero pose code (frontal face, paper Fig. 6)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-frames", type=int, default=None, help="render only the first N frames")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         res = render_arrays(args.identity, args.audio, pose, args.checkpoint, aligned=args.aligned,
                             noise=args.noise, precision=args.precision, frontalize=args.frontalize,
                             batch_size=args.batch_size, max_frames=args.max_frames,
-                            pose_length=args.pose_length, progress=not args.quiet)
+                            pose_length=args.pose_length, progress=not args.quiet, backend=args.backend)
         n = len(res.frames)
         log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
                  res.runner)

@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
     ap.add_argument("--max-sessions", type=int, default=4)
-    ap.add_argument("--backend", default="torch", help="runner backend (torch, or one from rt_engine.backends)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--backend", default="auto",
+                    help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, "
+                         "onnxruntime, openvino, tensorrt")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the model worker (0: default)")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
     ap.add_argument("--margin-ms", type=float, default=40.0,

@@ -14,7 +14,6 @@ against the reference on those frames is reported as PSNR.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -25,26 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.latency import recipe_checkpoint
 from rt_engine.render import render_arrays
 
 SHARED = Path(os.environ.get("RT_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DEMO = SHARED / "data" / "demo" / "pcavs" / "misc"
-FIXTURE = SHARED / "fixtures" / "pcavs_official_v1"
-
-
-def recipe_checkpoint(out_dir: Path) -> Path:
-    """Official-layout checkpoint from the fixture recipe (about 4 s, 610 MB on disk)."""
-    spec = importlib.util.spec_from_file_location("pcavs_recipe", FIXTURE / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    man = json.loads((FIXTURE / "manifest.json").read_text())
-    bn = np.load(FIXTURE / "bn_stats.npz")
-    d = out_dir / "demo"
-    d.mkdir(parents=True, exist_ok=True)
-    for net, e in man["networks"].items():
-        sd = recipe.state_dict(man["salt"], net, e["keys"], bn)
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, d / f"latest_net_{net}.pth")
-    return d
 
 
 def main(argv: list[str] | None = None) -> int:

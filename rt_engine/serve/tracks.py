@@ -27,48 +27,44 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 
 
-class EngineVideoTrack(MediaStreamTrack):
-    kind = "video"
+class _SessionTrack(MediaStreamTrack):
+    """A track fed by one engine session; ends when the session's media ends."""
 
     def __init__(self, session: Session):
         super().__init__()
         self.session = session
 
-    async def recv(self):
-        import av
-
+    async def _pull(self, get):
         if self.readyState != "live":
             raise MediaStreamError
         self.session.start()
         try:
-            i, img, _fresh = await self.session.next_video_frame()
+            return await get()
         except ConnectionError:
             self.stop()
             raise MediaStreamError from None
+
+
+class EngineVideoTrack(_SessionTrack):
+    kind = "video"
+
+    async def recv(self):
+        import av
+
+        i, img, _fresh = await self._pull(self.session.next_video_frame)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")  # [H,W,3]
         frame.pts = frame_pts(i)
         frame.time_base = VIDEO_TIME_BASE
         return frame
 
 
-class EngineAudioTrack(MediaStreamTrack):
+class EngineAudioTrack(_SessionTrack):
     kind = "audio"
-
-    def __init__(self, session: Session):
-        super().__init__()
-        self.session = session
 
     async def recv(self):
         import av
 
-        if self.readyState != "live":
-            raise MediaStreamError
-        self.session.start()
-        try:
-            m, x = await self.session.next_audio_chunk()
-        except ConnectionError:
-            self.stop()
-            raise MediaStreamError from None
+        m, x = await self._pull(self.session.next_audio_chunk)
         pcm = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)[None]  # [1,960]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = OUT_RATE

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the model worker (0: default)")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
-    ap.add_argument("--margin-ms", type=float, default=40.0,
-                    help="compute budget after the 120 ms audio lookahead (default one frame, 40 ms)")
+    ap.add_argument("--margin-ms", type=float, default=80.0,
+                    help="budget after the 120 ms audio lookahead for audio packet arrival (Opus: 20 ms packets) "
+                         "and compute; frames not ready by then are held (default 80 ms, two frames)")
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap

@@ -330,3 +330,26 @@ def test_session_paces_video_and_audio_on_one_clock(tiny_engine):
     err_a = [t - s.clock.wall_of(m / OUT_RATE) for m, t in audio[5:]]
     assert np.median(err_a) < 0.02 and min(err_a) > -0.002
     assert d["frames_fresh"] >= 1 and d["frames_sent"] == 40
+
+
+def test_scheduler_skips_frames_it_cannot_finish_in_time(tiny_engine):
+    """Behind schedule, a frame that the measured model cost would finish after its due time is
+    dropped before computing it, so the compute goes to frames that can still be shown."""
+    runner = tiny_engine.runner
+    m = Metrics()
+    sch = Scheduler(runner, SchedulerConfig(), m)
+    sch.cost_per_frame_s = 0.5  # as if the model needed 0.5 s per frame
+    id0, id1 = runner.encode_identity(torch.zeros(1, 3, 224, 224))
+    o = _Owner("slow", id0, id1)
+    w = np.zeros((1, 80, 20), np.float32)
+    p = np.zeros(12, np.float32)
+    now = time.monotonic()
+    sch.submit([FrameJob(o, 2, w, p, now + 0.2), FrameJob(o, 3, w, p, now + 30)])
+    sch.start()
+    try:
+        assert o.done.wait(30)
+        assert o.drops == [(2, "late")] and list(o.got) == [3]
+        assert m.counter("frames_dropped_total", reason="late_compute") == 1
+        assert 0 < sch.cost_per_frame_s < 0.5  # replaced by the measured cost
+    finally:
+        sch.stop()

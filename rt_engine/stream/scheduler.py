@@ -1,9 +1,11 @@
 """The model worker: one thread runs the Runner for every session, batching frames across sessions.
 
 Sessions submit :class:`FrameJob` s (frame index, mel window [1,80,20], pose code [12], due time).
-The worker takes every pending job, drops the ones that can no longer be shown in time (their due
-time has passed: the output track has already held the previous frame for them), orders the rest
-by due time and runs up to ``max_batch`` of them as one batch, whatever session they belong to:
+The worker takes every pending job, orders them by due time, drops the ones that can no longer be
+shown in time (their due time has passed, or would have by the time the model finishes them, going
+by the measured cost per frame: computing them would only make the following frames late too, and
+a worker that computes late frames falls further behind with every batch) and runs up to
+``max_batch`` of the rest as one batch, whatever session they belong to:
 
     windows [B,1,80,20] --encode_audio--> mouth [B,500]
     id0 [B,id_dim], id1 [B,C,7,7] (stacked per row: identities differ per row), pose [B,12]
@@ -167,6 +169,7 @@ class Scheduler:
         self.batches = 0
         self.frames = 0
         self.busy_s = 0.0
+        self.cost_per_frame_s = 0.0  # moving average of model seconds per frame (drives the drop policy)
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
@@ -250,18 +253,27 @@ class Scheduler:
     def _select(self, pending: list[FrameJob]) -> tuple[list[FrameJob], list[FrameJob]]:
         """-> (this batch, still pending). Late jobs are dropped here."""
         now = time.monotonic()
-        live = []
-        for j in pending:
-            if j.due + self.cfg.late_grace_s < now:
-                try:
-                    j.owner.dropped(j.index, "late")
-                except Exception:
-                    log.exception("session %s: drop notification failed", j.owner.sid)
-                self.metrics.inc("frames_dropped_total", reason="late_compute")
-            else:
-                live.append(j)
-        live.sort(key=lambda j: j.due)
-        return live[:self.cfg.max_batch], live[self.cfg.max_batch:]
+        batch: list[FrameJob] = []
+        rest: list[FrameJob] = []
+        ordered = sorted(pending, key=lambda j: j.due)
+        newest = ordered[-1] if ordered else None
+        for j in ordered:
+            if len(batch) >= self.cfg.max_batch:
+                rest.append(j)
+                continue
+            finish = now + self.cost_per_frame_s * (len(batch) + 1)  # if it joins this batch
+            # the newest unexpired frame always runs, so the worker keeps going and the cost estimate
+            # (which may be inflated by a slow first call) keeps being measured
+            keep_going = not batch and j is newest and j.due + self.cfg.late_grace_s >= now
+            if finish <= j.due + self.cfg.late_grace_s or keep_going:
+                batch.append(j)
+                continue
+            try:  # it cannot be ready in time now, and waiting only makes it later
+                j.owner.dropped(j.index, "late")
+            except Exception:
+                log.exception("session %s: drop notification failed", j.owner.sid)
+            self.metrics.inc("frames_dropped_total", reason="late_compute")
+        return batch, rest
 
     def _run(self, jobs: list[FrameJob]) -> None:
         t0 = time.monotonic()
@@ -289,6 +301,8 @@ class Scheduler:
         self.batches += 1
         self.frames += len(jobs)
         self.busy_s += t1 - t0
+        per_frame = (t1 - t0) / len(jobs)
+        self.cost_per_frame_s = per_frame if self.batches == 1 else 0.8 * self.cost_per_frame_s + 0.2 * per_frame
         self.metrics.observe("stage_latency_seconds", t1 - t0, stage="model")
         self.metrics.observe("batch_size", len(jobs), buckets=BATCH_BUCKETS)
         self.metrics.inc("frames_generated_total", len(jobs))

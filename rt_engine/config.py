@@ -22,6 +22,9 @@ FPS = 25  # video frame rate of every PC-AVS model
 SAMPLE_RATE = 16000  # audio rate of the mel front end
 MEL_ROWS_PER_FRAME = 4  # 100 mel rows/s at 25 fps
 MEL_WINDOW = 20  # mel rows per audio window (0.2 s)
+# Mouth box (y0, y1, x0, x1) of the 224x224 aligned crop, with room for the jaw: the lip landmarks of
+# the bundled training crops lie in x 76-138, y 107-134 (1st-99th percentile, face mesh, 54 frames).
+MOUTH_BOX = (96, 160, 64, 160)
 FIRST_FRAME = 2  # frames 0 and 1 are never generated (official indexing)
 
 
@@ -50,6 +53,9 @@ class ModelConfig:
     mouth_dim: int = 500
     mouth_weight: float = 1.2  # hard-coded mouth_feature_weight of the official inference
     n_mels: int = 80
+    # Blank MOUTH_BOX of the pose encoder's input (models trained here; the official E sees the whole
+    # face). The pose code then cannot carry the driving video's or webcam's mouth into the output.
+    pose_mouth_mask: bool = False
 
     @property
     def n_up(self) -> int:

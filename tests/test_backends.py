@@ -242,3 +242,36 @@ def test_auto_backend_real_candidates(model, probe, reference):
     runner = make_backend("auto", model=model, candidates=["torch-fast"], repeats=1)
     out = run_frame(runner, probe)
     assert math.isinf(psnr(out, reference)) or psnr(out, reference) > 35
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-fast", "onnxruntime", "openvino"])
+def test_pose_code_never_sees_the_mouth(name, onnx_cache):
+    """With ``pose_mouth_mask`` (the bundled model) a driving frame's mouth cannot reach the output:
+    frames that differ only inside MOUTH_BOX give the same pose code on every backend, while a change
+    outside the box does change it."""
+    import dataclasses
+
+    from rt_engine.config import MOUTH_BOX
+
+    _need(name)
+    torch.manual_seed(3)
+    cfg = dataclasses.replace(model_preset("tiny"), pose_mouth_mask=True)
+    m = PCAVS(cfg).eval()
+    with torch.no_grad():
+        m.pose_encoder.model.conv6.bias.fill_(1.0)  # at random init the ReLU after conv6 kills every input
+    runner = make_backend(name, model=m, precision="fp32")
+    y0, y1, x0, x1 = MOUTH_BOX
+    a = torch.rand(1, 3, 224, 224) * 2 - 1
+    talking = a.clone()
+    talking[..., y0:y1, x0:x1] = torch.rand(1, 3, y1 - y0, x1 - x0) * 2 - 1  # another mouth
+    moved = a.clone()
+    moved[..., 10:60, 20:200] = -a[..., 10:60, 20:200]  # forehead / hair changes
+    codes = runner.encode_pose(torch.cat([a, talking, moved]))  # [3,12]
+    assert torch.equal(codes[0], codes[1]) or (codes[0] - codes[1]).abs().max().item() < 1e-6
+    assert (codes[0] - codes[2]).abs().max().item() > 1e-4
+
+
+def test_bundled_model_blanks_the_mouth_for_pose():
+    from rt_engine.models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(None).cfg.pose_mouth_mask

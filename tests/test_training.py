@@ -297,6 +297,25 @@ def test_losses_fall_on_one_batch(cache, tmp_path):
     assert c_last < c_first, (c_first, c_last)
 
 
+def test_gan_warm_up_mouth_loss_and_masked_pose(cache, tmp_path):
+    """gan_start: no GAN/FM terms and no D update before it; w_mouth adds the mouth-box L1; the
+    model's pose encoder blanks the mouth box (pose_mouth_mask) and the checkpoint keeps that switch."""
+    from training.train import main
+
+    out = tmp_path / "warm"
+    model = CI_MODEL.rstrip("}") + ", pose_mouth_mask: true}"
+    args = ci_args(cache, out, "joint", 3, "--gan-start", "2", "--w-mouth", "2")
+    args[args.index("--model") + 1] = model
+    assert main(args) == 0
+    recs = stats(out)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for r in recs[:2]:
+        assert not {"d", "g_gan", "fm"} & set(r) and r["mouth"] > 0
+    assert {"d", "g_gan", "fm", "mouth"} <= set(recs[2])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["model_config"]["pose_mouth_mask"] is True
+
+
 def test_resume_gives_the_same_next_step_loss(cache, tmp_path):
     from training.train import main
 

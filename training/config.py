@@ -56,6 +56,8 @@ class TrainConfig:
     w_fm: float = 1.0
     w_vgg: float = 1.0
     w_l1: float = 1.0  # pixel L1 between generated and target frame
+    w_mouth: float = 0.0  # extra pixel L1 on the mouth box of the aligned crop (MOUTH_BOX), lip-sync signal
+    gan_start: int = 0  # GAN and feature-matching losses (and D updates) start at this step: L1 warm-up
     w_content: float = 1.0
     w_id: float = 1.0
     vgg_weights: str = ""  # ImageNet VGG19 state_dict: path or URL ('' disables the VGG loss, with a warning)
@@ -106,6 +108,8 @@ class TrainConfig:
             raise ConfigError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.gan_start < 0:
+            raise ConfigError(f"gan_start must be >= 0, got {self.gan_start}")
         for name in ("lr", "lr_d"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rt_engine.config import MOUTH_BOX
 from rt_engine.errors import RtEngineError
 from rt_engine.models.pcavs import PCAVS
 from training.config import TrainConfig, git_revision, resolve, save_run_config
@@ -60,6 +61,13 @@ from training.nets import (
 )
 
 log = logging.getLogger("training")
+
+
+
+def mouth_region(img: Tensor) -> Tensor:
+    """[B,3,S,S] -> the MOUTH_BOX part, scaled to the image size S."""
+    y0, y1, x0, x1 = (round(v * img.shape[-1] / 224) for v in MOUTH_BOX)
+    return img[..., y0:y1, x0:x1]
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -238,8 +246,11 @@ class Trainer:
         target = self._target(b)
         with self._autocast():
             id0, id1 = m.encode_identity(b["ref"])  # identity of another frame of the clip
-            noid = m.pose_encoder.noid_feature(b["aug"])  # pose from the augmented target
-            pose = m.pose_encoder.headpose(noid)  # [B,12]
+            noid = m.pose_encoder.noid_feature(b["aug"])  # [B,F] visual content (sees the mouth)
+            if self.mcfg.pose_mouth_mask:  # pose from the augmented target with its mouth blanked
+                pose = m.pose_encoder(b["aug"])  # [B,12]
+            else:  # official: one feature for both
+                pose = m.pose_encoder.headpose(noid)  # [B,12]
             audio = m.audio_encoder(b["mel"])  # [B,512]
             style = m.make_style(id0, m.pose_encoder.mouth(audio), pose)
             fake = m.generate(style, id1, noise="random")  # [B,3,S,S]
@@ -248,7 +259,10 @@ class Trainer:
         if cfg.w_l1 > 0:
             logs["l1"] = (l1 := F.l1_loss(fake, target)).item()
             total = total + cfg.w_l1 * l1
-        if cfg.w_gan > 0 or cfg.w_fm > 0:
+        if cfg.w_mouth > 0:
+            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake), mouth_region(target))).item()
+            total = total + cfg.w_mouth * ml
+        if self._gan_on():
             self.D.requires_grad_(False)
             with self._autocast():
                 d_fake = self.D(fake)
@@ -277,8 +291,11 @@ class Trainer:
             total = total + cfg.w_id * idl
         return total, fake
 
+    def _gan_on(self) -> bool:
+        return (self.cfg.w_gan > 0 or self.cfg.w_fm > 0) and self.step >= self.cfg.gan_start
+
     def _d_step(self, b: dict[str, Tensor], fake: Tensor, logs: dict[str, float]) -> None:
-        if self.cfg.w_gan <= 0 and self.cfg.w_fm <= 0:
+        if not self._gan_on():
             return
         with self._autocast():
             d_real = self.D(self._target(b))

@@ -17,6 +17,7 @@ vector, so the identity part of the modulation is recomputed per frame (a [B,256
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -45,7 +46,9 @@ def ensure_export(model: PCAVS, out_dir: str | Path | None = None) -> Path:
         from export.onnx_export import export_onnx, read_manifest, weights_sha256
     except ImportError as e:
         raise RuntimeError(f"the ONNX backends need export/onnx_export.py from the repository ({e})") from None
-    d = Path(out_dir) if out_dir else onnx_cache_dir() / weights_sha256(model)[:16]
+    # the graphs depend on the weights and on config switches that hold no weights (pose_mouth_mask)
+    key = hashlib.sha256((weights_sha256(model) + model.cfg.to_json()).encode()).hexdigest()[:16]
+    d = Path(out_dir) if out_dir else onnx_cache_dir() / key
     try:
         man = read_manifest(d, model.cfg)
         if man.get("noise") == "input" and man.get("weights_sha256") == weights_sha256(model) and all(

@@ -1,7 +1,8 @@
 """Non-identity encoder ``E``: FAN with one hourglass -> 512-d non-identity feature.
 
 From it ``to_headpose`` + ``headpose_embed`` give the 12-d pose code. ``mouth_embed`` (also
-stored in ``E``) maps the audio content feature to the 500-d mouth code.
+stored in ``E``) maps the audio content feature to the 500-d mouth code. Models with
+``pose_mouth_mask`` (ours, not the official one) blank the mouth box before E computes the pose code.
 Input: aligned crops ``[B,3,224,224]`` in [-1,1]. Module names follow the official state_dict.
 """
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import ModelConfig
+from rt_engine.config import MOUTH_BOX, ModelConfig
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -103,6 +104,12 @@ class PoseEncoder(nn.Module):
         self.headpose_embed = nn.Sequential(nn.ReLU(), nn.Linear(f, cfg.pose_dim))
         self.mouth_embed = nn.Sequential(nn.ReLU(), nn.Linear(cfg.audio_feature, cfg.mouth_dim))
         self.mouth_weight = cfg.mouth_weight
+        self.mouth_mask = cfg.pose_mouth_mask
+        if self.mouth_mask:  # not in the state_dict: official checkpoints load unchanged
+            y0, y1, x0, x1 = MOUTH_BOX
+            keep = torch.ones(1, 1, 224, 224)
+            keep[..., y0:y1, x0:x1] = 0.0
+            self.register_buffer("mouth_keep", keep, persistent=False)  # [1,1,224,224]
 
     def noid_feature(self, img: Tensor) -> Tensor:  # [B,3,224,224] -> [B,512]
         return self.model(img)
@@ -110,8 +117,15 @@ class PoseEncoder(nn.Module):
     def headpose(self, noid: Tensor) -> Tensor:  # [B,512] -> [B,12]
         return self.headpose_embed(self.to_headpose(noid))
 
+    def mask_mouth(self, img: Tensor) -> Tensor:  # [B,3,224,224] -> the same with MOUTH_BOX at 0 (grey)
+        if not self.mouth_mask:
+            return img
+        if img.shape[-2:] != (224, 224):
+            raise ValueError(f"pose input must be [B,3,224,224], got {list(img.shape)}")
+        return img * self.mouth_keep.to(img.dtype)
+
     def forward(self, img: Tensor) -> Tensor:  # [B,3,224,224] -> pose code [B,12]
-        return self.headpose(self.noid_feature(img))
+        return self.headpose(self.noid_feature(self.mask_mouth(img)))
 
     def mouth(self, audio_content: Tensor) -> Tensor:  # [B,512] -> [B,500]
         return self.mouth_embed(self.mouth_weight * audio_content)

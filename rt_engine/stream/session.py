@@ -470,6 +470,9 @@ class Engine:
         if opts.pose == "still":
             pose = sources.StillPose(still[0])
         elif opts.pose == "webcam":
+            if not self.runner.cfg.pose_mouth_mask:
+                log.info("model '%s' reads pose from the whole face (no pose_mouth_mask): the webcam's mouth "
+                         "can weakly move the output through the 12-number pose code", self.runner.cfg.name)
             pose = sources.WebcamPose(still[0])
         elif opts.pose == "idle":
             codes = self._pose_cache.get((key, "idle"))

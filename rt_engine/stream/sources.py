@@ -14,8 +14,10 @@ and scales to the same 0.1 target; silence (RMS < 1e-3) does not update it, so p
 the gain up, and the gain is clamped to [0.1, 100].
 
 Pose sources hand out one pose code [12] per frame index (:meth:`PoseSource.code_for`). Only the
-pose code is taken from a webcam: the mouth code comes from the audio alone, so the webcam's mouth
-cannot reach the output.
+pose code is taken from a webcam, and the mouth code comes from the audio alone. Models trained here
+(``pose_mouth_mask``, the bundled one) blank the mouth box before computing the pose code, so the
+webcam's mouth cannot reach the output at all; with the official weights the 12 numbers see the
+whole face.
 """
 
 from __future__ import annotations

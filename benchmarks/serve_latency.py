@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sessions", type=int, default=1, help="concurrent clients")
     ap.add_argument("--pose", default="idle", choices=["idle", "still"])
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    ap.add_argument("--backend", default="auto", help="server --backend (auto, openvino, torch-fast, ...)")
     ap.add_argument("--json", default=None, help="also write the result here")
     return ap
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = args.checkpoint
         if ckpt is None and args.preset != "bundled":
             ckpt = random_checkpoint(args.preset, tmp)
-        with ServerProcess(ckpt, args.threads) as server:
+        with ServerProcess(ckpt, args.threads, ["--backend", args.backend]) as server:
             health = server.wait_ready()
             results = asyncio.run(_clients(server.url, args.seconds, args.sessions, args.pose))
             metrics = server.metrics()

@@ -70,10 +70,21 @@ async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> d
     await task
     offs = [abs(o) for w in windows for o in (w["av_offset_ms"] or [])]
     rss = [w["rss_mb"] for w in windows]
+    n_frames = sum(w["frames"] or 0 for w in windows)
+    p95 = [w["g2g_ms"]["p95"] for w in windows if w["g2g_ms"]]
+    late = len(windows) // 2  # RSS slope over the second half (after start-up allocations settle)
+    slope = ((rss[-1] - rss[late]) / max(windows[-1]["t_min"] - windows[late]["t_min"], 1e-9)
+             if len(windows) > 3 else None)
     return {
         "mode": "soak", "minutes": minutes, "windows": len(windows),
         "av_offset_max_abs_ms": max(offs) if offs else None, "bursts_measured": len(offs),
         "fps_min": min(w["fps"] for w in windows if w["fps"]) if windows else None,
+        "frames_received": n_frames,
+        "fresh_share": round(sum(w["fresh"] or 0 for w in windows) / n_frames, 4) if n_frames else None,
+        "av_offset_over_40ms": sum(o > 40 for o in offs),
+        "g2g_p95_ms_worst_window": max(p95) if p95 else None,
+        "g2g_p95_ms_median_window": float(sorted(p95)[len(p95) // 2]) if p95 else None,
+        "rss_slope_second_half_mb_per_min": round(slope, 3) if slope is not None else None,
         "pts_gaps_total": sum(w["pts_gaps"] or 0 for w in windows),
         "max_gap_frames": max((w["max_gap"] or 0) for w in windows) if windows else None,
         "server_frames_skipped": (res.server_stats or {}).get("frames_skipped"),
@@ -114,13 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "official", "bundled"])
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--backend", default="auto", help="server --backend (auto, openvino, torch-fast, ...)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint
         if ckpt is None and args.preset != "bundled":
             ckpt = random_checkpoint(args.preset, tmp)
-        with ServerProcess(ckpt, args.threads) as server:
+        with ServerProcess(ckpt, args.threads, ["--backend", args.backend]) as server:
             server.wait_ready()
             if args.churn:
                 summary = asyncio.run(churn(server, args.churn, sys.stdout))

@@ -137,6 +137,7 @@ ENGINE = web.AppKey("engine", Engine)
 CFG = web.AppKey("cfg", ServerConfig)
 STATE = web.AppKey("state", ServerState)
 OWN_ENGINE = web.AppKey("own_engine", bool)
+WARM_TASK = web.AppKey("warm_task", asyncio.Future)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -471,7 +472,20 @@ async def _on_shutdown(app: web.Application) -> None:
         await _close_peer(app, sid, "server shutdown")
 
 
+async def _on_startup(app: web.Application) -> None:
+    async def warm() -> None:
+        try:
+            await app[ENGINE].prepare_default()
+        except Exception as e:  # the first default session will compute them (and report any error)
+            log.warning("could not prepare the default identity ahead: %s", e)
+
+    app[WARM_TASK] = asyncio.ensure_future(warm())
+
+
 async def _on_cleanup(app: web.Application) -> None:
+    task = app.get(WARM_TASK)
+    if task is not None and not task.done():
+        task.cancel()
     if app[OWN_ENGINE]:
         app[ENGINE].close()
     shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
@@ -499,6 +513,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
     app.router.add_post("/close/{sid}", close_session)
     app.router.add_post("/upload", upload)
     app.router.add_post("/offer", offer)
+    app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app

@@ -457,15 +457,7 @@ class Engine:
         opts = opts.validate()
         loop = asyncio.get_running_loop()
         id0, id1, crop, key = await self.identity(opts.identity)
-
-        def encode(crops_u8: np.ndarray) -> np.ndarray:  # [N,224,224,3] -> [N,12]
-            x = to_tensor(crops_u8)
-            return np.concatenate([self.runner.encode_pose(x[s:s + 16]).numpy() for s in range(0, len(x), 16)])
-
-        still = self._pose_cache.get((key, "still"))
-        if still is None:
-            still = (await self._run(lambda r: r.encode_pose(to_tensor(official_crop(crop))))).numpy()  # [1,12]
-            self._cache_pose((key, "still"), still)
+        still = await self._still_code(key, crop)  # [1,12]
         pose: sources.PoseSource
         if opts.pose == "still":
             pose = sources.StillPose(still[0])
@@ -475,22 +467,45 @@ class Engine:
                          "can weakly move the output through the 12-number pose code", self.runner.cfg.name)
             pose = sources.WebcamPose(still[0])
         elif opts.pose == "idle":
-            codes = self._pose_cache.get((key, "idle"))
-            if codes is None:  # 10 s of idle motion (51 key poses), played forward and backward
-                codes = await self._run(lambda r: sources.idle_codes(crop, encode, seconds=10.0))
-                self._cache_pose((key, "idle"), codes)
-            pose = sources.CodesPose(codes, "idle")
+            pose = sources.CodesPose(await self._idle_codes(key, crop), "idle")
         else:
             assert opts.pose_file is not None
             pf = opts.pose_file
             crops = await loop.run_in_executor(None, lambda: _pose_crops(self.faces, pf))
-            codes = await self._run(lambda r: encode(crops))
+            codes = await self._run(lambda r: self._encode_poses(crops))
             pose = sources.CodesPose(codes, "file")
         file_audio = None
         if opts.audio == "file":
             path = opts.audio_file or str(sources.DEFAULT_SPEECH)
             file_audio = await loop.run_in_executor(None, lambda: sources.FileAudio(path, loop=opts.loop_audio))
         return Session(self, opts, id0, id1, pose, file_audio, loop)
+
+    def _encode_poses(self, crops_u8: np.ndarray) -> np.ndarray:  # [N,224,224,3] -> [N,12]; model thread
+        x = to_tensor(crops_u8)
+        return np.concatenate([self.runner.encode_pose(x[s:s + 16]).numpy() for s in range(0, len(x), 16)])
+
+    async def _still_code(self, key: str, crop: np.ndarray) -> np.ndarray:
+        still = self._pose_cache.get((key, "still"))
+        if still is None:
+            still = (await self._run(lambda r: r.encode_pose(to_tensor(official_crop(crop))))).numpy()  # [1,12]
+            self._cache_pose((key, "still"), still)
+        return still
+
+    async def _idle_codes(self, key: str, crop: np.ndarray) -> np.ndarray:
+        codes = self._pose_cache.get((key, "idle"))
+        if codes is None:  # 10 s of idle motion (51 key poses), played forward and backward
+            codes = await self._run(lambda r: sources.idle_codes(crop, self._encode_poses, seconds=10.0))
+            self._cache_pose((key, "idle"), codes)
+        return codes
+
+    async def prepare_default(self) -> None:
+        """Compute the bundled identity's features and its still and idle pose codes ahead (server
+        start-up), so that the first session with the defaults does not wait for them."""
+        t0 = time.perf_counter()
+        _, _, crop, key = await self.identity(None)
+        await self._still_code(key, crop)
+        await self._idle_codes(key, crop)
+        log.info("default identity and idle motion ready in %.2f s", time.perf_counter() - t0)
 
     def _cache_pose(self, key: tuple, codes: np.ndarray) -> None:
         self._pose_cache[key] = codes

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         engine = Engine(runner, SchedulerConfig(max_batch=args.max_batch),
                         ClockConfig(margin_s=args.margin_ms / 1e3), threads=args.threads)
-        app = create_app(engine, cfg)
+        app = create_app(engine, cfg, warm_default=True)
         log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)
         web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=5.0)
         return 0

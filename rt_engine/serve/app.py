@@ -491,7 +491,8 @@ async def _on_cleanup(app: web.Application) -> None:
     shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
 
 
-def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool = True) -> web.Application:
+def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool = True,
+               warm_default: bool = False) -> web.Application:
     """The aiohttp application. ``own_engine``: close the engine on cleanup."""
     cfg = (cfg or ServerConfig()).validate()
     if cfg.use_loopback_ice:
@@ -513,7 +514,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
     app.router.add_post("/close/{sid}", close_session)
     app.router.add_post("/upload", upload)
     app.router.add_post("/offer", offer)
-    app.on_startup.append(_on_startup)
+    if warm_default:  # the bundled identity and idle motion, computed before the first session
+        app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app

@@ -51,12 +51,10 @@ def plot(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, energy: np.ndarra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rt_engine.config import MOUTH_BOX
+    from rt_engine.config import mouth_box
 
-    y0, y1, x0, x1 = MOUTH_BOX
-    s = frames_u8.shape[1] / 224
-    crops = [frames_u8[k, round(y0 * s):round(y1 * s), round(x0 * s):round(x1 * s)] for k in range(min(n_strip,
-                                                                                                      len(frames_u8)))]
+    y0, y1, x0, x1 = mouth_box(frames_u8.shape[1])
+    crops = [frames_u8[k, y0:y1, x0:x1] for k in range(min(n_strip, len(frames_u8)))]
     fig, axes = plt.subplots(2, 1, figsize=(12, 4.5), gridspec_kw={"height_ratios": [1, 1.4]})
     axes[0].imshow(np.concatenate(crops, axis=1))
     axes[0].set_axis_off()

@@ -22,10 +22,15 @@ FPS = 25  # video frame rate of every PC-AVS model
 SAMPLE_RATE = 16000  # audio rate of the mel front end
 MEL_ROWS_PER_FRAME = 4  # 100 mel rows/s at 25 fps
 MEL_WINDOW = 20  # mel rows per audio window (0.2 s)
+FIRST_FRAME = 2  # frames 0 and 1 are never generated (official indexing)
 # Mouth box (y0, y1, x0, x1) of the 224x224 aligned crop, with room for the jaw: the lip landmarks of
 # the bundled training crops lie in x 76-138, y 107-134 (1st-99th percentile, face mesh, 54 frames).
 MOUTH_BOX = (96, 160, 64, 160)
-FIRST_FRAME = 2  # frames 0 and 1 are never generated (official indexing)
+
+
+def mouth_box(size: int = 224) -> tuple[int, int, int, int]:
+    """MOUTH_BOX (y0, y1, x0, x1) scaled to a ``size`` x ``size`` aligned crop."""
+    return tuple(round(v * size / 224) for v in MOUTH_BOX)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

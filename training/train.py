@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rt_engine.config import MOUTH_BOX
+from rt_engine.config import mouth_box
 from rt_engine.errors import RtEngineError
 from rt_engine.models.pcavs import PCAVS
 from training.config import TrainConfig, git_revision, resolve, save_run_config
@@ -63,10 +63,9 @@ from training.nets import (
 log = logging.getLogger("training")
 
 
-
 def mouth_region(img: Tensor) -> Tensor:
     """[B,3,S,S] -> the MOUTH_BOX part, scaled to the image size S."""
-    y0, y1, x0, x1 = (round(v * img.shape[-1] / 224) for v in MOUTH_BOX)
+    y0, y1, x0, x1 = mouth_box(img.shape[-1])
     return img[..., y0:y1, x0:x1]
 
 
@@ -246,7 +245,9 @@ class Trainer:
         target = self._target(b)
         with self._autocast():
             id0, id1 = m.encode_identity(b["ref"])  # identity of another frame of the clip
-            noid = m.pose_encoder.noid_feature(b["aug"])  # [B,F] visual content (sees the mouth)
+            noid = None  # [B,F] visual content of the augmented target (sees the mouth)
+            if cfg.w_content > 0 or not self.mcfg.pose_mouth_mask:
+                noid = m.pose_encoder.noid_feature(b["aug"])
             if self.mcfg.pose_mouth_mask:  # pose from the augmented target with its mouth blanked
                 pose = m.pose_encoder(b["aug"])  # [B,12]
             else:  # official: one feature for both

@@ -224,7 +224,7 @@ def select_backend(model: PCAVS, candidates: Sequence[str] | None = None, precis
         # The earliest-listed passing candidate wins unless another is faster by more than
         # AUTO_MARGIN: a few timed frames on a shared machine vary by more than that, and the
         # OpenMP runtimes (torch) slow down far more than OpenVINO's when a server's event loop
-        # and codecs share the cores (measured: torch-fast 520 ms/frame in the server against
+        # and codecs share the cores (measured: torch-fast 520 ms per model call in the server against
         # 30 ms standalone).
         best = ok[0]
         for c in ok[1:]:

@@ -65,6 +65,27 @@ def test_streaming_mel_equals_offline_for_random_chunks(seed):
     np.testing.assert_array_equal(np.concatenate(got_win), audio_in.mel_windows(offline, frames))
 
 
+def test_live_audio_input_holds_bounded_mel_history():
+    """A long session takes windows only; mel rows must not pile up (they did: ~2-4 MB per minute)."""
+    ai = sources.AudioInput(MediaClock(), gain=1.0)
+    x = _speechlike(SAMPLE_RATE * 2, 7)
+    taken = 0
+    for k in range(60 * 50):  # one minute of 20 ms chunks
+        s = (k * 320) % (x.size - 320)
+        ai.push_file_chunk(x[s:s + 320], np.repeat(x[s:s + 320], 3))
+        taken += len(ai.windows()[0])
+    assert taken >= 60 * 25 - 5
+    assert ai.mel.rows_held <= audio_in.MEL_WINDOW + 8  # one window of history, not a minute of rows
+    with pytest.raises(RuntimeError, match="outputs='windows'"):
+        ai.mel.get_frames()
+    rows_only = audio_in.StreamingMel(outputs="rows")
+    rows_only.accept(x)
+    assert rows_only.rows_held == rows_only.frames_ready() == len(rows_only.get_frames())
+    assert rows_only.rows_held == 0
+    with pytest.raises(ValueError, match="outputs"):
+        audio_in.StreamingMel(outputs="all")
+
+
 def test_file_source_through_audio_input_equals_offline(tmp_path):
     import soundfile as sf
 

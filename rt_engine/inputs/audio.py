@@ -216,9 +216,18 @@ class StreamingMel:
     ``gain`` multiplies every input sample (use :func:`rms_gain` of the whole file for file input,
     which makes the result equal to :func:`log_mel` of :func:`normalize`). "Frames" here are
     mel rows (100/s); :meth:`get_windows` hands out the 20-row windows of video frames.
+
+    ``outputs`` says which of the two a caller takes: "rows" (:meth:`get_frames`), "windows"
+    (:meth:`get_windows`) or "both". Rows are held until they are taken, so an output nobody takes
+    would grow without bound on a long stream: a live session asks for "windows" only.
     """
 
-    def __init__(self, gain: float = 1.0):
+    OUTPUTS = ("rows", "windows", "both")
+
+    def __init__(self, gain: float = 1.0, outputs: str = "both"):
+        if outputs not in self.OUTPUTS:
+            raise ValueError(f"outputs must be one of {self.OUTPUTS}, got {outputs!r}")
+        self.outputs = outputs
         self.gain = np.float32(gain)
         self._buf = np.zeros(LEFT_PAD, np.float64)  # samples from 160 * next_row - 1120 on
         self._next_row = 0  # next mel row to compute
@@ -254,18 +263,31 @@ class StreamingMel:
             n = min(n, limit - self._next_row)
         for m in range(max(0, n)):
             row = frame_to_mel(self._buf[m * HOP: m * HOP + N_FFT])
-            self._rows.append(row)
-            self._all_rows.append(row)
+            if self.outputs != "windows":
+                self._rows.append(row)
+            if self.outputs != "rows":
+                self._all_rows.append(row)
         if n > 0:
             self._buf = self._buf[n * HOP:]
             self._next_row += n
 
+    @property
+    def rows_held(self) -> int:
+        """Mel rows kept in memory (untaken rows plus the history later windows still need)."""
+        return len(self._rows) + len(self._all_rows)
+
+    def _check(self, output: str) -> None:
+        if self.outputs not in (output, "both"):
+            raise RuntimeError(f"this StreamingMel was made with outputs={self.outputs!r}; it does not keep {output}")
+
     def frames_ready(self) -> int:
         """Mel rows computed and not yet taken by :meth:`get_frames`."""
+        self._check("rows")
         return len(self._rows)
 
     def get_frames(self) -> np.ndarray:
         """Take the computed mel rows. -> [n,80] f32"""
+        self._check("rows")
         out = np.stack(self._rows) if self._rows else np.zeros((0, N_MELS), np.float32)
         self._rows = []
         return out
@@ -276,6 +298,7 @@ class StreamingMel:
 
     def windows_ready(self) -> int:
         """Video frames whose 20-row window is complete and not yet taken."""
+        self._check("windows")
         last = FIRST_FRAME + (self._next_row - MEL_WINDOW) // MEL_ROWS_PER_FRAME
         if self.finished:  # the offline range ends at T//4 - 3
             last = min(last, self._next_row // MEL_ROWS_PER_FRAME - 3)

@@ -214,6 +214,15 @@ class Scheduler:
             self._cv.notify()
         return fut
 
+    def warm_up(self, id0: torch.Tensor, id1: torch.Tensor) -> concurrent.futures.Future:
+        """Run every batch size the scheduler can form once, so that no first-call cost of a runner
+        (OpenVINO compiles and allocates per shape) lands in the middle of a stream."""
+        def run(r: Runner) -> None:
+            for b in range(1, self.cfg.max_batch + 1):
+                mouth = r.encode_audio(torch.zeros(b, 1, 80, 20))  # [B,500]
+                r.generate(id0, id1, mouth, torch.zeros(b, 12), noise=self.cfg.noise)  # [B,3,H,W]
+        return self.call(run)
+
     def forget(self, owner: JobOwner) -> None:
         """Remove a closed session's pending jobs."""
         with self._cv:

@@ -502,10 +502,13 @@ class Engine:
         """Compute the bundled identity's features and its still and idle pose codes ahead (server
         start-up), so that the first session with the defaults does not wait for them."""
         t0 = time.perf_counter()
-        _, _, crop, key = await self.identity(None)
+        id0, id1, crop, key = await self.identity(None)
         await self._still_code(key, crop)
         await self._idle_codes(key, crop)
-        log.info("default identity and idle motion ready in %.2f s", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        await asyncio.wrap_future(self.scheduler.warm_up(id0, id1))
+        log.info("default identity and idle motion ready in %.2f s; model warmed up for batches 1-%d in %.2f s",
+                 t1 - t0, self.scheduler.cfg.max_batch, time.perf_counter() - t1)
 
     def _cache_pose(self, key: tuple, codes: np.ndarray) -> None:
         self._pose_cache[key] = codes

@@ -128,7 +128,7 @@ class AudioInput:
 
     def __init__(self, clock: MediaClock, gain: float | None = None):
         self.clock = clock
-        self.mel = audio_in.StreamingMel(gain=1.0 if gain is None else gain)
+        self.mel = audio_in.StreamingMel(gain=1.0 if gain is None else gain, outputs="windows")
         self.agc = Agc() if gain is None else None
         self.out = AudioBuffer()
         self.samples48 = 0  # next 48 kHz sample index

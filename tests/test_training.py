@@ -262,10 +262,22 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     assert (runs / "joint/config.yaml").is_file() and "git_revision" in (runs / "joint/config.yaml").read_text()
     assert (runs / "joint/loss.png").is_file() and list((runs / "joint/samples").glob("step_*.png"))
     model_file = export(runs / "joint/last.pt", tmp_path / "m.safetensors", half=True, command="pytest")
-    from rt_engine.models.checkpoint import read_single_meta
+    from rt_engine.models.checkpoint import load_single, read_single_meta
 
     prov = read_single_meta(model_file)["provenance"]
     assert [s["stage"] for s in prov["stages"]] == ["identity", "content", "joint"] and prov["total_steps"] == 6
+    # fine-tuning a released single-file model: same weights to start, its history carried on
+    assert main(ci_args(cache, runs / "tune", "joint", 1, "--init", str(model_file))) == 0
+    tuned = torch.load(runs / "tune/last.pt", map_location="cpu", weights_only=False)
+    released = load_single(model_file)
+    moved = [k for k, v in released.state_dict().items() if not torch.equal(tuned["model"][k].half(), v.half())]
+    assert moved and len(moved) < len(released.state_dict())  # one step moved trained weights, not buffers
+    params = dict(released.named_parameters())
+    drift = max((tuned["model"][k].float() - params[k].float()).abs().max().item() for k in moved if k in params)
+    assert drift < 0.05  # one Adam step from the released weights, not a fresh initialisation
+    tuned_file = export(runs / "tune/last.pt", tmp_path / "t.safetensors", half=True, command="pytest")
+    assert [s["stage"] for s in read_single_meta(tuned_file)["provenance"]["stages"]] == [
+        "identity", "content", "joint", "joint"]
     # the checkpoint renders through the engine's command line
     wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
     import soundfile as sf

@@ -41,6 +41,11 @@ def stage_history(ckpt: Path) -> list[dict[str, Any]]:
     p: Path | None = ckpt
     while p is not None and p.is_file() and p not in seen:
         seen.add(p)
+        if p.suffix == ".safetensors":  # fine-tuned from a released model: its own recorded history
+            from rt_engine.models.checkpoint import read_single_meta
+
+            out.extend(reversed(read_single_meta(p)["provenance"].get("stages", [])))
+            break
         ck = torch.load(p, map_location="cpu", weights_only=False)
         c = ck["config"]
         out.append({"stage": c["stage"], "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),

@@ -352,7 +352,17 @@ class Trainer:
         log.info("resumed %s at step %d", path, self.step)
 
     def load_networks(self, path: str) -> None:
-        """Start from another run's networks (an earlier stage): model weights, and heads whose shapes fit."""
+        """Start from another run's networks (an earlier stage): model weights, and heads whose shapes fit.
+        A ``.safetensors`` model (e.g. the bundled one) gives the model weights only: fine-tuning it
+        starts with new heads, discriminator and optimiser state."""
+        if str(path).endswith(".safetensors"):
+            from rt_engine.models.checkpoint import load_single
+
+            src = load_single(path, self.mcfg)  # CheckpointError if its config is not this run's model
+            self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                        for k, v in src.state_dict().items()})
+            log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
+            return
         ck = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(ck["model"])
         own = self.heads.state_dict()

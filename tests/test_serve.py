@@ -103,7 +103,7 @@ def test_loopback_stream_av_sync_and_metrics(tiny_engine):
                  "# TYPE rt_engine_stage_latency_seconds histogram",
                  'rt_engine_stage_latency_seconds_count{stage="media_to_send"}'):
         assert name in metrics, name
-    assert health["status"] == "ok" and health["max_sessions"] >= 1
+    assert health["status"] == "ok" and health["max_sessions"] >= 1 and health["warm"] is True  # no warm-up here
     assert "<video" in page and "app.js" in page and js_status == 200
     assert left == 0
 

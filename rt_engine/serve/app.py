@@ -222,8 +222,10 @@ async def index(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     app = request.app
     eng: Engine = app[ENGINE]
+    warm = app.get(WARM_TASK)
     return web.json_response({
         "status": "ok" if eng.scheduler.alive else "model worker stopped",
+        "warm": warm is None or warm.done(),  # false while start-up still prepares the default identity/model
         "sessions": len(app[STATE].sessions),
         "max_sessions": app[CFG].max_sessions,
         "model": eng.runner.describe(),

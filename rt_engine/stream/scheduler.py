@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from rt_engine.backends.base import Runner
+from rt_engine.config import MEL_WINDOW
 from rt_engine.errors import ConfigError
+from rt_engine.inputs.audio import N_MELS
 from rt_engine.inputs.image import to_uint8
 
 log = logging.getLogger(__name__)
@@ -219,8 +221,8 @@ class Scheduler:
         (OpenVINO compiles and allocates per shape) lands in the middle of a stream."""
         def run(r: Runner) -> None:
             for b in range(1, self.cfg.max_batch + 1):
-                mouth = r.encode_audio(torch.zeros(b, 1, 80, 20))  # [B,500]
-                r.generate(id0, id1, mouth, torch.zeros(b, 12), noise=self.cfg.noise)  # [B,3,H,W]
+                mouth = r.encode_audio(torch.zeros(b, 1, N_MELS, MEL_WINDOW))  # [B,mouth_dim]
+                r.generate(id0, id1, mouth, torch.zeros(b, r.cfg.pose_dim), noise=self.cfg.noise)  # [B,3,H,W]
         return self.call(run)
 
     def forget(self, owner: JobOwner) -> None:

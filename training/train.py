@@ -358,9 +358,8 @@ class Trainer:
         if str(path).endswith(".safetensors"):
             from rt_engine.models.checkpoint import load_single
 
-            src = load_single(path, self.mcfg)  # CheckpointError if its config is not this run's model
-            self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                        for k, v in src.state_dict().items()})
+            src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
+            self.model.load_state_dict(src.state_dict())
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
             return
         ck = torch.load(path, map_location=self.device, weights_only=False)

@@ -163,6 +163,15 @@ def test_negatives_single_clip_and_impossible_case():
         sample_negatives(rng, [np.arange(0, 5)], 0, 2, 1, min_shift=5)
 
 
+@pytest.mark.parametrize("frac, n, n_same", [(0.0, 4, 0), (0.5, 4, 2), (0.5, 1, 0), (0.75, 8, 6), (1.0, 3, 3)])
+def test_same_clip_negative_fraction(frac, n, n_same):
+    rng = np.random.default_rng(2)
+    valid = [np.arange(0, 50), np.arange(0, 50)]
+    negs = sample_negatives(rng, valid, 0, 25, n, min_shift=5, same_frac=frac)
+    assert sum(k == 0 for k, _ in negs) == n_same
+    assert all(abs(g - 25) >= 5 for k, g in negs if k == 0)
+
+
 def test_info_nce_prefers_the_positive():
     q = torch.randn(4, 16)
     good = info_nce(q, q + 0.01 * torch.randn(4, 16), torch.randn(4, 3, 16), 0.1)
@@ -340,6 +349,97 @@ def test_resume_gives_the_same_next_step_loss(cache, tmp_path):
     for k in ("loss", "l1", "d", "g_gan", "fm", "content", "id"):
         assert ra[2][k] == rb[2][k], (k, ra[2][k], rb[2][k])  # bit for bit
     assert ra[1]["loss"] == rb[1]["loss"]
+
+
+def test_content_positives_and_negatives_share_one_batch_norm_pass(cache, tmp_path):
+    """In train mode batch norm mixes a batch's statistics into every feature. Positives and
+    negatives must go through one forward pass, or InfoNCE can tell them apart by those statistics
+    (the loss falls, retrieval stays at chance). Shared pass: a positive's feature moves when only
+    the negatives change."""
+    from training.config import resolve
+    from training.train import Trainer
+
+    tr = Trainer(resolve(ci_args(cache, tmp_path / "c", "content", 1, "--num-negatives", "3")).validate())
+    tr._set_modes()
+    b = tr.batcher.batch(0)
+    with torch.no_grad():
+        noid, audio, neg_noid, neg_a = tr._content_pass(b)
+        b2 = {**b, "neg_aug": b["neg_aug"].flip(0) * 0.5, "neg_mel": b["neg_mel"].flip(0) + 1.0}
+        noid2, audio2, _, _ = tr._content_pass(b2)
+    assert neg_noid.shape[:2] == neg_a.shape[:2] == (2, 3)
+    assert not torch.allclose(noid, noid2) and not torch.allclose(audio, audio2)
+
+
+def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path):
+    """w_open: labels from mouth.npy (z-scored per clip, NaN skipped) reach the batch, and the audio
+    head learns them; without labels the run refuses to start."""
+    import shutil
+
+    from training.data import ClipStore
+    from training.train import main
+
+    assert main(ci_args(cache, tmp_path / "nolabels", "content", 1, "--w-open", "1")) == 2
+    data = tmp_path / "cache"
+    shutil.copytree(cache, data)
+    for d in (data / "clips").iterdir():  # a label the audio can predict: loudness around each frame
+        mel = np.load(d / "mel.npy")
+        n = json.loads((d / "meta.json").read_text())["n_frames"]
+        lab = np.array([mel[4 * i:4 * i + 4].mean() if 4 * i + 4 <= len(mel) else np.nan for i in range(n)],
+                       np.float32)
+        lab[3] = np.nan
+        np.save(d / "mouth.npy", lab)
+    store = ClipStore(data)
+    z = store.clips[0].opening
+    assert np.isnan(z[3]) and abs(np.nanmean(z)) < 1e-5 and abs(np.nanstd(z) - 1) < 1e-3
+    out = tmp_path / "open"
+    assert main(ci_args(data, out, "content", 30, "--w-open", "1", "--lr", "2e-3",
+                        "--overfit-one-batch", "true")) == 0
+    recs = stats(out)
+    first, last = np.mean([r["open"] for r in recs[:3]]), np.mean([r["open"] for r in recs[-3:]])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_sync_loss_trains_the_generator_and_keeps_the_expert_frozen(cache, tmp_path):
+    """w_sync: the frozen expert (content encoders at the run's start) scores generated frames; its
+    weights never move, its gradient reaches the generator, and resume restores it bit for bit."""
+    from training.nets import SyncExpert
+    from training.train import main
+
+    runs = tmp_path / "runs"
+    assert main(ci_args(cache, runs / "nojudge", "joint", 1, "--w-sync", "1.0")) == 2  # no trained expert
+    assert main(ci_args(cache, runs / "content", "content", 2, "--same-clip-negatives", "1.0")) == 0
+    init = torch.load(runs / "content/last.pt", weights_only=False)
+    a, b = runs / "a", runs / "b"
+    sync = ["--init", str(runs / "content/last.pt"), "--w-sync", "1.0"]
+    assert main(ci_args(cache, a, "joint", 3, *sync)) == 0
+    assert main(ci_args(cache, b, "joint", 2, *sync)) == 0
+    assert main(ci_args(cache, b, "joint", 3, *sync)) == 0  # resume
+    ra, rb = stats(a), stats(b)
+    assert all(np.isfinite(r["sync"]) and r["sync"] > 0 for r in ra)
+    assert ra[2]["sync"] == rb[2]["sync"] and ra[2]["loss"] == rb[2]["loss"]
+    ck = torch.load(a / "last.pt", weights_only=False)
+    start = {**{f"visual.{k[len('pose_encoder.model.'):]}": v for k, v in init["model"].items()
+                if k.startswith("pose_encoder.model.")},
+             **{f"audio.{k[len('audio_encoder.'):]}": v for k, v in init["model"].items()
+                if k.startswith("audio_encoder.")},
+             **{f"head.{k[len('visual_content.'):]}": v for k, v in init["heads"].items()
+                if k.startswith("visual_content.")}}
+    assert ck["expert"].keys() == start.keys()
+    assert all(torch.equal(ck["expert"][k], start[k]) for k in start)  # the judge never learnt
+    gen = [k for k in init["model"] if k.startswith("generator.") and k.endswith("weight")]
+    assert any(not torch.equal(ck["model"][k], init["model"][k]) for k in gen)  # while the generator did
+    # gradient reaches the image, never the expert's own weights
+    from rt_engine.config import ModelConfig
+    from rt_engine.models.pcavs import PCAVS
+    from training.nets import Heads
+
+    mc = ModelConfig.from_dict(init["model_config"])
+    m, h = PCAVS(mc), Heads(mc, 2)
+    ex = SyncExpert(m, h).train()
+    assert not ex.training and not any(p.requires_grad for p in ex.parameters())
+    fake = torch.rand(2, 3, 224, 224, requires_grad=True)
+    ex.loss(fake * 2 - 1, torch.randn(2, 1, 80, 20), torch.randn(2, 3, 1, 80, 20), 0.07).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
 def test_ddp_two_processes_gloo(cache, tmp_path):

@@ -50,6 +50,8 @@ class TrainConfig:
     # contrastive speech-content space
     num_negatives: int = 4  # N negatives per sample (other clips + time shifts of the same clip)
     min_shift: int = 5  # same-clip negatives are at least this many frames away
+    same_clip_negatives: float = 0.5  # fraction of the N negatives drawn from the positive's own clip
+    # (time shifts: only these force lip content; other clips can be told apart by voice and face)
     temperature: float = 0.07  # InfoNCE softmax temperature on cosine similarities
     # loss weights of the joint stage (paper: all 1)
     w_gan: float = 1.0
@@ -59,6 +61,9 @@ class TrainConfig:
     w_mouth: float = 0.0  # extra pixel L1 on the mouth box of the aligned crop (MOUTH_BOX), lip-sync signal
     gan_start: int = 0  # GAN and feature-matching losses (and D updates) start at this step: L1 warm-up
     w_content: float = 1.0
+    w_open: float = 0.0  # audio content -> mouth opening regression (labels: python -m training.mouth_labels)
+    w_sync: float = 0.0  # lip-sync loss: InfoNCE of the *generated* frame's content against its audio,
+    # scored by a frozen copy of the content encoders taken at the start of the run (Wav2Lip-style expert)
     w_id: float = 1.0
     vgg_weights: str = ""  # ImageNet VGG19 state_dict: path or URL ('' disables the VGG loss, with a warning)
     d_scales: int = 2  # multi-scale discriminator: number of image scales
@@ -102,6 +107,11 @@ class TrainConfig:
             raise ConfigError(f"num_negatives must be >= 1, got {self.num_negatives}")
         if self.min_shift < 1:
             raise ConfigError(f"min_shift must be >= 1, got {self.min_shift}")
+        if self.stage == "joint" and self.w_sync > 0 and not self.init.endswith(".pt"):
+            raise ConfigError("w_sync needs --init of a .pt checkpoint from a content (or joint) run: the "
+                              "lip-sync expert is its trained content space; without one it would judge at random")
+        if not 0.0 <= self.same_clip_negatives <= 1.0:
+            raise ConfigError(f"same_clip_negatives must be in [0, 1], got {self.same_clip_negatives}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.crop_min <= 1:

@@ -10,6 +10,7 @@ One sample, for target frame ``i`` of clip ``c``::
     ref     official_crop(frame j), j != i, same clip        [3,224,224]  identity branch input
     aug     official_crop(augment(frame i))                  [3,224,224]  non-identity branch input
     label   identity index                                   []
+    opening mouth opening of frame i, z-scored in the clip   []           if the cache has mouth.npy
     neg_mel / neg_aug  N negatives (other clips, time shifts of the same clip)  [N,1,80,20] / [N,3,224,224]
 
 Batches are a pure function of (seed, step, rank): resuming at step k reproduces the data
@@ -43,6 +44,7 @@ class Clip:
     frames: np.ndarray  # [N,224,224,3] uint8 aligned crops
     mel: np.ndarray | None  # [T,80] float32, None for clips without speech
     valid: np.ndarray  # [F] frame indices that have both a frame and a full mel window
+    opening: np.ndarray | None = None  # [N] mouth opening z-scored within the clip, NaN = no label
 
 
 def read_holdout(path: str | Path | None) -> set[str]:
@@ -66,6 +68,22 @@ def decode_frames(path: Path) -> np.ndarray:
 
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def load_opening(path: Path, n_frames: int) -> np.ndarray | None:
+    """mouth.npy of ``python -m training.mouth_labels`` -> [N] opening z-scored within the clip
+    (so the target is "more or less open than this speaker usually is"), clipped to +-3; NaN where
+    there was no face. None when the clip has no labels."""
+    if not path.is_file():
+        return None
+    x = np.load(path).astype(np.float32)
+    if len(x) != n_frames:
+        raise InputError(f"{path}: {len(x)} labels for {n_frames} frames (rerun training.mouth_labels --force)")
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return np.full(n_frames, np.nan, np.float32)
+    z = (x - x[ok].mean()) / max(float(x[ok].std()), 1e-6)
+    return np.clip(z, -3.0, 3.0).astype(np.float32)
 
 
 class ClipStore:
@@ -99,7 +117,7 @@ class ClipStore:
                 log.warning("clip %s: fewer than 2 usable frames, left out", e["id"])
                 continue
             self.clips.append(Clip(e["id"], e["identity"], self.identities.index(e["identity"]), frames, mel,
-                                   valid))
+                                   valid, load_opening(d / "mouth.npy", len(frames))))
         if not self.clips:
             raise InputError(f"{self.root}: every clip is too short")
         # sample clips in proportion to their usable frames
@@ -107,6 +125,11 @@ class ClipStore:
         self.clip_p = sizes / sizes.sum()
         log.info("data: %d clips, %d identities, %d frames (holdout %d identities)", len(self.clips),
                  len(self.identities), int(sizes.sum()), len(holdout))
+
+    @property
+    def has_opening(self) -> bool:
+        """Every clip has mouth-opening labels."""
+        return all(c.opening is not None for c in self.clips)
 
     @property
     def num_identities(self) -> int:
@@ -119,15 +142,18 @@ class ClipStore:
 
 
 def sample_negatives(rng: np.random.Generator, valid: list[np.ndarray], clip: int, frame: int, n: int,
-                     min_shift: int) -> list[tuple[int, int]]:
-    """N negatives for the positive (clip, frame): about half from other clips, the rest from the
-    same clip at least ``min_shift`` frames away. Never returns the positive itself.
+                     min_shift: int, same_frac: float = 0.5) -> list[tuple[int, int]]:
+    """N negatives for the positive (clip, frame): a fraction ``same_frac`` from the same clip at
+    least ``min_shift`` frames away (negative m is one when floor((m+1)*same_frac) > floor(m*same_frac):
+    0.5 gives every second one), the rest from other clips. Falls back to the other kind when one
+    kind does not exist. Never returns the positive itself.
     ``valid``: usable frame indices of every clip."""
     same = valid[clip][np.abs(valid[clip] - frame) >= min_shift]
     others = [k for k in range(len(valid)) if k != clip]
     out: list[tuple[int, int]] = []
     for m in range(n):
-        use_same = len(same) > 0 and (not others or m % 2 == 1)
+        want_same = int(np.floor((m + 1) * same_frac)) > int(np.floor(m * same_frac))
+        use_same = len(same) > 0 and (want_same or not others)
         if use_same:
             out.append((clip, int(rng.choice(same))))
         elif others:
@@ -150,7 +176,8 @@ class Batcher:
     """Makes the batch of a given step; a pure function of (seed, step, rank)."""
 
     def __init__(self, store: ClipStore, batch_size: int, num_negatives: int, min_shift: int, seed: int,
-                 rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True):
+                 rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True,
+                 same_frac: float = 0.5):
         self.store = store
         self.bs = batch_size
         self.n_neg = num_negatives
@@ -159,6 +186,7 @@ class Batcher:
         self.rank = rank
         self.aug = aug or AugmentParams()
         self.negatives = negatives
+        self.same_frac = same_frac
         self._valid = [c.valid for c in store.clips]
 
     def _net(self, img: np.ndarray) -> np.ndarray:
@@ -172,7 +200,7 @@ class Batcher:
     def batch(self, step: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
         clips = self.store.clips
-        tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos = [], [], [], [], [], [], [], []
+        tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos, opening = [], [], [], [], [], [], [], [], []
         for _ in range(self.bs):
             c, i = self.store.draw(rng)
             clip = clips[c]
@@ -182,14 +210,18 @@ class Batcher:
             aug.append(self._aug(clip.frames[i], rng))
             lab.append(clip.label)
             pos.append((c, i))
+            opening.append(np.nan if clip.opening is None else clip.opening[i])
             if clip.mel is not None:
                 mel.append(audio_in.mel_window(clip.mel, i))
             if self.negatives and clip.mel is not None:
-                for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift):
+                for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift,
+                                             self.same_frac):
                     neg_mel.append(audio_in.mel_window(clips[k].mel, f))
                     neg_aug.append(self._aug(clips[k].frames[f], rng))
         out = {"target": to_tensor(np.stack(tgt)), "ref": to_tensor(np.stack(ref)), "aug": to_tensor(np.stack(aug)),
                "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long)}
+        if self.store.has_opening:
+            out["opening"] = torch.tensor(opening, dtype=torch.float32)  # [B] z-scored, NaN = no label
         if len(mel) == self.bs:
             out["mel"] = torch.from_numpy(np.stack(mel))  # [B,1,80,20]
         if neg_mel and len(neg_mel) == self.bs * self.n_neg:

@@ -9,11 +9,14 @@ lives here:
   their intermediate features for the feature-matching loss;
 * :class:`VGG19` / :class:`PerceptualLoss`: torchvision-layout VGG19 in plain torch (its ImageNet
   ``state_dict`` loads by key), weights from a path or URL;
+* :class:`SyncExpert`: a frozen copy of the content encoders that scores how well a *generated*
+  frame's mouth matches its audio (the lip-sync loss ``w_sync``);
 * :func:`info_nce`, hinge GAN losses, feature matching.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -33,6 +36,8 @@ class Heads(nn.Module):
         # non-identity feature -> speech content space (same width as the audio content feature)
         self.visual_content = nn.Sequential(nn.Linear(cfg.fan_feature, cfg.fan_feature), nn.ReLU(),
                                             nn.Linear(cfg.fan_feature, cfg.audio_feature))
+        # audio content -> mouth opening (z-scored within the clip); the w_open auxiliary
+        self.audio_opening = nn.Sequential(nn.Linear(cfg.audio_feature, 64), nn.ReLU(), nn.Linear(64, 1))
 
 
 # ------------------------------------------------------------------------------------ contrastive
@@ -44,6 +49,39 @@ def info_nce(query: Tensor, pos: Tensor, neg: Tensor, temperature: float) -> Ten
     n = F.normalize(neg.float(), dim=-1)
     logits = torch.cat([(q * p).sum(-1, keepdim=True), torch.einsum("bd,bnd->bn", q, n)], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+# ------------------------------------------------------------------------------------ lip-sync expert
+class SyncExpert(nn.Module):
+    """Frozen speech-content encoders (visual: pose encoder's non-identity feature + content head;
+    audio: the audio encoder), copied from the networks at the start of a run.
+
+    ``loss(fake, mel, neg_mel)`` is InfoNCE of the generated frame's visual content against its own
+    audio window, with the negatives' audio windows (time shifts of the same clip) as negatives.
+    Gradients reach the generator through ``fake`` only: the expert itself never learns, so the
+    generator cannot win by changing the judge (the Wav2Lip argument for a frozen sync expert)."""
+
+    def __init__(self, model: nn.Module, heads: Heads):
+        super().__init__()
+        self.visual = copy.deepcopy(model.pose_encoder.model)  # FAN -> non-identity feature
+        self.head = copy.deepcopy(heads.visual_content)
+        self.audio = copy.deepcopy(model.audio_encoder)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> SyncExpert:  # always in eval mode (frozen batch-norm statistics)
+        return super().train(False)
+
+    def loss(self, fake: Tensor, mel: Tensor, neg_mel: Tensor, temperature: float) -> Tensor:
+        """fake [B,3,S,S], mel [B,1,80,20], neg_mel [B,N,1,80,20] -> scalar."""
+        if fake.shape[-1] != 224:
+            fake = F.interpolate(fake, size=(224, 224), mode="bilinear", align_corners=False)
+        v = self.head(self.visual(fake))  # [B,D]
+        with torch.no_grad():
+            a = self.audio(mel)  # [B,D]
+            bs, n = neg_mel.shape[:2]
+            neg = self.audio(neg_mel.flatten(0, 1)).reshape(bs, n, -1)  # [B,N,D]
+        return info_nce(v, a, neg, temperature)
 
 
 # ------------------------------------------------------------------------------------ discriminator

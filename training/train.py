@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rt_engine.config import mouth_box
-from rt_engine.errors import RtEngineError
+from rt_engine.errors import ConfigError, RtEngineError
 from rt_engine.models.pcavs import PCAVS
 from training.config import TrainConfig, git_revision, resolve, save_run_config
 from training.data import AugmentParams, Batcher, ClipStore, read_holdout
@@ -53,6 +53,7 @@ from training.nets import (
     Heads,
     MultiScaleDiscriminator,
     PerceptualLoss,
+    SyncExpert,
     d_hinge_loss,
     feature_matching_loss,
     g_hinge_loss,
@@ -133,9 +134,14 @@ class Trainer:
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
         self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio)
+        if cfg.w_open > 0 and not self.store.has_opening:
+            raise ConfigError(f"w_open needs mouth-opening labels in {cfg.data}: run "
+                              f"python -m training.mouth_labels {cfg.data}")
         aug = AugmentParams(cfg.color_strength, cfg.persp_margin, cfg.persp_shift, cfg.crop_min)
         self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
-                               negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0))
+                               negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0 or
+                                                         cfg.w_sync > 0),
+                               same_frac=cfg.same_clip_negatives)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = PCAVS(self.mcfg).to(self.device)
         self.model.generator.set_form("static")  # equal maths, dense convs: faster for training batches
@@ -149,6 +155,8 @@ class Trainer:
         if cfg.init:
             self.load_networks(cfg.init)
         broadcast_params([self.model, self.heads] + ([self.D] if self.D is not None else []), world)
+        # frozen lip-sync expert: the content encoders as they are at the start (after --init)
+        self.expert = SyncExpert(self.model, self.heads) if cfg.stage == "joint" and cfg.w_sync > 0 else None
         self.g_params = self._trainable()
         self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
@@ -163,7 +171,7 @@ class Trainer:
         if stage == "identity":
             mods = [m.identity_encoder, h.id_classifier]
         elif stage == "content":
-            mods = [m.pose_encoder.model, m.audio_encoder, h.visual_content]
+            mods = [m.pose_encoder.model, m.audio_encoder, h.visual_content, h.audio_opening]
         else:
             mods = [m, h]
         for p in list(m.parameters()) + list(h.parameters()):
@@ -190,13 +198,31 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # -------------------------------------------------------------- losses
-    def _content_loss(self, noid: Tensor, audio: Tensor, b: dict[str, Tensor]) -> Tensor:
-        """Symmetric InfoNCE between visual content (from the non-identity feature) and audio content."""
+    def _content_pass(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Visual and audio content of the positives and their negatives, each modality in ONE forward
+        pass. Separate passes would let batch-norm statistics (train mode) tell a positive from a
+        negative, and InfoNCE then falls without learning anything about lips.
+        -> noid [B,F], audio [B,D], neg_noid [B,N,F], neg_audio [B,N,D]"""
+        m = self.model
         bs, n = b["neg_mel"].shape[:2]
+        noid = m.pose_encoder.noid_feature(torch.cat([b["aug"], b["neg_aug"].flatten(0, 1)]))  # [B+BN,F]
+        audio = m.audio_encoder(torch.cat([b["mel"], b["neg_mel"].flatten(0, 1)]))  # [B+BN,D]
+        return noid[:bs], audio[:bs], noid[bs:].reshape(bs, n, -1), audio[bs:].reshape(bs, n, -1)
+
+    def _opening_loss(self, audio: Tensor, b: dict[str, Tensor]) -> Tensor:
+        """Smooth L1 of the predicted mouth opening (from the audio content [B,D]) against the labels
+        [B] (z-scored within the clip; NaN labels are skipped)."""
+        y = b["opening"]
+        ok = torch.isfinite(y)
+        if not bool(ok.any()):
+            return torch.zeros((), device=y.device)
+        pred = self.heads.audio_opening(audio.float()).squeeze(1)  # [B]
+        return F.smooth_l1_loss(pred[ok], y[ok])
+
+    def _content_loss(self, noid: Tensor, audio: Tensor, neg_noid: Tensor, neg_a: Tensor) -> Tensor:
+        """Symmetric InfoNCE between visual content (from the non-identity feature) and audio content."""
         v = self.heads.visual_content(noid)  # [B,D]
-        neg_a = self.model.audio_encoder(b["neg_mel"].flatten(0, 1)).reshape(bs, n, -1)  # [B,N,D]
-        neg_noid = self.model.pose_encoder.noid_feature(b["neg_aug"].flatten(0, 1))
-        neg_v = self.heads.visual_content(neg_noid).reshape(bs, n, -1)  # [B,N,D]
+        neg_v = self.heads.visual_content(neg_noid)  # [B,N,D]
         t = self.cfg.temperature
         return 0.5 * (info_nce(v, audio, neg_a, t) + info_nce(audio, v, neg_v, t))
 
@@ -216,10 +242,12 @@ class Trainer:
             logs["id_acc"] = (logits.argmax(1) == torch.cat([b["label"], b["label"]])).float().mean().item()
         elif cfg.stage == "content":
             with self._autocast():
-                noid = m.pose_encoder.noid_feature(b["aug"])
-                audio = m.audio_encoder(b["mel"])
-                loss = self._content_loss(noid, audio, b)
+                noid, audio, neg_noid, neg_a = self._content_pass(b)
+                loss = self._content_loss(noid, audio, neg_noid, neg_a)
             logs["content"] = loss.item()
+            if cfg.w_open > 0:
+                logs["open"] = (op := self._opening_loss(audio, b)).item()
+                loss = loss + cfg.w_open * op
         else:
             loss, fake = self._joint_g_loss(b, logs)
         self.opt_g.zero_grad(set_to_none=True)
@@ -246,13 +274,16 @@ class Trainer:
         with self._autocast():
             id0, id1 = m.encode_identity(b["ref"])  # identity of another frame of the clip
             noid = None  # [B,F] visual content of the augmented target (sees the mouth)
-            if cfg.w_content > 0 or not self.mcfg.pose_mouth_mask:
-                noid = m.pose_encoder.noid_feature(b["aug"])
+            if cfg.w_content > 0:
+                noid, audio, neg_noid, neg_a = self._content_pass(b)
+            else:
+                audio = m.audio_encoder(b["mel"])  # [B,512]
+                if not self.mcfg.pose_mouth_mask:
+                    noid = m.pose_encoder.noid_feature(b["aug"])
             if self.mcfg.pose_mouth_mask:  # pose from the augmented target with its mouth blanked
                 pose = m.pose_encoder(b["aug"])  # [B,12]
             else:  # official: one feature for both
                 pose = m.pose_encoder.headpose(noid)  # [B,12]
-            audio = m.audio_encoder(b["mel"])  # [B,512]
             style = m.make_style(id0, m.pose_encoder.mouth(audio), pose)
             fake = m.generate(style, id1, noise="random")  # [B,3,S,S]
         fake = fake.float()
@@ -281,9 +312,17 @@ class Trainer:
                 vl = self.vgg(fake, target)
             logs["vgg"] = vl.item()
             total = total + cfg.w_vgg * vl
+        if cfg.w_open > 0:
+            logs["open"] = (op := self._opening_loss(audio, b)).item()
+            total = total + cfg.w_open * op
+        if self.expert is not None:
+            with self._autocast():
+                sy = self.expert.loss(fake, b["mel"], b["neg_mel"], cfg.temperature)
+            logs["sync"] = sy.item()
+            total = total + cfg.w_sync * sy
         if cfg.w_content > 0:
             with self._autocast():
-                c = self._content_loss(noid, audio, b)
+                c = self._content_loss(noid, audio, neg_noid, neg_a)
             logs["content"] = c.item()
             total = total + cfg.w_content * c
         if cfg.w_id > 0:
@@ -316,6 +355,7 @@ class Trainer:
             "model": self.model.state_dict(), "heads": self.heads.state_dict(),
             "D": self.D.state_dict() if self.D is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "expert": self.expert.state_dict() if self.expert is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -342,6 +382,8 @@ class Trainer:
         self.heads.load_state_dict(ck["heads"])
         if self.D is not None and ck["D"] is not None:
             self.D.load_state_dict(ck["D"])
+        if self.expert is not None and ck.get("expert") is not None:
+            self.expert.load_state_dict(ck["expert"])
         self.opt_g.load_state_dict(ck["opt_g"])
         if self.opt_d is not None and ck["opt_d"] is not None:
             self.opt_d.load_state_dict(ck["opt_d"])

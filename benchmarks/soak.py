@@ -103,18 +103,19 @@ async def churn(server: ServerProcess, cycles: int, out) -> dict:
     await run_client(server.url, 1.0, options=opts)  # warm-up: first-use allocations
     await asyncio.sleep(1.0)
     t0, r0 = server.threads(), server.rss_mb()
-    frames = []
+    frames, by_cycle = [], []
     for k in range(cycles):
         res = await run_client(server.url, 1.0, options=opts)
         frames.append(res.analyse()["video_frames"])
         if (k + 1) % 10 == 0:
-            print(json.dumps({"cycle": k + 1, "threads": server.threads(), "rss_mb": round(server.rss_mb(), 1),
-                              "sessions": _health(server.url)["sessions"]}), file=out, flush=True)
+            by_cycle.append({"cycle": k + 1, "threads": server.threads(), "rss_mb": round(server.rss_mb(), 1),
+                             "sessions": _health(server.url)["sessions"]})
+            print(json.dumps(by_cycle[-1]), file=out, flush=True)
     await asyncio.sleep(3.0)
     return {"mode": "churn", "cycles": cycles, "min_frames_per_cycle": min(frames),
             "threads_before": t0, "threads_after": server.threads(),
             "rss_before_mb": round(r0, 1), "rss_after_mb": round(server.rss_mb(), 1),
-            "sessions_after": _health(server.url)["sessions"]}
+            "sessions_after": _health(server.url)["sessions"], "every_10_cycles": by_cycle}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,6 +21,7 @@ All state lives in the app object (typed aiohttp ``AppKey`` s): ``app[ENGINE]`` 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import tempfile
@@ -466,6 +467,33 @@ async def _close_peer(app: web.Application, sid: str, reason: str) -> None:
             t.cancel()
     await peer.session.close()
     await peer.pc.close()
+    # after this coroutine and its caller let go of the peer, not now (it would still be reachable)
+    asyncio.get_running_loop().call_later(0.2, collect_garbage, app[ENGINE].metrics)
+
+
+def collect_garbage(metrics) -> float:
+    """Full cyclic garbage collection after a session ends; returns its duration in seconds.
+
+    A finished session is reference cycles (aiortc peer, event handlers, tasks, session) that hold
+    native memory: codec contexts, frames. They outlive the ~1 s generation-0/1 collections and then
+    wait for a generation-2 collection, which Python runs only after the long-lived heap grew by a
+    quarter, rarely with torch loaded. Measured before this: RSS +0.66 MB per connect/disconnect
+    cycle over 150 cycles (soak.py --churn), flat with a collection per close. Together with
+    freeze_startup_heap() one collection takes about 10 ms (unfrozen: 130-240 ms)."""
+    t0 = time.perf_counter()
+    n = gc.collect()
+    dt = time.perf_counter() - t0
+    metrics.observe("gc_seconds", dt)
+    log.debug("gc after session close: %d objects, %.1f ms", n, 1e3 * dt)
+    return dt
+
+
+def freeze_startup_heap() -> int:
+    """Move everything alive after start-up (torch, models, caches: ~260k objects) to the permanent
+    generation, so the per-close collections only walk what sessions created. Returns the count."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 # ---------------------------------------------------------------------------------- app
@@ -480,6 +508,7 @@ async def _on_startup(app: web.Application) -> None:
             await app[ENGINE].prepare_default()
         except Exception as e:  # the first default session will compute them (and report any error)
             log.warning("could not prepare the default identity ahead: %s", e)
+        log.info("froze %d start-up objects out of the garbage collector's way", freeze_startup_heap())
 
     app[WARM_TASK] = asyncio.ensure_future(warm())
 
@@ -508,6 +537,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
     m.describe("stage_latency_seconds", "histogram", "per-stage latency: mel (window complete to job), queue, model "
                "(batch compute), media_to_send (input media time to frame send)")
     m.describe("frames_dropped_total", "counter", "frames not shown fresh, by reason")
+    m.describe("gc_seconds", "histogram", "full garbage collection after each session close (frees its cycles)")
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/health", health)

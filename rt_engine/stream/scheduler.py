@@ -257,9 +257,11 @@ class Scheduler:
                         fut.set_result(fn(self.runner))
                     except BaseException as e:  # handed to the caller
                         fut.set_exception(e)
+                del call, fn, fut  # while idle, hold nothing of a finished call (it may own a session)
                 continue
             if jobs:
                 self._run(jobs)
+            del jobs  # nor of the last batch: a closed session is freed when it closes, not at the next batch
 
     def _select(self, pending: list[FrameJob]) -> tuple[list[FrameJob], list[FrameJob]]:
         """-> (this batch, still pending). Late jobs are dropped here."""

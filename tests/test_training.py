@@ -287,6 +287,18 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     tuned_file = export(runs / "tune/last.pt", tmp_path / "t.safetensors", half=True, command="pytest")
     assert [s["stage"] for s in read_single_meta(tuned_file)["provenance"]["stages"]] == [
         "identity", "content", "joint", "joint"]
+    # the bundled model is re-exported in place: the init file now already holds the tune run;
+    # exporting again must not count that run twice (the checkpoint kept the history it started from)
+    export(runs / "tune/last.pt", model_file, half=True, command="pytest")
+    again = export(runs / "tune/last.pt", tmp_path / "t2.safetensors", half=True, command="pytest")
+    prov2 = read_single_meta(again)["provenance"]
+    assert [s["stage"] for s in prov2["stages"]] == ["identity", "content", "joint", "joint"]
+    assert prov2["total_steps"] == 7
+    from training.export import _released_before  # older checkpoints without that record
+
+    chain = [{"run": "runs/b"}]
+    assert _released_before([{"run": "runs/a"}, {"run": "runs/b"}, {"run": "runs/c"}], chain) == [{"run": "runs/a"}]
+    assert _released_before([{"run": "runs/a"}], chain) == [{"run": "runs/a"}]
     # the checkpoint renders through the engine's command line
     wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
     import soundfile as sf

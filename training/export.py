@@ -44,15 +44,35 @@ def stage_history(ckpt: Path) -> list[dict[str, Any]]:
         if p.suffix == ".safetensors":  # fine-tuned from a released model: its own recorded history
             from rt_engine.models.checkpoint import read_single_meta
 
-            out.extend(reversed(read_single_meta(p)["provenance"].get("stages", [])))
+            out.extend(reversed(_released_before(read_single_meta(p)["provenance"].get("stages", []), out)))
             break
         ck = torch.load(p, map_location="cpu", weights_only=False)
+        if ck.get("init_stages") is not None:  # history of the released file as it was when this run began
+            out.append(_stage_record(p, ck))
+            out.extend(reversed(ck["init_stages"]))
+            break
+        out.append(_stage_record(p, ck))
         c = ck["config"]
-        out.append({"stage": c["stage"], "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
-                    "batch_size": c["batch_size"], "data": c["data"], "holdout": c["holdout"], "run": str(p.parent),
-                    "git": ck.get("git", "unknown"), "losses_last_logged": recent_losses(p.parent / "stats.jsonl")})
         p = Path(c["init"]) if c.get("init") else None
     return list(reversed(out))
+
+
+def _stage_record(p: Path, ck: dict[str, Any]) -> dict[str, Any]:
+    c = ck["config"]
+    return {"stage": c["stage"], "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
+            "batch_size": c["batch_size"], "data": c["data"], "holdout": c["holdout"], "run": str(p.parent),
+            "git": ck.get("git", "unknown"), "losses_last_logged": recent_losses(p.parent / "stats.jsonl")}
+
+
+def _released_before(stages: list[dict[str, Any]], chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A released file's stages, cut where they reach a run already in this chain: the file at the
+    init path may have been re-exported from a later run of this very chain since (the bundled model
+    is overwritten in place), and that run must not be counted twice."""
+    runs = {h["run"] for h in chain}
+    for k, h in enumerate(stages):
+        if h.get("run") in runs:
+            return stages[:k]
+    return stages
 
 
 def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",

@@ -152,6 +152,7 @@ class Trainer:
         if cfg.stage == "joint" and cfg.w_vgg > 0:
             vgg = load_vgg19(cfg.vgg_weights)
             self.vgg = PerceptualLoss(vgg).to(self.device) if vgg is not None else None
+        self.init_stages: list | None = None  # a released init file's stage history, as it is now
         if cfg.init:
             self.load_networks(cfg.init)
         broadcast_params([self.model, self.heads] + ([self.D] if self.D is not None else []), world)
@@ -356,6 +357,7 @@ class Trainer:
             "D": self.D.state_dict() if self.D is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "expert": self.expert.state_dict() if self.expert is not None else None,
+            "init_stages": self.init_stages,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -382,6 +384,8 @@ class Trainer:
         self.heads.load_state_dict(ck["heads"])
         if self.D is not None and ck["D"] is not None:
             self.D.load_state_dict(ck["D"])
+        if ck.get("init_stages") is not None:
+            self.init_stages = ck["init_stages"]  # the init file may have been overwritten since the start
         if self.expert is not None and ck.get("expert") is not None:
             self.expert.load_state_dict(ck["expert"])
         self.opt_g.load_state_dict(ck["opt_g"])
@@ -402,6 +406,9 @@ class Trainer:
 
             src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
             self.model.load_state_dict(src.state_dict())
+            from rt_engine.models.checkpoint import read_single_meta
+
+            self.init_stages = read_single_meta(path).get("provenance", {}).get("stages", [])
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
             return
         ck = torch.load(path, map_location=self.device, weights_only=False)

@@ -409,6 +409,13 @@ def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path):
     recs = stats(out)
     first, last = np.mean([r["open"] for r in recs[:3]]), np.mean([r["open"] for r in recs[-3:]])
     assert last < 0.5 * first, (first, last)
+    # joint: the image head learns the opening on real targets and judges the generated frames
+    out2 = tmp_path / "open_img"
+    assert main(ci_args(data, out2, "joint", 12, "--w-open", "1", "--w-open-img", "1", "--lr", "2e-3",
+                        "--overfit-one-batch", "true")) == 0
+    recs = stats(out2)
+    assert all(np.isfinite(r["open_real"]) and np.isfinite(r["open_fake"]) for r in recs)
+    assert np.mean([r["open_real"] for r in recs[-3:]]) < np.mean([r["open_real"] for r in recs[:3]])
 
 
 def test_sync_loss_trains_the_generator_and_keeps_the_expert_frozen(cache, tmp_path):

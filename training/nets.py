@@ -38,6 +38,10 @@ class Heads(nn.Module):
                                             nn.Linear(cfg.fan_feature, cfg.audio_feature))
         # audio content -> mouth opening (z-scored within the clip); the w_open auxiliary
         self.audio_opening = nn.Sequential(nn.Linear(cfg.audio_feature, 64), nn.ReLU(), nn.Linear(64, 1))
+        # mouth box of an image -> mouth opening: learns on real targets, judges generated frames (w_open_img)
+        self.image_opening = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1))
 
 
 # ------------------------------------------------------------------------------------ contrastive

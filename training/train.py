@@ -134,8 +134,8 @@ class Trainer:
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
         self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio)
-        if cfg.w_open > 0 and not self.store.has_opening:
-            raise ConfigError(f"w_open needs mouth-opening labels in {cfg.data}: run "
+        if (cfg.w_open > 0 or cfg.w_open_img > 0) and not self.store.has_opening:
+            raise ConfigError(f"w_open / w_open_img need mouth-opening labels in {cfg.data}: run "
                               f"python -m training.mouth_labels {cfg.data}")
         aug = AugmentParams(cfg.color_strength, cfg.persp_margin, cfg.persp_shift, cfg.crop_min)
         self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
@@ -219,6 +219,22 @@ class Trainer:
             return torch.zeros((), device=y.device)
         pred = self.heads.audio_opening(audio.float()).squeeze(1)  # [B]
         return F.smooth_l1_loss(pred[ok], y[ok])
+
+    def _image_opening_losses(self, fake: Tensor, target: Tensor, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(head's loss on the real target's mouth box, generated frame's loss under the frozen head).
+        The first trains the head only (the target carries no gradient); the second reaches the
+        generator only (the head is frozen for it, as D is for the GAN term)."""
+        y = b["opening"]  # [B]
+        ok = torch.isfinite(y)
+        if not bool(ok.any()):
+            z = torch.zeros((), device=y.device)
+            return z, z
+        head = self.heads.image_opening
+        real = F.smooth_l1_loss(head(mouth_region(target.detach())).squeeze(1)[ok], y[ok])
+        head.requires_grad_(False)
+        gen = F.smooth_l1_loss(head(mouth_region(fake)).squeeze(1)[ok], y[ok])
+        head.requires_grad_(True)
+        return real, gen
 
     def _content_loss(self, noid: Tensor, audio: Tensor, neg_noid: Tensor, neg_a: Tensor) -> Tensor:
         """Symmetric InfoNCE between visual content (from the non-identity feature) and audio content."""
@@ -316,6 +332,10 @@ class Trainer:
         if cfg.w_open > 0:
             logs["open"] = (op := self._opening_loss(audio, b)).item()
             total = total + cfg.w_open * op
+        if cfg.w_open_img > 0:
+            real, gen = self._image_opening_losses(fake, target, b)
+            logs["open_real"], logs["open_fake"] = real.item(), gen.item()
+            total = total + real + cfg.w_open_img * gen
         if self.expert is not None:
             with self._autocast():
                 sy = self.expert.loss(fake, b["mel"], b["neg_mel"], cfg.temperature)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rt_engine.config import ModelConfig
+from rt_engine.errors import CheckpointError
 from rt_engine.inputs.audio import mel_window
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.models.pcavs import PCAVS
@@ -36,7 +37,10 @@ def load_run(path: str | Path) -> tuple[PCAVS, Heads, dict]:
     model = PCAVS(mc)
     model.load_state_dict(ck["model"])
     heads = Heads(mc, max(1, len(ck["identities"])))
-    heads.load_state_dict(ck["heads"])
+    missing = [k for k in heads.state_dict() if k.startswith("visual_content.") and k not in ck["heads"]]
+    if missing:
+        raise CheckpointError(f"{path}: no visual content head ({missing[0]} missing); pass a content or joint run")
+    heads.load_state_dict(ck["heads"], strict=False)  # other heads may be missing in older runs
     return model.eval(), heads.eval(), ck["config"]
 
 

@@ -401,7 +401,12 @@ class Trainer:
         if changed:
             log.warning("resuming with changed config fields %s: the schedule is no longer the same", changed)
         self.model.load_state_dict(ck["model"])
-        self.heads.load_state_dict(ck["heads"])
+        missing, unexpected = self.heads.load_state_dict(ck["heads"], strict=False)
+        if unexpected:
+            raise RtEngineError(f"{path}: heads this code does not have: {unexpected[:3]}")
+        if missing:  # a head added to the code after this checkpoint was written starts fresh
+            log.warning("resume: heads not in the checkpoint start fresh: %s",
+                        sorted({k.split(".")[0] for k in missing}))
         if self.D is not None and ck["D"] is not None:
             self.D.load_state_dict(ck["D"])
         if ck.get("init_stages") is not None:

@@ -382,7 +382,7 @@ def test_content_positives_and_negatives_share_one_batch_norm_pass(cache, tmp_pa
     assert not torch.allclose(noid, noid2) and not torch.allclose(audio, audio2)
 
 
-def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path):
+def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path, caplog):
     """w_open: labels from mouth.npy (z-scored per clip, NaN skipped) reach the batch, and the audio
     head learns them; without labels the run refuses to start."""
     import shutil
@@ -390,6 +390,7 @@ def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path):
     from training.data import ClipStore
     from training.train import main
 
+    caplog.set_level(logging.INFO)
     assert main(ci_args(cache, tmp_path / "nolabels", "content", 1, "--w-open", "1")) == 2
     data = tmp_path / "cache"
     shutil.copytree(cache, data)
@@ -412,9 +413,10 @@ def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path):
     # joint: the image head learns the opening on real targets and judges the generated frames
     out2 = tmp_path / "open_img"
     assert main(ci_args(data, out2, "joint", 12, "--w-open", "1", "--w-open-img", "1", "--lr", "2e-3",
-                        "--overfit-one-batch", "true")) == 0
+                        "--overfit-one-batch", "true", "--open-img-warmup", "30")) == 0
     recs = stats(out2)
     assert all(np.isfinite(r["open_real"]) and np.isfinite(r["open_fake"]) for r in recs)
+    assert "image mouth-opening head: 30 warm-up steps" in caplog.text
     assert np.mean([r["open_real"] for r in recs[-3:]]) < np.mean([r["open_real"] for r in recs[:3]])
 
 

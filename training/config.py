@@ -64,6 +64,8 @@ class TrainConfig:
     w_open: float = 0.0  # audio content -> mouth opening regression (labels: python -m training.mouth_labels)
     w_open_img: float = 0.0  # generated frame's mouth opening (judged by a head that learns it on real
     # targets in the same step, frozen for the generated frame) against the label; needs w_open's labels
+    open_img_warmup: int = 0  # before step 0 of a fresh run: train the w_open_img head alone for this many
+    # steps (batch 32 of real frames), so it judges the generator sensibly from the start
     w_sync: float = 0.0  # lip-sync loss: InfoNCE of the *generated* frame's content against its audio,
     # scored by a frozen copy of the content encoders taken at the start of the run (Wav2Lip-style expert)
     w_id: float = 1.0

@@ -11,6 +11,7 @@ One sample, for target frame ``i`` of clip ``c``::
     aug     official_crop(augment(frame i))                  [3,224,224]  non-identity branch input
     label   identity index                                   []
     opening mouth opening of frame i, z-scored in the clip   []           if the cache has mouth.npy
+    opening_raw  the same as measured (lip gap / eye width)  []
     neg_mel / neg_aug  N negatives (other clips, time shifts of the same clip)  [N,1,80,20] / [N,3,224,224]
 
 Batches are a pure function of (seed, step, rank): resuming at step k reproduces the data
@@ -45,6 +46,7 @@ class Clip:
     mel: np.ndarray | None  # [T,80] float32, None for clips without speech
     valid: np.ndarray  # [F] frame indices that have both a frame and a full mel window
     opening: np.ndarray | None = None  # [N] mouth opening z-scored within the clip, NaN = no label
+    opening_raw: np.ndarray | None = None  # [N] mouth opening as measured (inner-lip gap / eye width)
 
 
 def read_holdout(path: str | Path | None) -> set[str]:
@@ -70,15 +72,17 @@ def decode_frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
-def load_opening(path: Path, n_frames: int) -> np.ndarray | None:
+def load_opening(path: Path, n_frames: int, z_score: bool = True) -> np.ndarray | None:
     """mouth.npy of ``python -m training.mouth_labels`` -> [N] opening z-scored within the clip
-    (so the target is "more or less open than this speaker usually is"), clipped to +-3; NaN where
-    there was no face. None when the clip has no labels."""
+    (so the target is "more or less open than this speaker usually is"), clipped to +-3, or as
+    measured (``z_score=False``); NaN where there was no face. None when the clip has no labels."""
     if not path.is_file():
         return None
     x = np.load(path).astype(np.float32)
     if len(x) != n_frames:
         raise InputError(f"{path}: {len(x)} labels for {n_frames} frames (rerun training.mouth_labels --force)")
+    if not z_score:
+        return x
     ok = np.isfinite(x)
     if ok.sum() < 2:
         return np.full(n_frames, np.nan, np.float32)
@@ -117,7 +121,8 @@ class ClipStore:
                 log.warning("clip %s: fewer than 2 usable frames, left out", e["id"])
                 continue
             self.clips.append(Clip(e["id"], e["identity"], self.identities.index(e["identity"]), frames, mel,
-                                   valid, load_opening(d / "mouth.npy", len(frames))))
+                                   valid, load_opening(d / "mouth.npy", len(frames)),
+                                   load_opening(d / "mouth.npy", len(frames), z_score=False)))
         if not self.clips:
             raise InputError(f"{self.root}: every clip is too short")
         # sample clips in proportion to their usable frames
@@ -200,7 +205,7 @@ class Batcher:
     def batch(self, step: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
         clips = self.store.clips
-        tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos, opening = [], [], [], [], [], [], [], [], []
+        tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos, opening, opening_raw = [], [], [], [], [], [], [], [], [], []
         for _ in range(self.bs):
             c, i = self.store.draw(rng)
             clip = clips[c]
@@ -211,6 +216,7 @@ class Batcher:
             lab.append(clip.label)
             pos.append((c, i))
             opening.append(np.nan if clip.opening is None else clip.opening[i])
+            opening_raw.append(np.nan if clip.opening_raw is None else clip.opening_raw[i])
             if clip.mel is not None:
                 mel.append(audio_in.mel_window(clip.mel, i))
             if self.negatives and clip.mel is not None:
@@ -222,6 +228,7 @@ class Batcher:
                "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long)}
         if self.store.has_opening:
             out["opening"] = torch.tensor(opening, dtype=torch.float32)  # [B] z-scored, NaN = no label
+            out["opening_raw"] = torch.tensor(opening_raw, dtype=torch.float32)  # [B] as measured
         if len(mel) == self.bs:
             out["mel"] = torch.from_numpy(np.stack(mel))  # [B,1,80,20]
         if neg_mel and len(neg_mel) == self.bs * self.n_neg:

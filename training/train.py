@@ -64,6 +64,9 @@ from training.nets import (
 log = logging.getLogger("training")
 
 
+OPEN_IMG_SCALE = 10.0  # image head target: 10 x (inner-lip gap / eye width), about 0-3
+
+
 def mouth_region(img: Tensor) -> Tensor:
     """[B,3,S,S] -> the MOUTH_BOX part, scaled to the image size S."""
     y0, y1, x0, x1 = mouth_box(img.shape[-1])
@@ -224,7 +227,7 @@ class Trainer:
         """(head's loss on the real target's mouth box, generated frame's loss under the frozen head).
         The first trains the head only (the target carries no gradient); the second reaches the
         generator only (the head is frozen for it, as D is for the GAN term)."""
-        y = b["opening"]  # [B]
+        y = OPEN_IMG_SCALE * b["opening_raw"]  # [B] absolute: what an image shows, whoever speaks
         ok = torch.isfinite(y)
         if not bool(ok.any()):
             z = torch.zeros((), device=y.device)
@@ -235,6 +238,36 @@ class Trainer:
         gen = F.smooth_l1_loss(head(mouth_region(fake)).squeeze(1)[ok], y[ok])
         head.requires_grad_(True)
         return real, gen
+
+    def warm_up_image_opening(self, steps: int, batch: int = 32) -> float:
+        """Train the image mouth-opening head alone on real frames (mouth box of the network crop ->
+        z-scored opening). Same data on every rank (seeded by ``seed`` only), so ranks stay equal.
+        Returns the mean loss of the last 20 steps."""
+        from rt_engine.inputs.image import official_crop, to_tensor
+
+        head = self.heads.image_opening
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        clips = [c for c in self.store.clips if c.opening is not None]
+        losses = []
+        for _ in range(steps):
+            imgs, ys = [], []
+            while len(imgs) < batch:
+                c = clips[int(rng.integers(len(clips)))]
+                i = int(rng.integers(len(c.frames)))
+                if np.isfinite(c.opening_raw[i]):
+                    imgs.append(official_crop(c.frames[i]))
+                    ys.append(OPEN_IMG_SCALE * c.opening_raw[i])
+            x = self._target({"target": to_tensor(np.stack(imgs)).to(self.device)})  # [B,3,S,S]
+            loss = F.smooth_l1_loss(head(mouth_region(x)).squeeze(1), torch.tensor(ys, device=self.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        tail = float(np.mean(losses[-20:]))
+        log.info("image mouth-opening head: %d warm-up steps, loss %.3f -> %.3f", steps,
+                 float(np.mean(losses[:20])), tail)
+        return tail
 
     def _content_loss(self, noid: Tensor, audio: Tensor, neg_noid: Tensor, neg_a: Tensor) -> Tensor:
         """Symmetric InfoNCE between visual content (from the non-identity feature) and audio content."""
@@ -496,6 +529,8 @@ class Trainer:
             save_run_config(cfg, self.out)
         if (self.out / "last.pt").is_file():
             self.resume(self.out / "last.pt")
+        elif cfg.stage == "joint" and cfg.w_open_img > 0 and cfg.open_img_warmup > 0:
+            self.warm_up_image_opening(cfg.open_img_warmup)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stats_f = open(self.out / "stats.jsonl", "a") if self.rank == 0 else None
         last_ckpt = time.monotonic()

@@ -279,7 +279,7 @@ def test_session_churn_leaks_nothing(tiny_engine):
             await asyncio.sleep(1.0)
             # dead sessions must be freed by the server itself, not wait for a rare generation-2
             # collection: no Session or server-side peer object may still be tracked (no gc.collect here)
-            alive = sum(isinstance(o, (Session, Peer)) for o in gc.get_objects())
+            alive = sum(type(o) in (Session, Peer) for o in gc.get_objects())  # type(): no proxy lookups
             return (len(app[STATE].sessions), threading.active_count() - base_threads, _rss_mb() - base_rss,
                     tiny_engine.scheduler.pending(), alive)
 

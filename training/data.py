@@ -72,21 +72,26 @@ def decode_frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
-def load_opening(path: Path, n_frames: int, z_score: bool = True) -> np.ndarray | None:
-    """mouth.npy of ``python -m training.mouth_labels`` -> [N] opening z-scored within the clip
-    (so the target is "more or less open than this speaker usually is"), clipped to +-3, or as
-    measured (``z_score=False``); NaN where there was no face. None when the clip has no labels."""
+def load_opening(path: Path, n_frames: int) -> np.ndarray | None:
+    """mouth.npy of ``python -m training.mouth_labels`` -> [N] opening as measured (inner-lip gap /
+    eye width), NaN where there was no face. None when the clip has no labels."""
     if not path.is_file():
         return None
     x = np.load(path).astype(np.float32)
     if len(x) != n_frames:
         raise InputError(f"{path}: {len(x)} labels for {n_frames} frames (rerun training.mouth_labels --force)")
-    if not z_score:
-        return x
-    ok = np.isfinite(x)
+    return x
+
+
+def z_score_opening(raw: np.ndarray | None) -> np.ndarray | None:
+    """[N] measured opening -> z-scored within the clip (so the target is "more or less open than
+    this speaker usually is"), clipped to +-3; NaN stays NaN. None passes through."""
+    if raw is None:
+        return None
+    ok = np.isfinite(raw)
     if ok.sum() < 2:
-        return np.full(n_frames, np.nan, np.float32)
-    z = (x - x[ok].mean()) / max(float(x[ok].std()), 1e-6)
+        return np.full(len(raw), np.nan, np.float32)
+    z = (raw - raw[ok].mean()) / max(float(raw[ok].std()), 1e-6)
     return np.clip(z, -3.0, 3.0).astype(np.float32)
 
 
@@ -120,9 +125,9 @@ class ClipStore:
             if len(valid) < 2:
                 log.warning("clip %s: fewer than 2 usable frames, left out", e["id"])
                 continue
+            raw = load_opening(d / "mouth.npy", len(frames))
             self.clips.append(Clip(e["id"], e["identity"], self.identities.index(e["identity"]), frames, mel,
-                                   valid, load_opening(d / "mouth.npy", len(frames)),
-                                   load_opening(d / "mouth.npy", len(frames), z_score=False)))
+                                   valid, z_score_opening(raw), raw))
         if not self.clips:
             raise InputError(f"{self.root}: every clip is too short")
         # sample clips in proportion to their usable frames

@@ -47,11 +47,10 @@ def stage_history(ckpt: Path) -> list[dict[str, Any]]:
             out.extend(reversed(_released_before(read_single_meta(p)["provenance"].get("stages", []), out)))
             break
         ck = torch.load(p, map_location="cpu", weights_only=False)
+        out.append(_stage_record(p, ck))
         if ck.get("init_stages") is not None:  # history of the released file as it was when this run began
-            out.append(_stage_record(p, ck))
             out.extend(reversed(ck["init_stages"]))
             break
-        out.append(_stage_record(p, ck))
         c = ck["config"]
         p = Path(c["init"]) if c.get("init") else None
     return list(reversed(out))

@@ -241,14 +241,15 @@ class Trainer:
 
     def warm_up_image_opening(self, steps: int, batch: int = 32) -> float:
         """Train the image mouth-opening head alone on real frames (mouth box of the network crop ->
-        z-scored opening). Same data on every rank (seeded by ``seed`` only), so ranks stay equal.
+        OPEN_IMG_SCALE x measured opening, as in the joint step). Same data on every rank (seeded by
+        ``seed`` only), so ranks stay equal.
         Returns the mean loss of the last 20 steps."""
         from rt_engine.inputs.image import official_crop, to_tensor
 
         head = self.heads.image_opening
         opt = torch.optim.Adam(head.parameters(), lr=1e-3)
         rng = np.random.default_rng([self.cfg.seed, 7])
-        clips = [c for c in self.store.clips if c.opening is not None]
+        clips = [c for c in self.store.clips if c.opening_raw is not None]
         losses = []
         for _ in range(steps):
             imgs, ys = [], []
@@ -460,12 +461,10 @@ class Trainer:
         A ``.safetensors`` model (e.g. the bundled one) gives the model weights only: fine-tuning it
         starts with new heads, discriminator and optimiser state."""
         if str(path).endswith(".safetensors"):
-            from rt_engine.models.checkpoint import load_single
+            from rt_engine.models.checkpoint import load_single, read_single_meta
 
             src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
             self.model.load_state_dict(src.state_dict())
-            from rt_engine.models.checkpoint import read_single_meta
-
             self.init_stages = read_single_meta(path).get("provenance", {}).get("stages", [])
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
             return

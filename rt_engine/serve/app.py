@@ -33,6 +33,7 @@ from pathlib import Path
 from aiohttp import web
 
 from rt_engine.errors import ConfigError, InputError, NoFaceError, RtEngineError
+from rt_engine.stream.scheduler import Metrics
 from rt_engine.stream.session import Engine, Session, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -471,7 +472,7 @@ async def _close_peer(app: web.Application, sid: str, reason: str) -> None:
     asyncio.get_running_loop().call_later(0.2, collect_garbage, app[ENGINE].metrics)
 
 
-def collect_garbage(metrics) -> float:
+def collect_garbage(metrics: Metrics) -> float:
     """Full cyclic garbage collection after a session ends; returns its duration in seconds.
 
     A finished session is reference cycles (aiortc peer, event handlers, tasks, session) that hold

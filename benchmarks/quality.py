@@ -12,7 +12,8 @@ columns 16:208 of the aligned crop, resized to 224: what the generator outputs).
 Methods in one run: ground truth vs itself (the metric ceiling), a still image (the identity frame
 repeated), the model with the pose fixed to the identity frame's ("fixed pose") and the model.
 Outputs under --out: report.md (paper-style table), results.json (per clip), plots/*.png
-(mouth-opening curves). Clips without a detectable face or without audio are skipped with a reason.
+(mouth-opening curves) and plots/*_frames.jpg (a contact sheet: ground truth, then each method, at
+the same evenly spaced frames). Clips without a detectable face or without audio are skipped with a reason.
 """
 
 from __future__ import annotations
@@ -368,6 +369,22 @@ def plot_curves(path: Path, name: str, ref: Reference, curves: dict[str, np.ndar
     plt.close(fig)
 
 
+def contact_sheet(rows: dict[str, np.ndarray], inds: np.ndarray, n: int = 6, size: int = 128) -> np.ndarray:
+    """One row per method (frames [M,H,W,3] aligned with ``inds``), ``n`` evenly spaced columns, each
+    cell ``size`` px with its method and frame index written on it -> RGB uint8 [rows*size, n*size, 3]."""
+    cols = np.linspace(0, len(inds) - 1, n).round().astype(int)
+    out = []
+    for name, frames in rows.items():
+        cells = []
+        for c in cols:
+            cell = cv2.resize(np.ascontiguousarray(frames[c]), (size, size), interpolation=cv2.INTER_AREA)
+            cv2.putText(cell, f"{name} {int(inds[c])}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                        (255, 255, 0), 1, cv2.LINE_AA)
+            cells.append(cell)
+        out.append(np.concatenate(cells, 1))
+    return np.concatenate(out, 0)
+
+
 # ------------------------------------------------------------------ report
 COLUMNS = [  # key, header, format
     ("ssim", "SSIM ↑", "{:.3f}"), ("psnr", "PSNR ↑", "{:.2f}"), ("cpbd", "CPBD ↑", "{:.3f}"),
@@ -423,7 +440,7 @@ def write_report(out: Path, result: dict) -> Path:
                   f"{c['info'].get('n_frames')} frames at 25 fps, {c['n_target']} target frames "
                   f"({c['inds'][0]}..{c['inds'][-1]}), audio {c['info'].get('audio_s')} s, "
                   f"{'already aligned' if c['info'].get('already_aligned') else 'face-cropped'}; "
-                  f"plot: `{c['plot']}`", "",
+                  f"plot: `{c['plot']}`, frames: `{c.get('frames_sheet', '-')}`", "",
                   "| Method | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
         for m, r in c["methods"].items():
             if "error" in r:
@@ -531,7 +548,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             continue
         entry = {"name": spec.name, "info": clip.info, "inds": [int(ref.inds[0]), int(ref.inds[-1])],
                  "n_target": len(ref.inds), "methods": {}}
-        curves = {}
+        curves, sheet = {}, {"gt": ref.frames}
         for m in methods:
             try:
                 if m == "gt":
@@ -546,6 +563,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                     entry["info"][f"{m}_render_s"] = round(time.time() - t1, 1)
                 res, curves[m] = evaluate(gen, ref, analyzer, opts, syncnet, identical=(m == "gt"))
                 entry["methods"][m] = res
+                sheet[m] = gen
             except Exception as e:  # noqa: BLE001
                 entry["methods"][m] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 log.warning("%s / %s failed: %s", spec.name, m, e)
@@ -556,6 +574,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             entry["plot"] = str(plot.relative_to(out))
         except Exception as e:  # noqa: BLE001
             entry["plot"] = f"failed: {e}"
+        frames_png = out / "plots" / f"{safe}_frames.jpg"
+        cv2.imwrite(str(frames_png), contact_sheet(sheet, ref.inds)[..., ::-1])
+        entry["frames_sheet"] = str(frames_png.relative_to(out))
         clips.append(entry)
     cropper.close()
     result = {"command": command, "checkpoint": args.checkpoint or "bundled default",

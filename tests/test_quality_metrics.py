@@ -174,3 +174,8 @@ def test_cli_runs_and_skips_bad_clips(tmp_path, clip, monkeypatch):
     report = (out / "report.md").read_text()
     assert "Ground truth (ceiling)" in report and "LSE-C / LSE-D not computed" in report
     assert (out / c["plot"]).is_file()
+    sheet = cv2.imread(str(out / c["frames_sheet"]))  # rows: gt, still, fixed_pose, model; 6 columns of 128 px
+    assert sheet.shape == (4 * 128, 6 * 128, 3)
+    gt_cell = cv2.cvtColor(sheet[20:128, :128], cv2.COLOR_BGR2RGB).astype(float)  # below the label
+    first = cv2.resize(Q.model_view(clip.frames[2:3])[0], (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.abs(gt_cell - first[20:]).mean() < 8  # the first column is target frame 2 (jpeg + resize)

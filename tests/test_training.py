@@ -463,6 +463,25 @@ def test_sync_loss_trains_the_generator_and_keeps_the_expert_frozen(cache, tmp_p
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
+def test_sync_eval_decodes_only_the_clips_it_scores(cache, tmp_path, monkeypatch):
+    """training.sync_eval picks the N longest clips from the index and decodes only those."""
+    import training.data
+    from training import sync_eval
+    from training.train import main
+
+    assert main(ci_args(cache, tmp_path / "content", "content", 1)) == 0
+    decoded = []
+    real_decode = training.data.decode_frames
+    monkeypatch.setattr(training.data, "decode_frames", lambda p: decoded.append(p.parent.name) or real_decode(p))
+    out = tmp_path / "sync.json"
+    assert sync_eval.main([str(tmp_path / "content/last.pt"), "--data", str(cache), "--clips", "1",
+                           "--every", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert decoded == list(res["clips"]) and len(decoded) == 1
+    (row,) = res["clips"].values()
+    assert row["chance_top1"] == pytest.approx(1 / row["n"]) and 0 <= row["v2a_top1"] <= 1
+
+
 def test_ddp_two_processes_gloo(cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

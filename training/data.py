@@ -99,14 +99,15 @@ class ClipStore:
     """All clips of a cache in memory, filtered by holdout and by what the stage needs."""
 
     def __init__(self, root: str | Path, holdout: set[str] | None = None, need_audio: bool = True,
-                 max_clips: int | None = None):
+                 max_clips: int | None = None, only_ids: set[str] | None = None):
         self.root = Path(root)
         idx_path = self.root / "index.json"
         if not idx_path.is_file():
             raise InputError(f"{self.root}: no index.json (run python -m training.preprocess first)")
         entries = json.loads(idx_path.read_text())["clips"]
         holdout = holdout or set()
-        kept = [e for e in entries if e["identity"] not in holdout and (e["has_audio"] or not need_audio)]
+        kept = [e for e in entries if e["identity"] not in holdout and (e["has_audio"] or not need_audio)
+                and (only_ids is None or e["id"] in only_ids)]
         if max_clips is not None:
             kept = kept[:max_clips]
         if not kept:

@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, heads, _ = load_run(args.checkpoint)
-    store = ClipStore(args.data, None, need_audio=True)
     keep = read_holdout(args.holdout) if args.holdout else None
+    index = json.loads((Path(args.data) / "index.json").read_text())["clips"] if (
+        Path(args.data) / "index.json").is_file() else []
+    entries = [e for e in index if e.get("has_audio") and (keep is None or e["identity"] in keep)]
+    longest = {e["id"] for e in sorted(entries, key=lambda e: -e.get("n_usable", 0))[:args.clips]}
+    store = ClipStore(args.data, None, need_audio=True, only_ids=longest or None)  # decodes only those
     clips = [c for c in store.clips if keep is None or c.identity in keep]
     clips = sorted(clips, key=lambda c: -len(c.valid))[:args.clips]
     rows = {}

@@ -463,6 +463,20 @@ def test_sync_loss_trains_the_generator_and_keeps_the_expert_frozen(cache, tmp_p
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
+def test_checkpoint_records_the_revision_the_run_started_with(cache, tmp_path, monkeypatch):
+    """A commit made while a run trains must not relabel its later checkpoints."""
+    import itertools
+
+    import training.train
+    from training.train import main
+
+    revs = (f"rev{k}" for k in itertools.count())
+    monkeypatch.setattr(training.train, "git_revision", lambda: next(revs))
+    assert main(ci_args(cache, tmp_path / "run", "identity", 2, "--ckpt-every", "1")) == 0
+    ck = torch.load(tmp_path / "run/last.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2 and ck["git"] == "rev0"
+
+
 def test_sync_eval_decodes_only_the_clips_it_scores(cache, tmp_path, monkeypatch):
     """training.sync_eval picks the N longest clips from the index and decodes only those."""
     import training.data

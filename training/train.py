@@ -133,6 +133,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = rank, world
         self.device = device or torch.device("cpu")
+        self.git = git_revision()  # the code this process runs; a later commit must not relabel its checkpoints
         self.out = Path(cfg.out)
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
@@ -406,7 +407,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
-            "model_config": self.mcfg.to_dict(), "identities": self.store.identities, "git": git_revision(),
+            "model_config": self.mcfg.to_dict(), "identities": self.store.identities, "git": self.git,
             "model": self.model.state_dict(), "heads": self.heads.state_dict(),
             "D": self.D.state_dict() if self.D is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,

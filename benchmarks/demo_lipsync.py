@@ -7,8 +7,9 @@
 From the raw frames of ``render --save-raw``: 68-point landmarks (benchmarks.metrics), the
 mouth-opening curve (inner-lip gap / eye width), its range, and the audio-to-mouth offset found by
 cross-correlating it with the speech-band energy of the audio (with a z-score against circularly
-shifted audio: how far the real alignment stands above chance). Writes ``result.json`` and
-``lipsync.png`` (mouth crops over time above the two curves).
+shifted audio: how far the real alignment stands above chance). Writes ``result.json``,
+``lipsync.png`` (mouth crops over time above the two curves) and ``closed_open.png`` (the most
+closed and the most open frames, at least 0.2 s apart: what the lips do, at a glance).
 """
 
 from __future__ import annotations
@@ -71,6 +72,39 @@ def plot(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, energy: np.ndarra
     plt.close(fig)
 
 
+def pick_extremes(mouth: np.ndarray, n: int = 5, gap: int = 5) -> tuple[list[int], list[int]]:
+    """Mouth opening [N] (NaN: no face) -> (indices of the n most closed frames, of the n most open),
+    each list in time order, frames of one list at least ``gap`` apart."""
+    def greedy(order: np.ndarray) -> list[int]:
+        picked: list[int] = []
+        for i in order:
+            if np.isfinite(mouth[i]) and all(abs(int(i) - j) >= gap for j in picked):
+                picked.append(int(i))
+                if len(picked) == n:
+                    break
+        return sorted(picked)
+
+    m = np.where(np.isfinite(mouth), mouth, np.nan)
+    return greedy(np.argsort(np.nan_to_num(m, nan=np.inf))), greedy(np.argsort(-np.nan_to_num(m, nan=-np.inf)))
+
+
+def closed_open_sheet(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, n: int = 5, size: int = 160) -> None:
+    """Two rows: the n most closed frames, the n most open ones, each labelled with its time and opening."""
+    import cv2
+
+    rows = []
+    for name, idx in zip(("closed", "open"), pick_extremes(mouth, n), strict=True):
+        cells = []
+        for i in idx:
+            cell = cv2.resize(np.ascontiguousarray(frames_u8[i]), (size, size), interpolation=cv2.INTER_AREA)
+            cv2.putText(cell, f"{name} {i / FPS:.2f}s {mouth[i]:.3f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                        (255, 255, 0), 1, cv2.LINE_AA)
+            cells.append(cell)
+        cells += [np.zeros((size, size, 3), np.uint8)] * (n - len(cells))
+        rows.append(np.concatenate(cells, 1))
+    cv2.imwrite(str(path), np.concatenate(rows, 0)[..., ::-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.demo_lipsync", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(res, indent=1))
     plot(out / "lipsync.png", frames, mouth, energy)
+    closed_open_sheet(out / "closed_open.png", frames, mouth)
     log.info("%s", json.dumps(res))
     return 0
 

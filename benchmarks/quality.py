@@ -13,7 +13,9 @@ Methods in one run: ground truth vs itself (the metric ceiling), a still image (
 repeated), the model with the pose fixed to the identity frame's ("fixed pose") and the model.
 Outputs under --out: report.md (paper-style table), results.json (per clip), plots/*.png
 (mouth-opening curves) and plots/*_frames.jpg (a contact sheet: ground truth, then each method, at
-the same evenly spaced frames). Clips without a detectable face or without audio are skipped with a reason.
+the same evenly spaced frames). The sheets show the evaluated footage, so they are git-ignored: keep
+them local unless the footage may be published. Clips without a detectable face or without audio
+are skipped with a reason.
 """
 
 from __future__ import annotations

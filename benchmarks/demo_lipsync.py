@@ -94,12 +94,7 @@ def closed_open_sheet(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, n: i
 
     rows = []
     for name, idx in zip(("closed", "open"), pick_extremes(mouth, n), strict=True):
-        cells = []
-        for i in idx:
-            cell = cv2.resize(np.ascontiguousarray(frames_u8[i]), (size, size), interpolation=cv2.INTER_AREA)
-            cv2.putText(cell, f"{name} {i / FPS:.2f}s {mouth[i]:.3f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
-                        (255, 255, 0), 1, cv2.LINE_AA)
-            cells.append(cell)
+        cells = [M.labelled_cell(frames_u8[i], f"{name} {i / FPS:.2f}s {mouth[i]:.3f}", size) for i in idx]
         cells += [np.zeros((size, size, 3), np.uint8)] * (n - len(cells))
         rows.append(np.concatenate(cells, 1))
     cv2.imwrite(str(path), np.concatenate(rows, 0)[..., ::-1])

@@ -88,6 +88,13 @@ def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
+def labelled_cell(frame: np.ndarray, text: str, size: int) -> np.ndarray:
+    """RGB frame [H,W,3] u8 -> [size,size,3] u8 with ``text`` written top left (for contact sheets)."""
+    cell = cv2.resize(np.ascontiguousarray(frame), (size, size), interpolation=cv2.INTER_AREA)
+    cv2.putText(cell, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (255, 255, 0), 1, cv2.LINE_AA)
+    return cell
+
+
 # ------------------------------------------------------------------ landmarks
 def _dlib_model_path(name: str) -> str:
     spec = importlib.util.find_spec("face_recognition_models")

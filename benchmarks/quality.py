@@ -377,13 +377,7 @@ def contact_sheet(rows: dict[str, np.ndarray], inds: np.ndarray, n: int = 6, siz
     cols = np.linspace(0, len(inds) - 1, n).round().astype(int)
     out = []
     for name, frames in rows.items():
-        cells = []
-        for c in cols:
-            cell = cv2.resize(np.ascontiguousarray(frames[c]), (size, size), interpolation=cv2.INTER_AREA)
-            cv2.putText(cell, f"{name} {int(inds[c])}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                        (255, 255, 0), 1, cv2.LINE_AA)
-            cells.append(cell)
-        out.append(np.concatenate(cells, 1))
+        out.append(np.concatenate([M.labelled_cell(frames[c], f"{name} {int(inds[c])}", size) for c in cols], 1))
     return np.concatenate(out, 0)
 
 

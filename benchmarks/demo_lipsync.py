@@ -84,8 +84,7 @@ def pick_extremes(mouth: np.ndarray, n: int = 5, gap: int = 5) -> tuple[list[int
                     break
         return sorted(picked)
 
-    m = np.where(np.isfinite(mouth), mouth, np.nan)
-    return greedy(np.argsort(np.nan_to_num(m, nan=np.inf))), greedy(np.argsort(-np.nan_to_num(m, nan=-np.inf)))
+    return greedy(np.argsort(mouth)), greedy(np.argsort(-mouth))  # NaN sorts last; greedy skips it
 
 
 def closed_open_sheet(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, n: int = 5, size: int = 160) -> None:

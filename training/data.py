@@ -95,16 +95,21 @@ def z_score_opening(raw: np.ndarray | None) -> np.ndarray | None:
     return np.clip(z, -3.0, 3.0).astype(np.float32)
 
 
+def read_index(root: str | Path) -> list[dict]:
+    """The clip entries of a cache's ``index.json`` (id, identity, n_frames, n_usable, has_audio, ...)."""
+    idx_path = Path(root) / "index.json"
+    if not idx_path.is_file():
+        raise InputError(f"{root}: no index.json (run python -m training.preprocess first)")
+    return json.loads(idx_path.read_text())["clips"]
+
+
 class ClipStore:
     """All clips of a cache in memory, filtered by holdout and by what the stage needs."""
 
     def __init__(self, root: str | Path, holdout: set[str] | None = None, need_audio: bool = True,
                  max_clips: int | None = None, only_ids: set[str] | None = None):
         self.root = Path(root)
-        idx_path = self.root / "index.json"
-        if not idx_path.is_file():
-            raise InputError(f"{self.root}: no index.json (run python -m training.preprocess first)")
-        entries = json.loads(idx_path.read_text())["clips"]
+        entries = read_index(self.root)
         holdout = holdout or set()
         kept = [e for e in entries if e["identity"] not in holdout and (e["has_audio"] or not need_audio)
                 and (only_ids is None or e["id"] in only_ids)]

@@ -15,14 +15,13 @@ predict the opening (a small head, ``w_open``), so the mouth code carries it fro
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from training.data import decode_frames
+from training.data import decode_frames, read_index
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.metrics import FaceAnalyzer
 
     root = Path(args.cache)
-    clips = json.loads((root / "index.json").read_text())["clips"]
+    clips = read_index(root)
     analyzer = FaceAnalyzer()
     found = total = 0
     for e in tqdm(clips, desc="mouth labels", unit="clip"):

@@ -24,7 +24,7 @@ from rt_engine.errors import CheckpointError
 from rt_engine.inputs.audio import mel_window
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.models.pcavs import PCAVS
-from training.data import ClipStore, read_holdout
+from training.data import ClipStore, read_holdout, read_index
 from training.nets import Heads
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, heads, _ = load_run(args.checkpoint)
     keep = read_holdout(args.holdout) if args.holdout else None
-    index = json.loads((Path(args.data) / "index.json").read_text())["clips"] if (
-        Path(args.data) / "index.json").is_file() else []
-    entries = [e for e in index if e.get("has_audio") and (keep is None or e["identity"] in keep)]
+    entries = [e for e in read_index(args.data) if e["has_audio"] and (keep is None or e["identity"] in keep)]
     longest = {e["id"] for e in sorted(entries, key=lambda e: -e.get("n_usable", 0))[:args.clips]}
-    store = ClipStore(args.data, None, need_audio=True, only_ids=longest or None)  # decodes only those
-    clips = [c for c in store.clips if keep is None or c.identity in keep]
-    clips = sorted(clips, key=lambda c: -len(c.valid))[:args.clips]
+    store = ClipStore(args.data, None, need_audio=True, only_ids=longest)  # decodes only those
+    clips = sorted(store.clips, key=lambda c: -len(c.valid))
     rows = {}
     for c in clips:
         rows[c.id] = clip_retrieval(model, heads, c.frames, c.mel, c.valid, args.every)

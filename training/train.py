@@ -228,17 +228,23 @@ class Trainer:
         """(head's loss on the real target's mouth box, generated frame's loss under the frozen head).
         The first trains the head only (the target carries no gradient); the second reaches the
         generator only (the head is frozen for it, as D is for the GAN term)."""
-        y = OPEN_IMG_SCALE * b["opening_raw"]  # [B] absolute: what an image shows, whoever speaks
-        ok = torch.isfinite(y)
+        raw = b["opening_raw"]  # [B] absolute: what an image shows, whoever speaks
+        ok = torch.isfinite(raw)
         if not bool(ok.any()):
-            z = torch.zeros((), device=y.device)
+            z = torch.zeros((), device=raw.device)
             return z, z
+        real = self._image_opening_loss(target.detach()[ok], raw[ok])
         head = self.heads.image_opening
-        real = F.smooth_l1_loss(head(mouth_region(target.detach())).squeeze(1)[ok], y[ok])
         head.requires_grad_(False)
-        gen = F.smooth_l1_loss(head(mouth_region(fake)).squeeze(1)[ok], y[ok])
+        gen = self._image_opening_loss(fake[ok], raw[ok])
         head.requires_grad_(True)
         return real, gen
+
+    def _image_opening_loss(self, img: Tensor, raw: Tensor) -> Tensor:
+        """Smooth L1 of the image head on the mouth box of ``img`` [B,3,S,S] against OPEN_IMG_SCALE x
+        the measured opening ``raw`` [B] (all finite)."""
+        pred = self.heads.image_opening(mouth_region(img)).squeeze(1)  # [B]
+        return F.smooth_l1_loss(pred, OPEN_IMG_SCALE * raw)
 
     def warm_up_image_opening(self, steps: int, batch: int = 32) -> float:
         """Train the image mouth-opening head alone on real frames (mouth box of the network crop ->
@@ -259,9 +265,9 @@ class Trainer:
                 i = int(rng.integers(len(c.frames)))
                 if np.isfinite(c.opening_raw[i]):
                     imgs.append(official_crop(c.frames[i]))
-                    ys.append(OPEN_IMG_SCALE * c.opening_raw[i])
+                    ys.append(c.opening_raw[i])
             x = self._target({"target": to_tensor(np.stack(imgs)).to(self.device)})  # [B,3,S,S]
-            loss = F.smooth_l1_loss(head(mouth_region(x)).squeeze(1), torch.tensor(ys, device=self.device))
+            loss = self._image_opening_loss(x, torch.tensor(ys, device=self.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -233,6 +233,30 @@ def curve_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
+def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16, n_shuffle: int = 200,
+                           seed: int = 0) -> dict[str, float]:
+    """How far the correlation of ``gen`` with ``ref`` [N] stands above chance: the same
+    correlation against ``ref`` circularly shifted by ``min_shift`` .. N - ``min_shift`` frames (a
+    mouth that moves like the real one, out of step with it; a still mouth has no correlation at
+    all). Returns ``corr``, ``z`` (vs the mean and std of the shifted correlations) and ``p``
+    ((1 + shifted >= corr) / (1 + shifts), one-sided). NaN where the curve is undefined or short."""
+    g, r = np.asarray(gen, np.float64), np.asarray(ref, np.float64)
+    n = min(len(g), len(r))
+    g, r = g[:n], r[:n]
+    nan = {"corr": math.nan, "z": math.nan, "p": math.nan}
+    c = curve_correlation(g, r)
+    if not math.isfinite(c) or n - min_shift <= min_shift:
+        return nan
+    rng = np.random.default_rng(seed)
+    null = np.array([curve_correlation(g, np.roll(r, int(sh))) for sh in rng.integers(min_shift, n - min_shift,
+                                                                                       n_shuffle)])
+    null = null[np.isfinite(null)]
+    if len(null) < 3:
+        return nan
+    return {"corr": c, "z": float((c - null.mean()) / max(null.std(), 1e-6)),
+            "p": float((1 + (null >= c).sum()) / (1 + len(null)))}
+
+
 def lagged_correlations(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:
     """Pearson correlation of ``y[t]`` with ``x[t - lag]`` for lag = -max_lag..max_lag; [2*max_lag+1].
 

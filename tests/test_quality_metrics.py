@@ -179,3 +179,26 @@ def test_cli_runs_and_skips_bad_clips(tmp_path, clip, monkeypatch):
     gt_cell = cv2.cvtColor(sheet[20:128, :128], cv2.COLOR_BGR2RGB).astype(float)  # below the label
     first = cv2.resize(Q.model_view(clip.frames[2:3])[0], (128, 128), interpolation=cv2.INTER_AREA)
     assert np.abs(gt_cell - first[20:]).mean() < 8  # the first column is target frame 2 (jpeg + resize)
+
+
+def test_mouth_correlation_against_shifted_ground_truth():
+    """A mouth curve that follows the real one stands far above the shifted-curve null; an unrelated
+    one does not; a still mouth has no correlation at all."""
+    rng = np.random.default_rng(0)
+    ref = np.convolve(rng.standard_normal(260), np.ones(5) / 5, mode="same")  # syllable-like, smooth
+    follow = ref + 0.5 * rng.standard_normal(len(ref)) * ref.std()
+    hit = M.correlation_vs_shifted(follow, ref)
+    assert hit["corr"] > 0.7 and hit["z"] > 5 and hit["p"] < 0.01
+    other = np.convolve(rng.standard_normal(260), np.ones(5) / 5, mode="same")
+    miss = M.correlation_vs_shifted(other, ref)
+    assert abs(miss["z"]) < 3 and miss["p"] > 0.01
+    assert all(math.isnan(v) for v in M.correlation_vs_shifted(np.full(260, 0.3), ref).values())
+    assert math.isnan(M.correlation_vs_shifted(follow[:20], ref[:20])["z"])  # too short to shift
+
+
+def test_summary_keeps_the_worst_clip_p():
+    from benchmarks.quality import summarize
+
+    clips = [{"methods": {"model": {"mouth_corr": c, "mouth_corr_p": p}}} for c, p in ((0.5, 0.005), (0.2, 0.04))]
+    s = summarize(clips + [{"methods": {"model": {"mouth_corr": math.nan, "mouth_corr_p": math.nan}}}], ["model"])
+    assert s["model"]["mouth_corr_p"] == 0.04 and s["model"]["mouth_corr"] == pytest.approx(0.35)

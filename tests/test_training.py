@@ -519,3 +519,134 @@ def test_holdout_folder_links_held_out_clips_with_their_audio(tmp_path):
     names = sorted(p.name for p in (tmp_path / "h").iterdir())
     assert "m0079_KristiNoem.flac" in names and "m0079_KristiNoem.mp4" in names  # paired separate speech
     assert all((tmp_path / "h" / n).resolve().is_file() for n in names)
+
+
+# ------------------------------------------------------------------------------------ video-only clips
+@pytest.fixture(scope="module")
+def mixed_cache(cache, tmp_path_factory) -> Path:
+    """The synthetic cache plus one video-only clip of a third person (preprocess --keep-silent)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(cache, root, dirs_exist_ok=True)
+    d = root / "clips" / "silent0"
+    shutil.copytree(root / "clips" / "synth1", d)
+    (d / "mel.npy").unlink()
+    meta = {**json.loads((d / "meta.json").read_text()), "id": "silent0", "identity": "person2", "has_audio": False}
+    (d / "meta.json").write_text(json.dumps(meta))
+    idx = json.loads((root / "index.json").read_text())
+    idx["clips"].append(meta)
+    (root / "index.json").write_text(json.dumps(idx))
+    return root
+
+
+def test_video_only_samples_borrow_speech_and_carry_no_opening_label(mixed_cache):
+    from training.data import Batcher, ClipStore
+
+    store = ClipStore(mixed_cache, need_audio=False)
+    for c in store.clips:  # opening labels on every clip, so a NaN below can only come from the sample kind
+        c.opening = c.opening_raw = np.linspace(0.1, 0.5, len(c.frames)).astype(np.float32)
+    bt = Batcher(store, 8, 1, 3, seed=1, negatives=False, video_only_frac=0.5)
+    speech_mels = {k: store.clips[k].mel for k in range(len(store.clips)) if store.clips[k].mel is not None}
+    seen = set()
+    for step in range(6):
+        b = bt.batch(step)
+        for s in range(8):
+            clip = store.clips[int(b["pos"][s, 0])]
+            assert bool(b["speech"][s]) == (clip.mel is not None)
+            assert np.isnan(float(b["opening_raw"][s])) != bool(b["speech"][s])
+            seen.add(bool(b["speech"][s]))
+            if not b["speech"][s]:  # the mel window is some speech clip's, at some usable frame
+                win = b["mel"][s].numpy()
+                assert any(np.array_equal(win, audio_in.mel_window(m, f)) for k, m in speech_mels.items()
+                           for f in store.clips[k].valid)
+    assert seen == {True, False}
+    with pytest.raises(InputError, match="video_only_frac"):
+        Batcher(ClipStore(mixed_cache), 2, 1, 3, seed=1, negatives=False, video_only_frac=0.5)  # none silent
+
+
+def test_video_only_mouth_is_not_judged(mixed_cache, tmp_path):
+    """A video-only sample's mel is someone else's speech: no loss may pull its mouth to the target's
+    mouth (pixel L1, mouth L1, feature matching, opening heads), while the rest of its face counts."""
+    from rt_engine.config import mouth_box
+    from training.train import Trainer
+
+    args = ci_args(mixed_cache, tmp_path / "v", "joint", 1, "--video-only-frac", "0.5", "--w-content", "0",
+                   "--w-mouth", "2")
+    tr = Trainer(resolve(args))
+    tr._set_modes()
+    b = tr.batcher.batch(0)
+    b["speech"] = torch.tensor([True, False])
+    y0, y1, x0, x1 = mouth_box(b["target"].shape[-1])
+
+    def loss(batch: dict) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(tr._joint_g_loss(batch, {})[0])
+
+    def edit(sample: int, region: tuple[slice, slice]) -> dict:
+        t = b["target"].clone()
+        t[sample, :, region[0], region[1]] = -t[sample, :, region[0], region[1]]
+        return {**b, "target": t}
+
+    mouth = (slice(y0 + 4, y1 - 4), slice(x0 + 4, x1 - 4))  # inset: the CI model trains at 112 px, and the
+    # resize to it blurs the box edge
+    base = loss(b)
+    assert loss(edit(1, mouth)) == base  # video-only mouth: not judged
+    assert loss(edit(0, mouth)) != base  # speech mouth: judged
+    assert loss(edit(1, (slice(0, y0), slice(None)))) != base  # video-only face above the mouth: judged
+    with pytest.raises(Exception, match="video_only_frac"):
+        resolve(ci_args(mixed_cache, tmp_path / "w", "joint", 1, "--video-only-frac", "0.5"))  # w_content 1
+
+
+def test_joint_run_with_video_only_clips(mixed_cache, tmp_path):
+    from training.train import main
+
+    out = tmp_path / "mixed"
+    assert main(ci_args(mixed_cache, out, "joint", 4, "--video-only-frac", "0.5", "--w-content", "0",
+                        "--w-mouth", "2")) == 0
+    recs = stats(out)
+    assert len(recs) == 4 and all(np.isfinite(v) for r in recs for v in r.values())
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["identities"] == ["person0", "person1", "person2"]  # the video-only face joins the id classes
+
+
+# ------------------------------------------------------------------------------------ weight average
+def test_weight_average_update_resume_and_export(cache, tmp_path):
+    """--ema d: after each step ema = d * ema + (1 - d) * weights, starting at the initial weights;
+    resume restores it bit for bit; training.export ships it (--raw: the last step's weights)."""
+    from rt_engine.config import ModelConfig
+    from rt_engine.models.checkpoint import load_single
+    from training.export import export
+    from training.train import Trainer, main
+
+    tr = Trainer(resolve(ci_args(cache, tmp_path / "t", "joint", 2, "--ema", "0.9")))
+    w0 = {k: v.clone() for k, v in tr.model.named_parameters()}
+    assert all(torch.equal(v, dict(tr.ema.named_parameters())[k]) for k, v in w0.items())
+    tr.train_step(0)
+    w1 = {k: v.clone() for k, v in tr.model.named_parameters()}
+    ema = dict(tr.ema.named_parameters())
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    for k in w0:
+        torch.testing.assert_close(ema[k], 0.9 * w0[k] + 0.1 * w1[k], rtol=0, atol=1e-6)
+    tr.train_step(1)
+    w2 = dict(tr.model.named_parameters())
+    for k in w0:
+        torch.testing.assert_close(ema[k], 0.9 * (0.9 * w0[k] + 0.1 * w1[k]) + 0.1 * w2[k], rtol=0, atol=1e-6)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(ci_args(cache, a, "joint", 3, "--ema", "0.9")) == 0
+    assert main(ci_args(cache, b, "joint", 2, "--ema", "0.9")) == 0
+    assert main(ci_args(cache, b, "joint", 3, "--ema", "0.9")) == 0  # resume
+    ca, cb = (torch.load(p / "last.pt", weights_only=False) for p in (a, b))
+    assert all(torch.equal(ca["model_ema"][k], cb["model_ema"][k]) for k in ca["model_ema"])
+    assert main(ci_args(cache, tmp_path / "c", "joint", 1)) == 0
+    assert main(ci_args(cache, tmp_path / "c", "joint", 2, "--ema", "0.9")) == 2  # no average to resume
+
+    mc = ModelConfig.from_dict(ca["model_config"])
+    for raw, want in ((False, ca["model_ema"]), (True, ca["model"])):
+        f = export(a / "last.pt", tmp_path / f"m{raw}.safetensors", half=False, raw=raw)
+        got = load_single(f, mc).state_dict()
+        keys = [k for k, v in want.items() if v.is_floating_point()]
+        assert all(torch.equal(got[k].float(), want[k].float()) for k in keys)
+    assert any(not torch.equal(ca["model_ema"][k], ca["model"][k]) for k in keys)

@@ -43,6 +43,8 @@ class TrainConfig:
     lr_d: float = 1e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    ema: float = 0.0  # keep an exponential moving average of the model weights with this decay
+    # (e.g. 0.999; 0 = off). training.export ships the average: GAN weights swing from step to step
     seed: int = 0
     bf16: bool = False  # bf16 autocast for the forward passes
     threads: int = 0  # torch threads (0: leave torch's default)
@@ -69,6 +71,9 @@ class TrainConfig:
     w_sync: float = 0.0  # lip-sync loss: InfoNCE of the *generated* frame's content against its audio,
     # scored by a frozen copy of the content encoders taken at the start of the run (Wav2Lip-style expert)
     w_id: float = 1.0
+    video_only_frac: float = 0.0  # joint: this fraction of each batch from video-only clips (more faces for
+    # identity and pose; their mouth box is left out of the pixel losses, as are their feature matching
+    # and opening losses, since their mel is someone else's speech). Cache: preprocess --keep-silent
     vgg_weights: str = ""  # ImageNet VGG19 state_dict: path or URL ('' disables the VGG loss, with a warning)
     d_scales: int = 2  # multi-scale discriminator: number of image scales
     d_channels: int = 64
@@ -114,6 +119,13 @@ class TrainConfig:
         if self.stage == "joint" and self.w_sync > 0 and not self.init.endswith(".pt"):
             raise ConfigError("w_sync needs --init of a .pt checkpoint from a content (or joint) run: the "
                               "lip-sync expert is its trained content space; without one it would judge at random")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.video_only_frac < 1.0:
+            raise ConfigError(f"video_only_frac must be in [0, 1), got {self.video_only_frac}")
+        if self.video_only_frac > 0 and (self.stage != "joint" or self.w_content > 0 or self.w_sync > 0):
+            raise ConfigError("video_only_frac is for the joint stage with w_content 0 and w_sync 0: "
+                              "video-only samples have no speech for the contrastive losses")
         if not 0.0 <= self.same_clip_negatives <= 1.0:
             raise ConfigError(f"same_clip_negatives must be in [0, 1], got {self.same_clip_negatives}")
         if self.temperature <= 0:

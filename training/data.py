@@ -12,7 +12,13 @@ One sample, for target frame ``i`` of clip ``c``::
     label   identity index                                   []
     opening mouth opening of frame i, z-scored in the clip   []           if the cache has mouth.npy
     opening_raw  the same as measured (lip gap / eye width)  []
+    speech  True: the mel is this frame's own audio          []           bool
     neg_mel / neg_aug  N negatives (other clips, time shifts of the same clip)  [N,1,80,20] / [N,3,224,224]
+
+With ``video_only_frac > 0`` (joint stage) that fraction of the samples comes from video-only clips
+(``preprocess --keep-silent``): more faces for the identity and pose branches. Their mel is a window
+of a random speech clip and ``speech`` is False, so the losses that tie the mouth to the audio leave
+them out (their opening labels are NaN).
 
 Batches are a pure function of (seed, step, rank): resuming at step k reproduces the data
 order exactly, whatever happened before.
@@ -139,21 +145,34 @@ class ClipStore:
         # sample clips in proportion to their usable frames
         sizes = np.array([len(c.valid) for c in self.clips], np.float64)
         self.clip_p = sizes / sizes.sum()
+        speech = np.array([c.mel is not None for c in self.clips])
+        self.pool_p = {}  # True: clips with speech, False: video-only; each in proportion to its frames
+        for kind in (True, False):
+            w = np.where(speech == kind, sizes, 0.0)
+            if w.sum() > 0:
+                self.pool_p[kind] = w / w.sum()
         log.info("data: %d clips, %d identities, %d frames (holdout %d identities)", len(self.clips),
                  len(self.identities), int(sizes.sum()), len(holdout))
 
     @property
     def has_opening(self) -> bool:
-        """Every clip has mouth-opening labels."""
-        return all(c.opening is not None for c in self.clips)
+        """Every clip with speech has mouth-opening labels (video-only clips need none)."""
+        return all(c.opening is not None for c in self.clips if c.mel is not None)
 
     @property
     def num_identities(self) -> int:
         return len(self.identities)
 
-    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
-        """A random (clip index, frame index)."""
-        c = int(rng.choice(len(self.clips), p=self.clip_p))
+    def draw(self, rng: np.random.Generator, speech: bool | None = None) -> tuple[int, int]:
+        """A random (clip index, frame index); ``speech`` True/False: from the clips with/without
+        speech only (None: any clip)."""
+        if speech is None:
+            p = self.clip_p
+        elif speech in self.pool_p:
+            p = self.pool_p[speech]
+        else:
+            raise InputError(f"{self.root}: no clip {'with' if speech else 'without'} speech to draw from")
+        c = int(rng.choice(len(self.clips), p=p))
         return c, int(rng.choice(self.clips[c].valid))
 
 
@@ -193,8 +212,12 @@ class Batcher:
 
     def __init__(self, store: ClipStore, batch_size: int, num_negatives: int, min_shift: int, seed: int,
                  rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True,
-                 same_frac: float = 0.5):
+                 same_frac: float = 0.5, video_only_frac: float = 0.0):
         self.store = store
+        if video_only_frac > 0 and (negatives or False not in store.pool_p or True not in store.pool_p):
+            raise InputError("video_only_frac needs clips with and without speech, and no negatives "
+                             "(video-only samples have no speech to contrast)")
+        self.video_only_frac = video_only_frac
         self.bs = batch_size
         self.n_neg = num_negatives
         self.min_shift = min_shift
@@ -217,26 +240,36 @@ class Batcher:
         rng = np.random.default_rng([self.seed, step, self.rank])
         clips = self.store.clips
         tgt, ref, aug, mel, lab, neg_mel, neg_aug, pos, opening, opening_raw = [], [], [], [], [], [], [], [], [], []
+        speech = []
         for _ in range(self.bs):
-            c, i = self.store.draw(rng)
+            if self.video_only_frac > 0:  # (frac 0 draws exactly as before this option existed)
+                c, i = self.store.draw(rng, speech=bool(rng.random() >= self.video_only_frac))
+            else:
+                c, i = self.store.draw(rng)
             clip = clips[c]
+            speech.append(clip.mel is not None)
             j = int(rng.choice(clip.valid[clip.valid != i]))
             tgt.append(self._net(clip.frames[i]))
             ref.append(self._net(clip.frames[j]))
             aug.append(self._aug(clip.frames[i], rng))
             lab.append(clip.label)
             pos.append((c, i))
-            opening.append(np.nan if clip.opening is None else clip.opening[i])
-            opening_raw.append(np.nan if clip.opening_raw is None else clip.opening_raw[i])
+            no_label = clip.opening is None or clip.mel is None  # video-only: not tied to any audio
+            opening.append(np.nan if no_label else clip.opening[i])
+            opening_raw.append(np.nan if no_label else clip.opening_raw[i])
             if clip.mel is not None:
                 mel.append(audio_in.mel_window(clip.mel, i))
+            elif self.video_only_frac > 0:  # someone else's speech: the mouth is not judged on it
+                k, f = self.store.draw(rng, speech=True)
+                mel.append(audio_in.mel_window(clips[k].mel, f))
             if self.negatives and clip.mel is not None:
                 for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift,
                                              self.same_frac):
                     neg_mel.append(audio_in.mel_window(clips[k].mel, f))
                     neg_aug.append(self._aug(clips[k].frames[f], rng))
         out = {"target": to_tensor(np.stack(tgt)), "ref": to_tensor(np.stack(ref)), "aug": to_tensor(np.stack(aug)),
-               "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long)}
+               "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long),
+               "speech": torch.tensor(speech, dtype=torch.bool)}  # [B] the mel is this frame's audio
         if self.store.has_opening:
             out["opening"] = torch.tensor(opening, dtype=torch.float32)  # [B] z-scored, NaN = no label
             out["opening_raw"] = torch.tensor(opening_raw, dtype=torch.float32)  # [B] as measured

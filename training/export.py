@@ -75,18 +75,22 @@ def _released_before(stages: list[dict[str, Any]], chain: list[dict[str, Any]]) 
 
 
 def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",
-           extra: dict[str, Any] | None = None) -> Path:
+           extra: dict[str, Any] | None = None, raw: bool = False) -> Path:
+    """Write the model of a training checkpoint; its weight average (``--ema``) when it has one,
+    unless ``raw``."""
     p = Path(ckpt)
     if not p.is_file():
         raise CheckpointError(f"training checkpoint not found: {p}")
     ck = torch.load(p, map_location="cpu", weights_only=False)
     model = PCAVS(ModelConfig.from_dict(ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    use_ema = ck.get("model_ema") is not None and not raw
+    model.load_state_dict(ck["model_ema"] if use_ema else ck["model"])
     model.generator.set_form("ref")
     hist = stage_history(p)
+    weights = f"moving average, decay {ck['ema_decay']}" if use_ema else "last step"
     prov = {"trained_by": "training/train.py (rt_engine)", "command": command, "stages": hist,
             "total_steps": sum(h["steps"] for h in hist), "total_train_seconds": sum(h["train_seconds"] for h in hist),
-            "identities_trained": len(ck.get("identities", [])), **(extra or {})}
+            "identities_trained": len(ck.get("identities", [])), "weights": weights, **(extra or {})}
     path = save_single(model.eval(), out, half=half, provenance=prov)
     log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, json.dumps(prov))
     return path
@@ -100,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--half", action="store_true", help="store fp16 weights")
     ap.add_argument("--command", default="", help="the command that trained it (provenance)")
     ap.add_argument("--note", default="", help="free text stored in the provenance")
+    ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None)
+        export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
+               raw=args.raw)
         return 0
     except RtEngineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ Sources (one of):
 * ``--csv``: a data table like ``../shared/data/train.csv``: rows of kind ``talking_video``;
   video files without an audio track are paired with the wav the notes name ("aligned 16k wav
   at samples/.../x.wav", stored next to it as .flac); clips noted as silent, video-only or with
-  unverified speech are skipped (``--keep-silent`` keeps them for the identity stage).
+  unverified speech are skipped (``--keep-silent`` keeps them as video-only clips: for the identity
+  stage, and for the joint stage's ``video_only_frac``, which adds their faces without their mouths).
 * ``--voxceleb2``: ``<root>/<speaker id>/<youtube id>/<utterance>.mp4`` (identity = speaker id).
 * ``--lrw``: ``<root>/<WORD>/<split>/<WORD>_<n>.mp4``; LRW has no speaker labels, so every clip is
   its own identity class.
@@ -56,7 +57,7 @@ class Source:
     video: str
     audio: str | None  # None: the video's own audio track
     identity: str
-    want_audio: bool = True  # False: video-only clip (identity stage only)
+    want_audio: bool = True  # False: video-only clip (identity stage, joint video_only_frac)
 
 
 def _safe(s: str) -> str:
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--folder", help="any folder of videos")
     ap.add_argument("--out", required=True, help="cache folder, e.g. runs/data/train")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--keep-silent", action="store_true", help="csv: keep video-only clips (identity stage)")
+    ap.add_argument("--keep-silent", action="store_true",
+                    help="csv: keep video-only clips (identity stage, joint --video-only-frac)")
     ap.add_argument("--only", default=None, help="comma-separated clip ids to process (debugging)")
     ap.add_argument("--limit", type=int, default=None, help="process at most this many clips")
     args = ap.parse_args(argv)

@@ -27,6 +27,7 @@ model and RNG states are restored, so a resumed run continues the same schedule 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -137,7 +138,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
-        self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio)
+        self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio and cfg.video_only_frac == 0)
         if (cfg.w_open > 0 or cfg.w_open_img > 0) and not self.store.has_opening:
             raise ConfigError(f"w_open / w_open_img need mouth-opening labels in {cfg.data}: run "
                               f"python -m training.mouth_labels {cfg.data}")
@@ -145,7 +146,7 @@ class Trainer:
         self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
                                negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0 or
                                                          cfg.w_sync > 0),
-                               same_frac=cfg.same_clip_negatives)
+                               same_frac=cfg.same_clip_negatives, video_only_frac=cfg.video_only_frac)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = PCAVS(self.mcfg).to(self.device)
         self.model.generator.set_form("static")  # equal maths, dense convs: faster for training batches
@@ -162,6 +163,9 @@ class Trainer:
         broadcast_params([self.model, self.heads] + ([self.D] if self.D is not None else []), world)
         # frozen lip-sync expert: the content encoders as they are at the start (after --init)
         self.expert = SyncExpert(self.model, self.heads) if cfg.stage == "joint" and cfg.w_sync > 0 else None
+        self.ema = None  # moving average of the model weights (cfg.ema), starting at the initial weights
+        if cfg.ema > 0:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.g_params = self._trainable()
         self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
@@ -312,6 +316,7 @@ class Trainer:
         loss.backward()
         sync_grads(self.g_params, self.world)
         self.opt_g.step()
+        self._update_ema()
         if cfg.stage == "joint":
             self._d_step(b, fake, logs)
             self._last = (b, fake.detach())
@@ -346,11 +351,20 @@ class Trainer:
             fake = m.generate(style, id1, noise="random")  # [B,3,S,S]
         fake = fake.float()
         total = torch.zeros((), device=self.device)
+        speech = b["speech"]  # [B] False: video-only sample, its mel is someone else's: mouth not judged
+        all_speech = bool(speech.all())
         if cfg.w_l1 > 0:
-            logs["l1"] = (l1 := F.l1_loss(fake, target)).item()
+            if all_speech:
+                l1 = F.l1_loss(fake, target)
+            else:  # mean absolute error over the pixels that count: all but video-only mouths
+                w = torch.ones_like(fake[:, :1])  # [B,1,S,S]
+                y0, y1, x0, x1 = mouth_box(fake.shape[-1])
+                w[~speech, :, y0:y1, x0:x1] = 0.0
+                l1 = ((fake - target).abs() * w).sum() / (w.sum() * fake.shape[1])
+            logs["l1"] = l1.item()
             total = total + cfg.w_l1 * l1
-        if cfg.w_mouth > 0:
-            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake), mouth_region(target))).item()
+        if cfg.w_mouth > 0 and bool(speech.any()):
+            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake[speech]), mouth_region(target[speech]))).item()
             total = total + cfg.w_mouth * ml
         if self._gan_on():
             self.D.requires_grad_(False)
@@ -361,13 +375,22 @@ class Trainer:
             if cfg.w_gan > 0:
                 logs["g_gan"] = (g := g_hinge_loss(d_fake)).item()
                 total = total + cfg.w_gan * g
-            if cfg.w_fm > 0:
+            if cfg.w_fm > 0 and bool(speech.any()):  # speech samples only: else it pulls a video-only mouth
+                # to its target too
+                if not all_speech:
+                    d_real = [[f[speech] for f in fs] for fs in d_real]
+                    d_fake = [[f[speech] for f in fs] for fs in d_fake]
                 logs["fm"] = (fm := feature_matching_loss(d_real, d_fake)).item()
                 total = total + cfg.w_fm * fm
             self.D.requires_grad_(True)
         if self.vgg is not None:
+            judged = fake
+            if not all_speech:  # video-only samples: their mouth box shows the target's, so it adds nothing
+                y0, y1, x0, x1 = mouth_box(fake.shape[-1])
+                judged = fake.clone()
+                judged[~speech, :, y0:y1, x0:x1] = target[~speech, :, y0:y1, x0:x1]
             with self._autocast():
-                vl = self.vgg(fake, target)
+                vl = self.vgg(judged, target)
             logs["vgg"] = vl.item()
             total = total + cfg.w_vgg * vl
         if cfg.w_open > 0:
@@ -393,6 +416,16 @@ class Trainer:
             total = total + cfg.w_id * idl
         return total, fake
 
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights; buffers (batch-norm statistics) are copied."""
+        if self.ema is None:
+            return
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - self.cfg.ema)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+
     def _gan_on(self) -> bool:
         return (self.cfg.w_gan > 0 or self.cfg.w_fm > 0) and self.step >= self.cfg.gan_start
 
@@ -415,6 +448,7 @@ class Trainer:
             "step": self.step, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
             "model_config": self.mcfg.to_dict(), "identities": self.store.identities, "git": self.git,
             "model": self.model.state_dict(), "heads": self.heads.state_dict(),
+            "model_ema": self.ema.state_dict() if self.ema is not None else None, "ema_decay": self.cfg.ema,
             "D": self.D.state_dict() if self.D is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "expert": self.expert.state_dict() if self.expert is not None else None,
@@ -442,6 +476,10 @@ class Trainer:
         if changed:
             log.warning("resuming with changed config fields %s: the schedule is no longer the same", changed)
         self.model.load_state_dict(ck["model"])
+        if self.ema is not None:
+            if ck.get("model_ema") is None:
+                raise RtEngineError(f"{path}: no weight average in the checkpoint; resume with --ema 0")
+            self.ema.load_state_dict(ck["model_ema"])
         missing, unexpected = self.heads.load_state_dict(ck["heads"], strict=False)
         if unexpected:
             raise RtEngineError(f"{path}: heads this code does not have: {unexpected[:3]}")

@@ -239,12 +239,13 @@ def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16
     correlation against ``ref`` circularly shifted by ``min_shift`` .. N - ``min_shift`` frames (a
     mouth that moves like the real one, out of step with it; a still mouth has no correlation at
     all). Returns ``corr``, ``z`` (vs the mean and std of the shifted correlations) and ``p``
-    ((1 + shifted >= corr) / (1 + shifts), one-sided). NaN where the curve is undefined or short."""
+    ((1 + shifted >= corr) / (1 + shifts), one-sided). z and p are NaN where the curves are too short
+    to shift; all three where the correlation is undefined."""
     g, r = np.asarray(gen, np.float64), np.asarray(ref, np.float64)
     n = min(len(g), len(r))
     g, r = g[:n], r[:n]
-    nan = {"corr": math.nan, "z": math.nan, "p": math.nan}
     c = curve_correlation(g, r)
+    nan = {"corr": c, "z": math.nan, "p": math.nan}
     if not math.isfinite(c) or n - min_shift <= min_shift:
         return nan
     rng = np.random.default_rng(seed)

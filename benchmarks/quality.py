@@ -318,7 +318,7 @@ def evaluate(gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Op
         "lmd_mouth": M.lmd(lm, ref.lm, M.MOUTH),
         "lmd_pose": M.lmd(lm, ref.lm, M.JAW),
         "csim_dlib": M.cosine_similarity(emb, ref.emb),
-        "mouth_corr": M.curve_correlation(mouth, ref.mouth),
+        "mouth_corr": vs["corr"],
         "mouth_corr_z": vs["z"],
         "mouth_corr_p": vs["p"],
         "mouth_lag": lag,
@@ -413,16 +413,22 @@ def _mean(vals: list) -> float:
     return math.inf if vals else math.nan
 
 
+def _worst_p(vals: list) -> float:
+    """The largest finite p-value (the weakest clip's), NaN if none."""
+    ps = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+    return max(ps) if ps else math.nan
+
+
+SUMMARY = {"mouth_corr_p": _worst_p}  # columns averaged otherwise (_mean)
+
+
 def summarize(clips: list[dict], methods: list[str]) -> dict:
     out = {}
     for m in methods:
         rows = [c["methods"][m] for c in clips if isinstance(c["methods"].get(m), dict)
                 and "error" not in c["methods"][m]]
         if rows:
-            out[m] = {k: _mean([r.get(k) for r in rows]) for k, _, _ in COLUMNS} | {"clips": len(rows)}
-            ps = [r.get("mouth_corr_p") for r in rows]
-            ps = [float(v) for v in ps if v is not None and math.isfinite(float(v))]
-            out[m]["mouth_corr_p"] = max(ps) if ps else math.nan  # the worst clip's, not a mean
+            out[m] = {k: SUMMARY.get(k, _mean)([r.get(k) for r in rows]) for k, _, _ in COLUMNS} | {"clips": len(rows)}
     return out
 
 

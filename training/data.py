@@ -144,9 +144,9 @@ class ClipStore:
             raise InputError(f"{self.root}: every clip is too short")
         # sample clips in proportion to their usable frames
         sizes = np.array([len(c.valid) for c in self.clips], np.float64)
-        self.clip_p = sizes / sizes.sum()
+        # draw probabilities per pool: None any clip, True clips with speech, False video-only clips
         speech = np.array([c.mel is not None for c in self.clips])
-        self.pool_p = {}  # True: clips with speech, False: video-only; each in proportion to its frames
+        self.pool_p: dict[bool | None, np.ndarray] = {None: sizes / sizes.sum()}
         for kind in (True, False):
             w = np.where(speech == kind, sizes, 0.0)
             if w.sum() > 0:
@@ -166,13 +166,9 @@ class ClipStore:
     def draw(self, rng: np.random.Generator, speech: bool | None = None) -> tuple[int, int]:
         """A random (clip index, frame index); ``speech`` True/False: from the clips with/without
         speech only (None: any clip)."""
-        if speech is None:
-            p = self.clip_p
-        elif speech in self.pool_p:
-            p = self.pool_p[speech]
-        else:
+        if speech not in self.pool_p:
             raise InputError(f"{self.root}: no clip {'with' if speech else 'without'} speech to draw from")
-        c = int(rng.choice(len(self.clips), p=p))
+        c = int(rng.choice(len(self.clips), p=self.pool_p[speech]))
         return c, int(rng.choice(self.clips[c].valid))
 
 

@@ -353,14 +353,16 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         speech = b["speech"]  # [B] False: video-only sample, its mel is someone else's: mouth not judged
         all_speech = bool(speech.all())
+        judged = None  # [B,1,S,S] 1 where a pixel is judged: all but the video-only samples' mouth boxes
+        if not all_speech:
+            judged = torch.ones_like(fake[:, :1])
+            y0, y1, x0, x1 = mouth_box(fake.shape[-1])
+            judged[~speech, :, y0:y1, x0:x1] = 0.0
         if cfg.w_l1 > 0:
-            if all_speech:
+            if judged is None:
                 l1 = F.l1_loss(fake, target)
-            else:  # mean absolute error over the pixels that count: all but video-only mouths
-                w = torch.ones_like(fake[:, :1])  # [B,1,S,S]
-                y0, y1, x0, x1 = mouth_box(fake.shape[-1])
-                w[~speech, :, y0:y1, x0:x1] = 0.0
-                l1 = ((fake - target).abs() * w).sum() / (w.sum() * fake.shape[1])
+            else:  # mean absolute error over the judged pixels
+                l1 = ((fake - target).abs() * judged).sum() / (judged.sum() * fake.shape[1])
             logs["l1"] = l1.item()
             total = total + cfg.w_l1 * l1
         if cfg.w_mouth > 0 and bool(speech.any()):
@@ -384,13 +386,10 @@ class Trainer:
                 total = total + cfg.w_fm * fm
             self.D.requires_grad_(True)
         if self.vgg is not None:
-            judged = fake
-            if not all_speech:  # video-only samples: their mouth box shows the target's, so it adds nothing
-                y0, y1, x0, x1 = mouth_box(fake.shape[-1])
-                judged = fake.clone()
-                judged[~speech, :, y0:y1, x0:x1] = target[~speech, :, y0:y1, x0:x1]
+            # video-only samples: their mouth box shows the target's, so it adds nothing
+            shown = fake if judged is None else fake * judged + target * (1 - judged)
             with self._autocast():
-                vl = self.vgg(judged, target)
+                vl = self.vgg(shown, target)
             logs["vgg"] = vl.item()
             total = total + cfg.w_vgg * vl
         if cfg.w_open > 0:

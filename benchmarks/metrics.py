@@ -184,6 +184,19 @@ def mouth_opening(lm: np.ndarray) -> np.ndarray:
     return gap / np.maximum(eyes, 1e-6)
 
 
+def opening_span_ratio(gen: np.ndarray, ref: np.ndarray) -> float:
+    """How far the generated mouth moves, relative to the real one: (p90 - p10) of the generated
+    opening curve over (p90 - p10) of the real one, each over its finite frames (1 = as far as the
+    real speaker, 0 = a still mouth; NaN with fewer than 3 frames or a real mouth that never moves)."""
+    def span(x: np.ndarray) -> float:
+        x = np.asarray(x, np.float64)
+        x = x[np.isfinite(x)]
+        return float(np.percentile(x, 90) - np.percentile(x, 10)) if len(x) >= 3 else math.nan
+
+    g, r = span(gen), span(ref)
+    return g / r if math.isfinite(g) and math.isfinite(r) and r > 1e-9 else math.nan
+
+
 def cosine_similarity(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
     """Mean cosine similarity of paired embedding rows [N,D] (rows with NaN ignored)."""
     a, b = np.asarray(emb_a, np.float64), np.asarray(emb_b, np.float64)
@@ -256,6 +269,45 @@ def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16
         return nan
     return {"corr": c, "z": float((c - null.mean()) / max(null.std(), 1e-6)),
             "p": float((1 + (null >= c).sum()) / (1 + len(null)))}
+
+
+def pooled_correlation_vs_shifted(pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], min_shift: int = 16,
+                                  n_shuffle: int = 1000, seed: int = 0) -> dict[str, float]:
+    """One test over many clips: is the mean of their (generated, real) mouth correlations above
+    what out-of-step mouths get?
+
+    ``pairs``: per clip the curves (gen [N], ref [N]), or None for a clip that produced nothing. A
+    clip whose correlation is undefined (no face drawn, a still mouth, None, too short to shift)
+    counts as 0, in the observed mean and in every shuffled one: it cannot help the test, and it
+    still weighs in the mean. The null draws every clip's ``ref`` circularly shifted by
+    ``min_shift`` .. N - ``min_shift`` frames, independently per clip, ``n_shuffle`` times. Returns
+    ``mean_corr``, ``z``, ``p`` ((1 + null >= observed) / (1 + draws), one-sided), ``clips`` and
+    ``undefined`` (clips counted as 0); z and p are NaN when no clip has a defined correlation."""
+    live: list[tuple[np.ndarray, np.ndarray]] = []
+    obs = []
+    for pair in pairs:
+        if pair is None:
+            continue
+        g, r = (np.asarray(x, np.float64) for x in pair)
+        n = min(len(g), len(r))
+        c = curve_correlation(g[:n], r[:n])
+        if math.isfinite(c) and n - min_shift > min_shift:
+            live.append((g[:n], r[:n]))
+            obs.append(c)
+    n_clips = len(pairs)
+    out = {"mean_corr": float(np.sum(obs) / n_clips) if n_clips else math.nan, "z": math.nan, "p": math.nan,
+           "clips": n_clips, "undefined": n_clips - len(live)}
+    if not live:
+        return out
+    rng = np.random.default_rng(seed)
+    null = np.zeros(n_shuffle)
+    for g, r in live:
+        shifts = rng.integers(min_shift, len(r) - min_shift, n_shuffle)
+        null += np.nan_to_num([curve_correlation(g, np.roll(r, int(sh))) for sh in shifts], nan=0.0)
+    null /= n_clips
+    out["z"] = float((out["mean_corr"] - null.mean()) / max(null.std(), 1e-6))
+    out["p"] = float((1 + (null >= out["mean_corr"]).sum()) / (1 + n_shuffle))
+    return out
 
 
 def lagged_correlations(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:

@@ -321,6 +321,7 @@ def evaluate(gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Op
         "mouth_corr": vs["corr"],
         "mouth_corr_z": vs["z"],
         "mouth_corr_p": vs["p"],
+        "mouth_span": M.opening_span_ratio(mouth, ref.mouth),
         "mouth_lag": lag,
         "mouth_lag_corr": lag_corr,
         "av_offset": av["offset"],
@@ -359,6 +360,8 @@ def plot_curves(path: Path, name: str, ref: Reference, curves: dict[str, np.ndar
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True, height_ratios=[3, 1])
+    if "gt" not in curves:  # the real mouth, always: it is what every other curve is compared with
+        ax.plot(ref.inds, ref.mouth, label="Ground truth", lw=1.8, color="k")
     for m, c in curves.items():
         ax.plot(ref.inds, c, label=METHOD_NAMES[m], lw=1.8 if m == "gt" else 1.0,
                 color="k" if m == "gt" else None)
@@ -390,6 +393,7 @@ COLUMNS = [  # key, header, format
     ("lmd_mouth", "LMD mouth ↓", "{:.2f}"), ("lmd_pose", "LMD pose (jaw) ↓", "{:.2f}"),
     ("csim_dlib", "dlib CSIM ↑", "{:.3f}"), ("mouth_corr", "Mouth corr ↑", "{:.3f}"),
     ("mouth_corr_z", "Mouth corr z ↑", "{:.2f}"), ("mouth_corr_p", "Mouth corr p ↓", "{:.3f}"),
+    ("mouth_span", "Mouth span ×", "{:.2f}"),
     ("mouth_lag", "Mouth lag", "{:+.1f}"), ("av_offset", "AV offset", "{:+.1f}"),
     ("av_z", "AV z ↑", "{:.2f}"), ("lse_c", "LSE-C ↑", "{:.2f}"), ("lse_d", "LSE-D ↓", "{:.2f}"),
     ("face_found", "Face found", "{:.0%}"),
@@ -443,6 +447,15 @@ def write_report(out: Path, result: dict) -> Path:
              "|---|" + "---|" * len(cols)]
     for m, row in result["summary"].items():
         lines.append(f"| {METHOD_NAMES[m]} | " + " | ".join(_fmt(row.get(k), f) for k, _, f in cols) + " |")
+    if result.get("pooled"):
+        lines += ["", "## Mouth corr pooled over clips", "",
+                  "Mean of the per-clip mouth correlations, a clip without one (no face drawn, a still "
+                  "mouth) counting as 0, against the same mean with every clip's real curve shifted out "
+                  "of step (1000 draws).", "",
+                  "| Method | Mean mouth corr | z | p | Clips | Counted as 0 |", "|---|---|---|---|---|---|"]
+        for m, r in result["pooled"].items():
+            lines.append(f"| {METHOD_NAMES[m]} | {_fmt(r['mean_corr'], '{:.3f}')} | {_fmt(r['z'], '{:.2f}')} | "
+                         f"{_fmt(r['p'], '{:.3f}')} | {r['clips']} | {r['undefined']} |")
     lines += ["", "## Per clip", ""]
     for c in result["clips"]:
         lines += [f"### {c['name']}", "",
@@ -478,7 +491,9 @@ NOTES = [
     "generated and ground-truth frames; Mouth lag: frames by which the generated curve trails the "
     "ground truth (best lag within ±8). Mouth corr z / p: that correlation against the ground-truth "
     "curve circularly shifted by 16 frames or more (200 shifts): a mouth that moves like the real one "
-    "but out of step; p is one-sided, and the averages row shows the largest p of its clips.",
+    "but out of step; p is one-sided, and the averages row shows the largest p of its clips. Mouth "
+    "span ×: how far the mouth moves, (p90 - p10) of the generated opening over that of the ground "
+    "truth (1 = as far as the real speaker, 0 = still).",
     "AV offset: lag (frames, + = mouth after audio) maximising the correlation of high-passed "
     "300-3000 Hz speech energy with mouth opening; AV z: that peak vs 100 circularly shifted audio "
     "curves (z-score). A still image has no mouth motion: AV/corr undefined (–).",
@@ -541,6 +556,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     cropper = FaceCropper()
     analyzer = M.FaceAnalyzer(cropper)
     clips, skipped = [], []
+    pairs: dict[str, list] = {m: [] for m in methods}  # per method, per clip: (gen mouth, real mouth) or None
     bar = tqdm(specs, unit="clip", disable=args.quiet)
     for spec in bar:
         if args.max_clips is not None and len(clips) >= args.max_clips:
@@ -575,9 +591,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 res, curves[m] = evaluate(gen, ref, analyzer, opts, syncnet, identical=(m == "gt"))
                 entry["methods"][m] = res
                 sheet[m] = gen
+                pairs[m].append((curves[m], ref.mouth))
             except Exception as e:  # noqa: BLE001
                 entry["methods"][m] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 log.warning("%s / %s failed: %s", spec.name, m, e)
+                pairs[m].append(None)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name).strip("_")
         plot = out / "plots" / f"{safe}.png"
         try:
@@ -593,6 +611,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     result = {"command": command, "checkpoint": args.checkpoint or "bundled default",
               "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
               "syncnet": bool(syncnet), "methods": methods, "summary": summarize(clips, methods),
+              "pooled": {m: M.pooled_correlation_vs_shifted(pairs[m], 2 * opts.max_lag) for m in methods if pairs[m]},
               "clips": clips, "skipped": skipped, "notes": notes}
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     write_report(out, result)
@@ -620,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {Path(args.out) / 'report.md'} ({len(result['clips'])} clips, {len(result['skipped'])} skipped)")
     for m, row in result["summary"].items():
         print(f"  {METHOD_NAMES[m]:24s} " + "  ".join(f"{k}={_fmt(row.get(k), f)}" for k, _, f in COLUMNS[:10]))
+    for m, r in result["pooled"].items():
+        print(f"  pooled {METHOD_NAMES[m]:17s} mean_corr={_fmt(r['mean_corr'], '{:.3f}')} z={_fmt(r['z'], '{:.2f}')} "
+              f"p={_fmt(r['p'], '{:.3f}')} ({r['undefined']} of {r['clips']} clips counted as 0)")
     return 0
 
 

@@ -170,9 +170,15 @@ def test_cli_runs_and_skips_bad_clips(tmp_path, clip, monkeypatch):
     assert gt["ssim"] == pytest.approx(1.0) and gt["lmd_mouth"] == 0 and gt["psnr"] == "inf"
     assert still["ssim"] < gt["ssim"] and still["lmd_mouth"] > 0
     assert model["mouth_lag"] == 2 and model["mouth_corr"] < 0.9
+    assert gt["mouth_span"] == pytest.approx(1.0) and still["mouth_span"] == 0
+    assert 0.5 < model["mouth_span"] < 2  # the same frames, two late
     assert c["methods"]["fixed_pose"]["lmd_pose"] > 0
     report = (out / "report.md").read_text()
     assert "Ground truth (ceiling)" in report and "LSE-C / LSE-D not computed" in report
+    assert "## Mouth corr pooled over clips" in report
+    pooled = res["pooled"]  # one clip: the ground truth's pooled mean is its own correlation, 1
+    assert pooled["gt"]["mean_corr"] == pytest.approx(1.0) and pooled["still"]["undefined"] == 1
+    assert pooled["model"]["mean_corr"] == pytest.approx(model["mouth_corr"])
     assert (out / c["plot"]).is_file()
     sheet = cv2.imread(str(out / c["frames_sheet"]))  # rows: gt, still, fixed_pose, model; 6 columns of 128 px
     assert sheet.shape == (4 * 128, 6 * 128, 3)
@@ -202,3 +208,46 @@ def test_summary_keeps_the_worst_clip_p():
     clips = [{"methods": {"model": {"mouth_corr": c, "mouth_corr_p": p}}} for c, p in ((0.5, 0.005), (0.2, 0.04))]
     s = summarize(clips + [{"methods": {"model": {"mouth_corr": math.nan, "mouth_corr_p": math.nan}}}], ["model"])
     assert s["model"]["mouth_corr_p"] == 0.04 and s["model"]["mouth_corr"] == pytest.approx(0.35)
+
+
+def test_pooled_mouth_correlation_counts_faceless_clips_as_zero():
+    """Pooled over clips: mouths that follow the real ones beat out-of-step mouths; a clip without a
+    face drawn (NaN curve) or without a result (None) counts as 0 in the mean and helps nothing;
+    unrelated mouths or still mouths do not pass."""
+    rng = np.random.default_rng(1)
+
+    def smooth(n):
+        return np.convolve(rng.standard_normal(n), np.ones(5) / 5, mode="same")
+
+    refs = [smooth(n) for n in (200, 160, 240)]
+    weak = [r + 2.0 * r.std() * rng.standard_normal(len(r)) for r in refs]  # corr about 0.45
+    hit = M.pooled_correlation_vs_shifted(list(zip(weak, refs, strict=True)))
+    each = [M.curve_correlation(g, r) for g, r in zip(weak, refs, strict=True)]
+    assert hit["mean_corr"] == pytest.approx(np.mean(each)) and hit["undefined"] == 0
+    assert hit["p"] < 0.01 and hit["z"] > 4
+
+    faceless = (np.full(180, np.nan), smooth(180))
+    with_gap = M.pooled_correlation_vs_shifted([*zip(weak, refs, strict=True), faceless, None])
+    assert with_gap["clips"] == 5 and with_gap["undefined"] == 2
+    assert with_gap["mean_corr"] == pytest.approx(np.sum(each) / 5)
+    assert with_gap["p"] < 0.01  # still significant, but smaller in effect
+    assert with_gap["mean_corr"] < hit["mean_corr"]
+
+    unrelated = M.pooled_correlation_vs_shifted([(smooth(len(r)), r) for r in refs])
+    assert unrelated["p"] > 0.01 and abs(unrelated["z"]) < 3
+    still = M.pooled_correlation_vs_shifted([(np.full(len(r), 0.2), r) for r in refs])
+    assert still["mean_corr"] == 0 and still["undefined"] == 3 and math.isnan(still["p"])
+
+
+def test_opening_span_ratio():
+    """How far the generated mouth moves against the real one: half the swing gives 0.5 whatever
+    the offset; frames without a face are left out; a still mouth gives 0."""
+    rng = np.random.default_rng(2)
+    ref = 0.06 + 0.04 * np.convolve(rng.standard_normal(300), np.ones(5) / 5, mode="same")
+    assert M.opening_span_ratio(ref, ref) == pytest.approx(1.0)
+    gen = 0.02 + 0.5 * ref
+    gen[::7] = np.nan  # no face in these frames
+    assert M.opening_span_ratio(gen, ref) == pytest.approx(0.5, rel=0.05)
+    assert M.opening_span_ratio(np.full(300, 0.03), ref) == 0
+    assert math.isnan(M.opening_span_ratio(np.full(300, np.nan), ref))
+    assert math.isnan(M.opening_span_ratio(ref, np.full(300, 0.05)))

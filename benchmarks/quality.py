@@ -335,14 +335,15 @@ def evaluate(gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Op
     return res, mouth
 
 
-def render_method(method: str, clip: Clip, ref: Reference, checkpoint: str | None, precision: str) -> np.ndarray:
+def render_method(method: str, clip: Clip, ref: Reference, checkpoint: str | None, precision: str,
+                  mouth_gain: float = 1.0) -> np.ndarray:
     """Runs the model; returns generated frames [M,224,224,3] aligned with ref.inds."""
     from rt_engine.render import render_arrays
 
     pose = "still" if method == "fixed_pose" else clip.frames
     res = render_arrays(identity=clip.frames[0], audio=clip.wav, pose=pose, checkpoint=checkpoint,
                         aligned=True, noise="stored", precision=precision, frontalize=False,
-                        max_frames=int(ref.inds[-1]) - 1)
+                        max_frames=int(ref.inds[-1]) - 1, mouth_gain=mouth_gain)
     out = M.to_uint8_frames(res.frames)  # [N,224,224,3]
     pos = {int(i): k for k, i in enumerate(res.frame_inds)}
     missing = [int(i) for i in ref.inds if int(i) not in pos]
@@ -438,9 +439,11 @@ def summarize(clips: list[dict], methods: list[str]) -> dict:
 
 def write_report(out: Path, result: dict) -> Path:
     cols = [c for c in COLUMNS if c[0] not in ("lse_c", "lse_d") or result["syncnet"]]
+    gain = result.get("mouth_gain", 1.0)
     lines = ["# Talking-face quality (PC-AVS self-driven setting)", "",
              f"Command: `{result['command']}`", "",
-             f"Checkpoint: {result['checkpoint']}. Clips evaluated: {len(result['clips'])}, "
+             f"Checkpoint: {result['checkpoint']}{'' if gain == 1.0 else f', mouth gain {gain}'}. "
+             f"Clips evaluated: {len(result['clips'])}, "
              f"skipped: {len(result['skipped'])}. Generated {result['date']} in {result['seconds']:.0f} s.", "",
              "## Averages over clips (paper Table 1 / Table 3 metrics)", "",
              "| Method | " + " | ".join(h for _, h, _ in cols) + " |",
@@ -512,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--syncnet", default=None, help="SyncNet weights (syncnet_v2.model) for LSE-C / LSE-D")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--mouth-gain", type=float, default=1.0, help="the model's mouth gain (1: as trained)")
     ap.add_argument("--cpbd-frames", type=int, default=25)
     ap.add_argument("--csim-frames", type=int, default=12)
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -586,7 +590,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                     if model_error:
                         raise RuntimeError(model_error)
                     t1 = time.time()
-                    gen = render_method(m, clip, ref, args.checkpoint, args.precision)
+                    gen = render_method(m, clip, ref, args.checkpoint, args.precision, args.mouth_gain)
                     entry["info"][f"{m}_render_s"] = round(time.time() - t1, 1)
                 res, curves[m] = evaluate(gen, ref, analyzer, opts, syncnet, identical=(m == "gt"))
                 entry["methods"][m] = res
@@ -608,7 +612,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         entry["frames_sheet"] = str(frames_png.relative_to(out))
         clips.append(entry)
     cropper.close()
-    result = {"command": command, "checkpoint": args.checkpoint or "bundled default",
+    result = {"command": command, "checkpoint": args.checkpoint or "bundled default", "mouth_gain": args.mouth_gain,
               "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
               "syncnet": bool(syncnet), "methods": methods, "summary": summarize(clips, methods),
               "pooled": {m: M.pooled_correlation_vs_shifted(pairs[m], 2 * opts.max_lag) for m in methods if pairs[m]},

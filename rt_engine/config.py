@@ -139,6 +139,18 @@ def model_preset(name: str) -> ModelConfig:
 
 
 NOISE_MODES = ("stored", "random", "zero")
+MAX_MOUTH_GAIN = 3.0
+
+
+def check_mouth_gain(gain: float, what: str = "mouth_gain") -> float:
+    """A mouth gain (``backends.base.MouthGain``) in [0, MAX_MOUTH_GAIN], else ConfigError."""
+    try:
+        g = float(gain)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {gain!r}") from None
+    if not 0.0 <= g <= MAX_MOUTH_GAIN:  # NaN fails too
+        raise ConfigError(f"{what} must be in [0, {MAX_MOUTH_GAIN}] (1 = as trained), got {gain!r}")
+    return g
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -152,6 +164,7 @@ class RenderConfig:
     aligned: bool = False
     frontalize: bool = False  # zero pose code (paper Fig. 6)
     threads: int = 0  # 0: leave torch's default
+    mouth_gain: float = 1.0  # how far the mouth moves, 1 = as trained (backends.base.MouthGain)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RenderConfig:
@@ -163,4 +176,5 @@ class RenderConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        check_mouth_gain(self.mouth_gain)
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rt_engine.backends.base import Runner
+from rt_engine.backends.base import MouthGain, Runner
 from rt_engine.config import FPS, RenderConfig
 from rt_engine.errors import InputError, RtEngineError
 from rt_engine.inputs import audio as audio_in
@@ -108,11 +108,13 @@ def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndar
                   aligned: bool = False, noise: str = "stored", precision: str = "fp32",
                   frontalize: bool = False, batch_size: int = 8, max_frames: int | None = None,
                   pose_length: int | None = None, runner: Runner | None = None,
-                  progress: bool = False, backend: str = "torch") -> RenderResult:
+                  progress: bool = False, backend: str = "torch", mouth_gain: float = 1.0) -> RenderResult:
     """Render frames in memory. ``pose``: video / frames folder / frames array, 'still' (pose of
-    the identity image) or 'idle' (built-in motion). ``frontalize`` uses a zero pose code."""
+    the identity image) or 'idle' (built-in motion). ``frontalize`` uses a zero pose code.
+    ``mouth_gain`` scales how far the mouth moves (1 = as trained; ``MouthGain``)."""
     cfg = RenderConfig(noise=noise, precision=precision, batch_size=batch_size, aligned=aligned,
-                       frontalize=frontalize).validate()
+                       frontalize=frontalize, mouth_gain=mouth_gain).validate()
+    gain = MouthGain(cfg.mouth_gain)
     runner = runner or make_runner(checkpoint, precision, backend)
     # ---- inputs
     id_aligned = load_identity(identity, aligned)  # [224,224,3]
@@ -160,7 +162,7 @@ def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndar
 
         rng = tqdm(rng, total=(n + bs - 1) // bs, unit="batch", desc="render")
     for s in rng:
-        mouth = runner.encode_audio(wins[s:s + bs])
+        mouth = gain(runner, runner.encode_audio(wins[s:s + bs]))  # [b,500]
         out.append(runner.generate(id0, id1, mouth, codes[s:s + bs], noise=cfg.noise).numpy())
     frames = np.concatenate(out) if out else np.zeros((0, 3, runner.cfg.size, runner.cfg.size), np.float32)
     return RenderResult(frames=frames, frame_inds=frames_i, pose_inds=pose_inds, wav=raw_wav,
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="torch",
                     help="torch (reference, default), torch-fast, onnxruntime, openvino or auto")
     ap.add_argument("--frontalize", action="store_true", help="zero pose code (frontal face, paper Fig. 6)")
+    ap.add_argument("--mouth-gain", type=float, default=1.0,
+                    help="how far the mouth moves: 1 as trained (default), 0 closed, up to 3 wider")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-frames", type=int, default=None, help="render only the first N frames")
     ap.add_argument("--pose-length", type=int, default=None, help="pose clip length n (default: all frames)")
@@ -252,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         res = render_arrays(args.identity, args.audio, pose, args.checkpoint, aligned=args.aligned,
                             noise=args.noise, precision=args.precision, frontalize=args.frontalize,
                             batch_size=args.batch_size, max_frames=args.max_frames,
-                            pose_length=args.pose_length, progress=not args.quiet, backend=args.backend)
+                            pose_length=args.pose_length, progress=not args.quiet, backend=args.backend,
+                            mouth_gain=args.mouth_gain)
         n = len(res.frames)
         log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
                  res.runner)

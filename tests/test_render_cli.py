@@ -78,6 +78,43 @@ def test_pose_modes_and_noise(assets):
     assert 10 * np.log10(4 / np.mean((bf.frames - still.frames) ** 2)) > 30
 
 
+def test_mouth_gain(assets, tmp_path):
+    """mouth_gain 1 is the trained model bit for bit; 0 holds every mouth code at silence's, so a
+    still pose renders what silent audio renders; 2 doubles each code's distance from silence's;
+    a value out of range is one error line."""
+    from rt_engine.backends.base import MouthGain
+    from rt_engine.backends.torch_backend import TorchRunner
+    from rt_engine.inputs import audio as audio_in
+
+    a = assets
+    kw = dict(checkpoint=a["ckpt"], aligned=True, max_frames=8, noise="zero")
+    base = render_arrays(a["id"], a["audio"], "still", **kw)
+    assert np.array_equal(base.frames, render_arrays(a["id"], a["audio"], "still", mouth_gain=1.0, **kw).frames)
+    motion = np.abs(np.diff(base.frames, axis=0)).max()  # the speech moves the frames (a random
+    assert motion > 0  # tiny model's outputs are small, so the checks below are relative to it)
+    held = render_arrays(a["id"], a["audio"], "still", mouth_gain=0.0, **kw)
+    silent = render_arrays(a["id"], np.zeros(int(1.2 * SR), np.float32), "still", **kw)
+    assert np.abs(held.frames - silent.frames).max() < 1e-3 * motion
+    assert np.abs(held.frames - held.frames[:1]).max() < 1e-3 * motion
+    wider = render_arrays(a["id"], a["audio"], "still", mouth_gain=2.0, **kw)
+    assert np.abs(wider.frames - base.frames).max() > 0.1 * motion
+
+    runner = TorchRunner(a["model"])
+    mel = torch.from_numpy(audio_in.mel_windows(audio_in.audio_features(a["audio"])[1], np.arange(2, 10)))
+    m = runner.encode_audio(mel)  # [8,mouth_dim]
+    gain = MouthGain(2.0)
+    m0 = gain.silence_code(runner)  # [1,mouth_dim]
+    assert m0.shape == (1, m.shape[1])
+    torch.testing.assert_close(gain(runner, m), 2 * m - m0)
+    assert MouthGain(1.0)(runner, m) is m
+    other = TorchRunner(PCAVS(model_preset("tiny")).eval())  # another model: its own silence code
+    assert not torch.allclose(gain.silence_code(other), m0)
+
+    r = run("--identity", a["id"], "--audio", a["audio"], "--aligned", "--checkpoint", a["ckpt"],
+            "--out", tmp_path / "x.mp4", "--mouth-gain", "5")
+    assert "mouth_gain must be in [0, 3.0]" in _err(r)
+
+
 def _err(r):
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()

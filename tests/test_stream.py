@@ -259,6 +259,48 @@ class _Recording:
         return self.inner.generate(id0, id1, mouth, pose, noise)
 
 
+def test_scheduler_applies_the_mouth_gain(tiny_engine):
+    """The stream scales mouth codes as render does (one MouthGain): the generator receives
+    m0 + gain * (m - m0), m0 the runner's code of silence; bad gains are config errors."""
+    from rt_engine.backends.base import MouthGain
+    from rt_engine.errors import ConfigError
+
+    for bad in (-0.5, 3.5, float("nan")):
+        with pytest.raises(ConfigError, match="scheduler.mouth_gain must be in"):
+            SchedulerConfig(mouth_gain=bad).validate()
+    runner = tiny_engine.runner
+
+    class Seen(_Recording):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.mouths: list[torch.Tensor] = []
+
+        def generate(self, id0, id1, mouth, pose, noise="stored"):
+            self.mouths.append(mouth.clone())
+            return super().generate(id0, id1, mouth, pose, noise)
+
+    rec = Seen(runner)
+    rec.gate.set()
+    sch = Scheduler(rec, SchedulerConfig(mouth_gain=1.5), Metrics()).start()
+    try:
+        id0, id1 = runner.encode_identity(torch.zeros(1, 3, 224, 224))
+        owner = _Owner("a", id0, id1)
+        wins = np.random.default_rng(3).random((2, 1, 80, 20)).astype(np.float32)
+        due = time.monotonic() + 30
+        sch.submit([FrameJob(owner, i, wins[i], np.zeros(12, np.float32), due) for i in range(2)])
+        deadline = time.monotonic() + 30
+        while len(owner.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(owner.got) == 2
+        got = torch.cat(rec.mouths)  # [2,mouth_dim]
+        m = runner.encode_audio(torch.from_numpy(wins))
+        m0 = MouthGain(1.5).silence_code(runner)
+        torch.testing.assert_close(got, m0 + 1.5 * (m - m0))
+        assert (got - m).abs().max() > 1e-3  # it did change the codes
+    finally:
+        sch.stop()
+
+
 def test_scheduler_batches_across_sessions_with_per_row_identity(tiny_engine):
     runner = tiny_engine.runner
     torch.manual_seed(1)

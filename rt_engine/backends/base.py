@@ -6,6 +6,8 @@ All methods are batched and take/return float32 CPU tensors, whatever the backen
     encode_pose(img [B,3,224,224])                -> pose code [B,12]
     encode_audio(mel [B,1,80,20])                 -> mouth code [B,500]   (audio encoder + mouth_embed)
     generate(id0 [B|1,2048], id1 [B|1,512,7,7], mouth [B,500], pose [B,12], noise) -> frames [B,3,H,W]
+
+Between the last two, ``MouthGain`` can scale how far the mouth moves (render and stream alike).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from rt_engine.config import ModelConfig
+from rt_engine.config import ModelConfig, check_mouth_gain
 
 
 class Runner(ABC):
@@ -43,3 +45,36 @@ class Runner(ABC):
         """[B|1,2048], [B|1,500], [B|1,12] -> [B,2560] (identity | mouth | pose)."""
         b = max(id0.shape[0], mouth.shape[0], pose.shape[0])
         return torch.cat([id0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
+
+
+class MouthGain:
+    """How far the mouth moves: mouth code m [B,500] -> m0 + gain * (m - m0), with m0 the code of
+    digital silence (a closed mouth).
+
+    1 leaves the codes untouched (bit for bit); 0 keeps the mouth as in silence; above 1 the lips
+    open further for the same speech. The official inference does the like with a fixed 1.2 on the
+    audio feature (``ModelConfig.mouth_weight``, anchored at zero), which every model here already
+    includes. m0 is computed once per runner, on first use, by the caller's thread (the one that
+    owns the runner).
+    """
+
+    def __init__(self, gain: float = 1.0) -> None:
+        self.gain = check_mouth_gain(gain)
+        self._anchor: tuple[Runner, Tensor] | None = None
+
+    def silence_code(self, runner: Runner) -> Tensor:  # -> [1,500]
+        if self._anchor is None or self._anchor[0] is not runner:
+            import numpy as np
+
+            from rt_engine.inputs import audio as audio_in
+
+            mel = audio_in.log_mel(np.zeros(audio_in.SAMPLE_RATE, np.float32))  # [T,80], 1 s of silence
+            win = torch.from_numpy(audio_in.mel_window(mel, audio_in.FIRST_FRAME + 2))[None]  # [1,1,80,20]
+            self._anchor = (runner, runner.encode_audio(win))
+        return self._anchor[1]
+
+    def __call__(self, runner: Runner, mouth: Tensor) -> Tensor:  # [B,500] -> [B,500]
+        if self.gain == 1.0:
+            return mouth
+        m0 = self.silence_code(runner)
+        return m0 + self.gain * (mouth - m0)

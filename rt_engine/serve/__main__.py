@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the model worker (0: default)")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
+    ap.add_argument("--mouth-gain", type=float, default=1.0,
+                    help="how far the mouth moves: 1 as trained (default), 0 closed, up to 3 wider")
     ap.add_argument("--margin-ms", type=float, default=80.0,
                     help="budget after the 120 ms audio lookahead for audio packet arrival (Opus: 20 ms packets) "
                          "and compute; frames not ready by then are held (default 80 ms, two frames)")
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
                            peer_timeout_s=args.peer_timeout).validate()
+        sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
         try:
             runner = make_runner(args.checkpoint, args.precision, args.backend)
         except CheckpointError as e:
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CheckpointError(f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
                                       f"checkpoint folder) until the bundled model ships") from None
             raise
-        engine = Engine(runner, SchedulerConfig(max_batch=args.max_batch),
+        engine = Engine(runner, sched_cfg,
                         ClockConfig(margin_s=args.margin_ms / 1e3), threads=args.threads)
         app = create_app(engine, cfg, warm_default=True)
         log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)

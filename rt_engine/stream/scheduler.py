@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from rt_engine.backends.base import Runner
-from rt_engine.config import MEL_WINDOW
+from rt_engine.backends.base import MouthGain, Runner
+from rt_engine.config import MEL_WINDOW, check_mouth_gain
 from rt_engine.errors import ConfigError
 from rt_engine.inputs.audio import N_MELS
 from rt_engine.inputs.image import to_uint8
@@ -145,12 +145,14 @@ class SchedulerConfig:
     max_batch: int = 8
     noise: str = "stored"
     late_grace_s: float = 0.0  # a job may still run this long after its due time
+    mouth_gain: float = 1.0  # how far the mouth moves, 1 = as trained (backends.base.MouthGain)
 
     def validate(self) -> SchedulerConfig:
         if not 1 <= self.max_batch <= 64:
             raise ConfigError(f"scheduler.max_batch must be in [1, 64], got {self.max_batch}")
         if self.noise not in ("stored", "zero", "random"):
             raise ConfigError(f"scheduler.noise must be stored, zero or random, got {self.noise!r}")
+        check_mouth_gain(self.mouth_gain, "scheduler.mouth_gain")
         return self
 
 
@@ -161,6 +163,7 @@ class Scheduler:
                  threads: int = 0):
         self.runner = runner
         self.cfg = (cfg or SchedulerConfig()).validate()
+        self.mouth_gain = MouthGain(self.cfg.mouth_gain)
         self.metrics = metrics or Metrics()
         self.threads = threads
         self._jobs: list[FrameJob] = []
@@ -301,7 +304,7 @@ class Scheduler:
             else:
                 id0 = torch.cat([o.id0 for o in owners])  # [B,id_dim]
                 id1 = torch.cat([o.id1 for o in owners])  # [B,C,7,7]
-            mouth = self.runner.encode_audio(wins)  # [B,500]
+            mouth = self.mouth_gain(self.runner, self.runner.encode_audio(wins))  # [B,500]
             frames = self.runner.generate(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,3,H,W]
             images = to_uint8(frames)  # [B,H,W,3]
         except Exception:

@@ -139,6 +139,7 @@ def model_preset(name: str) -> ModelConfig:
 
 
 NOISE_MODES = ("stored", "random", "zero")
+PRECISIONS = ("fp32", "bf16")
 MAX_MOUTH_GAIN = 3.0
 
 
@@ -151,7 +152,6 @@ def check_mouth_gain(gain: float, what: str = "mouth_gain") -> float:
     if not 0.0 <= g <= MAX_MOUTH_GAIN:  # NaN fails too
         raise ConfigError(f"{what} must be in [0, {MAX_MOUTH_GAIN}] (1 = as trained), got {gain!r}")
     return g
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)

@@ -650,3 +650,47 @@ def test_weight_average_update_resume_and_export(cache, tmp_path):
         keys = [k for k, v in want.items() if v.is_floating_point()]
         assert all(torch.equal(got[k].float(), want[k].float()) for k in keys)
     assert any(not torch.equal(ca["model_ema"][k], ca["model"][k]) for k in keys)
+
+
+def test_a_new_look_changes_a_whole_sample_alike(cache):
+    """look_p: target and identity reference of a sample are mirrored / recoloured together (the
+    generator must take sides and colours from the reference); p 0 draws exactly as before."""
+    from rt_engine.inputs.image import to_tensor
+    from training.data import Batcher, ClipStore
+
+    img = np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    look = augment.Look(True, np.array([1.0, 0.5, 2.0]), np.array([0.0, 10.0, -600.0]))
+    out = look(img)
+    assert np.array_equal(out[..., 0], img[:, ::-1, 0])
+    assert np.array_equal(out[..., 1], np.floor(img[:, ::-1, 1] * 0.5 + 10.5).astype(np.uint8))
+    assert (out[..., 2] == 0).all()  # clipped
+
+    store = ClipStore(cache)
+    before = Batcher(store, 6, 1, 3, seed=2, negatives=False)
+    b0 = Batcher(store, 6, 1, 3, seed=2, negatives=False, look_p=0.0).batch(3)
+    for k, v in before.batch(3).items():
+        assert torch.equal(v, b0[k]), k
+
+    mirror = Batcher(store, 6, 1, 3, seed=2, negatives=False, look_p=1.0, look_strength=0.0)
+    flips = []
+    for step in range(3):
+        b = mirror.batch(step)
+        for s in range(6):
+            c, i = (int(x) for x in b["pos"][s])
+            frames = store.clips[c].frames
+
+            def net(f):
+                return to_tensor(mirror._net(f)[None])[0]
+
+            t_plain, t_flip = torch.equal(b["target"][s], net(frames[i])), torch.equal(b["target"][s],
+                                                                                     net(frames[i][:, ::-1]))
+            assert t_plain != t_flip  # the target is the frame or its mirror
+            r_flip = [j for j in store.clips[c].valid if torch.equal(b["ref"][s], net(frames[j][:, ::-1]))]
+            r_plain = [j for j in store.clips[c].valid if torch.equal(b["ref"][s], net(frames[j]))]
+            assert bool(r_flip) == t_flip and bool(r_plain) == t_plain  # the reference alike
+            flips.append(t_flip)
+    assert set(flips) == {True, False}
+    recolour = Batcher(store, 6, 1, 3, seed=2, negatives=False, look_p=1.0, look_strength=0.3).batch(0)
+    c, i = (int(x) for x in recolour["pos"][0])
+    f = store.clips[c].frames[i]
+    assert not any(torch.equal(recolour["target"][0], to_tensor(mirror._net(g)[None])[0]) for g in (f, f[:, ::-1]))

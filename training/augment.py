@@ -9,6 +9,10 @@ and mouth shape, so it cannot pass identity through:
 * :func:`centered_crop`: a random-size crop around the image centre, resized back.
 
 All take and return ``[H,W,3]`` uint8 RGB and draw from a ``numpy.random.Generator``.
+
+Not in the paper: :class:`Look` changes a whole joint-stage sample (target, identity reference and
+the pose branch's frame) the same way, mirrored and/or recoloured, so that few identities look like
+more: the generator must take colours and sides from the reference instead of remembering them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,25 @@ def color_transfer(img: np.ndarray, rng: np.random.Generator, strength: float = 
     bias = rng.uniform(-strength / 2, strength / 2, size=3).astype(np.float32) * 255  # [3]
     out = img.astype(np.float32) * gain + bias
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class Look:
+    """One mirror + per-channel gain/bias, applied identically to every frame of a sample."""
+
+    def __init__(self, flip: bool, gain: np.ndarray, bias: np.ndarray) -> None:
+        self.flip, self.gain, self.bias = bool(flip), gain.astype(np.float32), bias.astype(np.float32)  # [3], [3]
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, strength: float = 0.3) -> Look:
+        """Mirror with probability 1/2; gain in [1-s, 1+s] and bias in [-s/2, s/2] of the range per channel."""
+        flip = bool(rng.random() < 0.5)
+        gain = rng.uniform(1 - strength, 1 + strength, size=3)
+        bias = rng.uniform(-strength / 2, strength / 2, size=3) * 255
+        return cls(flip, gain, bias)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:  # [H,W,3] u8 -> [H,W,3] u8
+        out = img[:, ::-1] if self.flip else img
+        return np.clip(out.astype(np.float32) * self.gain + self.bias + 0.5, 0, 255).astype(np.uint8)
 
 
 def perspective_points(w: int, h: int, margin: float, shift: float) -> tuple[np.ndarray, np.ndarray]:

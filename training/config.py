@@ -83,6 +83,10 @@ class TrainConfig:
     persp_margin: float = 0.1  # source points outside the image by up to this fraction of the size
     persp_shift: float = 0.06  # target points moved symmetrically along x by up to this fraction
     crop_min: float = 0.85  # centred random crop keeps at least this fraction of the side
+    # joint stage: this share of samples gets a new look (training.augment.Look: mirrored and/or
+    # recoloured, target, reference and pose frame alike), so few identities look like more
+    look_p: float = 0.0
+    look_strength: float = 0.3  # per-channel gain/bias range of a new look
     # bookkeeping
     log_every: int = 10
     sample_every: int = 100
@@ -130,6 +134,10 @@ class TrainConfig:
             raise ConfigError(f"same_clip_negatives must be in [0, 1], got {self.same_clip_negatives}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.look_p <= 1.0:
+            raise ConfigError(f"look_p must be in [0, 1], got {self.look_p}")
+        if not 0.0 <= self.look_strength < 1.0:
+            raise ConfigError(f"look_strength must be in [0, 1), got {self.look_strength}")
         if not 0 < self.crop_min <= 1:
             raise ConfigError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.device not in ("auto", "cpu", "cuda"):

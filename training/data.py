@@ -38,7 +38,7 @@ from torch import Tensor
 from rt_engine.errors import InputError
 from rt_engine.inputs import audio as audio_in
 from rt_engine.inputs.image import official_crop, to_tensor
-from training.augment import augment_nonidentity
+from training.augment import Look, augment_nonidentity
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +208,15 @@ class Batcher:
 
     def __init__(self, store: ClipStore, batch_size: int, num_negatives: int, min_shift: int, seed: int,
                  rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True,
-                 same_frac: float = 0.5, video_only_frac: float = 0.0):
+                 same_frac: float = 0.5, video_only_frac: float = 0.0, look_p: float = 0.0,
+                 look_strength: float = 0.3):
         self.store = store
         if video_only_frac > 0 and (negatives or False not in store.pool_p or True not in store.pool_p):
             raise InputError("video_only_frac needs clips with and without speech, and no negatives "
                              "(video-only samples have no speech to contrast)")
         self.video_only_frac = video_only_frac
+        self.look_p = look_p  # share of samples given a new Look (mirror / recolour, all frames alike)
+        self.look_strength = look_strength
         self.bs = batch_size
         self.n_neg = num_negatives
         self.min_shift = min_shift
@@ -245,9 +248,13 @@ class Batcher:
             clip = clips[c]
             speech.append(clip.mel is not None)
             j = int(rng.choice(clip.valid[clip.valid != i]))
-            tgt.append(self._net(clip.frames[i]))
-            ref.append(self._net(clip.frames[j]))
-            aug.append(self._aug(clip.frames[i], rng))
+            frame_i, frame_j = clip.frames[i], clip.frames[j]  # [H,W,3] u8
+            if self.look_p > 0 and rng.random() < self.look_p:  # (p 0 draws exactly as before this option)
+                look = Look.random(rng, self.look_strength)
+                frame_i, frame_j = look(frame_i), look(frame_j)
+            tgt.append(self._net(frame_i))
+            ref.append(self._net(frame_j))
+            aug.append(self._aug(frame_i, rng))
             lab.append(clip.label)
             pos.append((c, i))
             no_label = clip.opening is None or clip.mel is None  # video-only: not tied to any audio

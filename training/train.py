@@ -146,7 +146,8 @@ class Trainer:
         self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
                                negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0 or
                                                          cfg.w_sync > 0),
-                               same_frac=cfg.same_clip_negatives, video_only_frac=cfg.video_only_frac)
+                               same_frac=cfg.same_clip_negatives, video_only_frac=cfg.video_only_frac,
+                               look_p=cfg.look_p, look_strength=cfg.look_strength)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = PCAVS(self.mcfg).to(self.device)
         self.model.generator.set_form("static")  # equal maths, dense convs: faster for training batches

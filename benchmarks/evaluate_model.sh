@@ -9,18 +9,18 @@ CK=${1?checkpoint (.safetensors, or "" for the bundled model)}
 TAG=${2:?tag for the result folders}
 R=benchmarks/results
 D=../shared/data
-CKQ=(); CKR=()
-if [ -n "$CK" ]; then CKQ=(--checkpoint "$CK"); CKR=(--checkpoint "$CK"); fi
+CKA=()
+if [ -n "$CK" ]; then CKA=(--checkpoint "$CK"); fi
 # shellcheck disable=SC2206
 RF=(${RENDER_FLAGS:-})
-Q="python -m benchmarks.quality ${CKQ[*]} ${RF[*]} -q"
+Q=(python -m benchmarks.quality "${CKA[@]}" "${RF[@]}" -q)
 
 # ground truth: held-out identities (the test), the unseen demo clip (the choice), trained identities
-$Q --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
-$Q --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still
-$Q --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
+"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
+"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still
+"${Q[@]}" --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
 if [ -d runs/seen_clips ]; then
-  $Q --clips runs/seen_clips --out $R/${TAG}_seen --max-frames 60 --methods model,fixed_pose,still
+  "${Q[@]}" --clips runs/seen_clips --out $R/${TAG}_seen --max-frames 60 --methods model,fixed_pose,still
 fi
 
 # rendered demos with the bundled speech, no ground truth: the mouth against the speech energy
@@ -39,7 +39,7 @@ for k in astronaut m0150 vox_id05124 vox_id07494 vox_id05176 kristi_noem vox_u00
   flags=(--pose still)
   case $k in astronaut|m0150) flags+=(--aligned) ;; esac  # already aligned crops: no re-detection
   python -m rt_engine.render --identity "${IDS[$k]}" --audio rt_engine/assets/speech.flac "${flags[@]}" \
-    "${CKR[@]}" "${RF[@]}" --save-raw runs/eval_$TAG/$k.npz --out runs/eval_$TAG/$k.mp4 -q
+    "${CKA[@]}" "${RF[@]}" --save-raw runs/eval_$TAG/$k.npz --out runs/eval_$TAG/$k.mp4 -q
   python -m benchmarks.demo_lipsync runs/eval_$TAG/$k.npz rt_engine/assets/speech.flac --out runs/eval_$TAG/$k
   # the numbers go into the repository; pictures only of the bundled (public) face, not of footage
   mkdir -p $R/${TAG}_demos

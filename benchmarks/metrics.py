@@ -246,6 +246,14 @@ def curve_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
+def _shifted_correlations(g: np.ndarray, r: np.ndarray, min_shift: int, n_shuffle: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """Correlations of ``g`` with ``r`` [N] circularly shifted by ``n_shuffle`` random amounts in
+    ``min_shift`` .. N - ``min_shift`` (NaN where undefined); [n_shuffle]."""
+    shifts = rng.integers(min_shift, len(r) - min_shift, n_shuffle)
+    return np.array([curve_correlation(g, np.roll(r, int(sh))) for sh in shifts])
+
+
 def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16, n_shuffle: int = 200,
                            seed: int = 0) -> dict[str, float]:
     """How far the correlation of ``gen`` with ``ref`` [N] stands above chance: the same
@@ -261,9 +269,7 @@ def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16
     nan = {"corr": c, "z": math.nan, "p": math.nan}
     if not math.isfinite(c) or n - min_shift <= min_shift:
         return nan
-    rng = np.random.default_rng(seed)
-    null = np.array([curve_correlation(g, np.roll(r, int(sh))) for sh in rng.integers(min_shift, n - min_shift,
-                                                                                       n_shuffle)])
+    null = _shifted_correlations(g, r, min_shift, n_shuffle, np.random.default_rng(seed))
     null = null[np.isfinite(null)]
     if len(null) < 3:
         return nan
@@ -302,8 +308,7 @@ def pooled_correlation_vs_shifted(pairs: Sequence[tuple[np.ndarray, np.ndarray] 
     rng = np.random.default_rng(seed)
     null = np.zeros(n_shuffle)
     for g, r in live:
-        shifts = rng.integers(min_shift, len(r) - min_shift, n_shuffle)
-        null += np.nan_to_num([curve_correlation(g, np.roll(r, int(sh))) for sh in shifts], nan=0.0)
+        null += np.nan_to_num(_shifted_correlations(g, r, min_shift, n_shuffle, rng), nan=0.0)
     null /= n_clips
     out["z"] = float((out["mean_corr"] - null.mean()) / max(null.std(), 1e-6))
     out["p"] = float((1 + (null >= out["mean_corr"]).sum()) / (1 + n_shuffle))

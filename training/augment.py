@@ -21,12 +21,17 @@ import cv2
 import numpy as np
 
 
+def gain_bias(img: np.ndarray, gain: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """img * gain + bias per channel (float32 [3] each), rounded and clipped. [H,W,3] u8"""
+    out = img.astype(np.float32) * gain + bias
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 def color_transfer(img: np.ndarray, rng: np.random.Generator, strength: float = 0.2) -> np.ndarray:
     """Per-channel gain in [1-s, 1+s] and bias in [-s/2, s/2] of the full range. [H,W,3] u8"""
     gain = rng.uniform(1 - strength, 1 + strength, size=3).astype(np.float32)  # [3]
     bias = rng.uniform(-strength / 2, strength / 2, size=3).astype(np.float32) * 255  # [3]
-    out = img.astype(np.float32) * gain + bias
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return gain_bias(img, gain, bias)
 
 
 class Look:
@@ -44,8 +49,7 @@ class Look:
         return cls(flip, gain, bias)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:  # [H,W,3] u8 -> [H,W,3] u8
-        out = img[:, ::-1] if self.flip else img
-        return np.clip(out.astype(np.float32) * self.gain + self.bias + 0.5, 0, 255).astype(np.uint8)
+        return gain_bias(img[:, ::-1] if self.flip else img, self.gain, self.bias)
 
 
 def perspective_points(w: int, h: int, margin: float, shift: float) -> tuple[np.ndarray, np.ndarray]:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from rt_engine.config import ModelConfig, check_mouth_gain
+from rt_engine.inputs import audio as audio_in
 
 
 class Runner(ABC):
@@ -64,10 +66,6 @@ class MouthGain:
 
     def silence_code(self, runner: Runner) -> Tensor:  # -> [1,500]
         if self._anchor is None or self._anchor[0] is not runner:
-            import numpy as np
-
-            from rt_engine.inputs import audio as audio_in
-
             mel = audio_in.log_mel(np.zeros(audio_in.SAMPLE_RATE, np.float32))  # [T,80], 1 s of silence
             win = torch.from_numpy(audio_in.mel_window(mel, audio_in.FIRST_FRAME + 2))[None]  # [1,1,80,20]
             self._anchor = (runner, runner.encode_audio(win))

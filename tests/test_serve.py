@@ -52,6 +52,36 @@ async def _offer_sdp(video: bool = True, audio: bool = True) -> str:
     return sdp
 
 
+def test_av_audio_frames_of_any_layout_reach_the_session_resampled():
+    """The microphone path of serve/: av.AudioFrame (s16 stereo 44.1 kHz) -> 48 kHz mono with its pts
+    place on the clock -> AudioInput; pitch kept, a pts gap stays silence."""
+    from fractions import Fraction
+
+    import av
+
+    from rt_engine.serve.tracks import AvAudioReader
+    from rt_engine.stream.clock import OUT_RATE, MediaClock
+    from rt_engine.stream.sources import AudioInput
+
+    rate = 44100
+    t = np.arange(rate) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    ai, rd = AudioInput(MediaClock()), AvAudioReader()
+    for k in range(0, rate, 882):  # 20 ms stereo s16 frames at 44.1 kHz
+        pcm = (np.repeat(tone[k:k + 882], 2) * 32767).astype(np.int16)[None]  # interleaved [1,2N]
+        f = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        f.sample_rate, f.pts, f.time_base = rate, k + (rate // 2 if k >= rate // 2 else 0), Fraction(1, rate)
+        x, start = rd.read(f)
+        ai.push(x, OUT_RATE, None, None if start is None else int(round(start * OUT_RATE)))
+    assert rd.fmt == "s16 stereo 44100 Hz"
+    assert abs(ai.samples48 - 1.5 * OUT_RATE) < 2000  # 1 s of audio + a 0.5 s pts gap
+    out, _ = ai.out.read(4800, 19200)
+    spec = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spec) * OUT_RATE / out.size - 440) < 5  # resampled, not reinterpreted
+    gap, _ = ai.out.read(OUT_RATE // 2 + 2400, OUT_RATE // 2 - 4800)
+    assert np.abs(gap).max() < 1e-3
+
+
 def test_loopback_stream_av_sync_and_metrics(tiny_engine):
     """>= 10 s of video + audio from a microphone WAV with tone bursts: 25 fps, pts continuity within
     the drop policy, A/V offset of every burst within one frame (40 ms)."""

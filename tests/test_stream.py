@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
-from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rt_engine.config import FIRST_FRAME, SAMPLE_RATE
+from rt_engine.errors import InputError
 from rt_engine.inputs import audio as audio_in
 from rt_engine.stream import sources
 from rt_engine.stream.clock import (
@@ -178,28 +180,95 @@ def test_audio_buffer_gaps_overlaps_and_trim():
     assert missing == 10
 
 
-def test_live_audio_any_rate_and_layout_is_resampled():
-    import av
-
-    ai = sources.AudioInput(MediaClock())
-    rate = 44100
-    t = np.arange(rate) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    now = time.monotonic()
-    for k in range(0, rate, 882):  # 20 ms stereo s16 frames at 44.1 kHz
-        pcm = (np.repeat(tone[k:k + 882], 2) * 32767).astype(np.int16)[None]  # interleaved [1,2N]
-        f = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
-        f.sample_rate = rate
-        f.pts = k
-        f.time_base = Fraction(1, rate)
-        ai.push_frame(f, now + k / rate)
-    assert ai.input_format == "s16 stereo 44100 Hz"
+def _check_resampled_tone(ai) -> None:
     assert abs(ai.samples48 - OUT_RATE) < 2000
     out, _ = ai.out.read(4800, 24000)
     spec = np.abs(np.fft.rfft(out))
     assert abs(np.argmax(spec) * OUT_RATE / out.size - 440) < 5  # pitch kept: resampled, not reinterpreted
     idx, _ = ai.windows()
     assert len(idx) > 15 and idx[0] == FIRST_FRAME
+
+
+def _tone(rate: int) -> np.ndarray:
+    t = np.arange(rate) / rate
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def test_live_audio_any_rate_and_layout_is_resampled():
+    """Plain PCM (stereo int16 at 44.1 kHz, mono float at 24 kHz) in 20 ms chunks, no media library."""
+    for rate, stereo in ((44100, True), (24000, False)):
+        ai = sources.AudioInput(MediaClock())
+        tone = _tone(rate)
+        n = rate // 50
+        now = time.monotonic()
+        for k in range(0, rate, n):
+            x = (np.repeat(tone[k:k + n, None], 2, axis=1) * 32767).astype(np.int16) if stereo else tone[k:k + n]
+            ai.push(x, rate, now + k / rate)  # [N,2] int16 or [N] float
+        _check_resampled_tone(ai)
+    with pytest.raises(InputError, match="float or int16"):
+        ai.push(np.zeros(10, np.int32), 48000, None)
+
+
+def test_audio_gap_keeps_its_place_on_the_clock():
+    ai = sources.AudioInput(MediaClock(), gain=1.0)
+    ai.push(np.full(4800, 0.1, np.float32), OUT_RATE, None, start48=0)
+    ai.push(np.full(4800, 0.1, np.float32), OUT_RATE, None, start48=9600)  # 100 ms lost in between
+    assert ai.samples48 == 14400
+    out, missing = ai.out.read(0, 14400)
+    assert missing == 0 and out[4800:9600].max() == 0 and out[9600:].min() > 0
+
+
+def test_session_runs_without_any_transport_library(tiny_checkpoint):
+    """stream/ knows no transport: a session driven by plain PCM (accept_audio) and pose frames
+    (set_pose_frame) delivers frames, and neither aiortc nor aiohttp is ever imported."""
+    code = f"""
+import asyncio, sys, time
+import numpy as np
+from rt_engine.backends.torch_backend import TorchRunner
+from rt_engine.models.checkpoint import load_checkpoint
+from rt_engine.stream import ClockConfig, Engine, SessionOptions
+from rt_engine.stream.sources import WebcamPose
+
+async def main():
+    eng = Engine(TorchRunner(load_checkpoint({str(tiny_checkpoint)!r})), clock_cfg=ClockConfig(margin_s=0.3),
+                 threads=1, gil_switch_s=None)  # a generous margin: this checks the inputs, not the timing
+    s = await eng.create_session(SessionOptions(audio="mic", pose="webcam", webcam_fps=30))
+    assert isinstance(s.pose, WebcamPose)
+    t = np.arange(24000 * 2) / 24000
+    x = (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    t0 = time.monotonic()
+    got = []
+    async def feed():
+        for k in range(0, x.size, 480):
+            s.accept_audio(x[k:k + 480], 24000)
+            await asyncio.sleep(max(0.0, t0 + (k + 480) / 24000 - time.monotonic()))
+    async def take():
+        for _ in range(20):
+            i, img, fresh = await s.next_video_frame()
+            got.append((i, img.shape, fresh))
+    await asyncio.gather(feed(), take())
+    s.set_pose_frame(np.full((96, 96, 3), 128, np.uint8))  # no face in it: counted as a miss
+    t1 = time.monotonic()
+    while s.pose.misses == 0 and time.monotonic() - t1 < 60:  # the first crop loads the face models
+        await asyncio.sleep(0.1)
+    misses = s.pose.misses
+    await s.close()
+    eng.close()
+    assert got[0][0] >= 2 and sum(f for _, _, f in got) >= 5, got  # a busy machine holds some
+    assert misses >= 1, misses
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in ("aiortc", "aioice", "aiohttp"))
+    assert not bad, bad
+    print("OK", len(got))
+
+asyncio.run(main())
+"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "OK 20" in r.stdout, r.stderr[-3000:]
 
 
 def test_frame_stamp_round_trip_survives_noise():

@@ -326,7 +326,7 @@ def _options(app: web.Application, raw: dict) -> SessionOptions:
 async def offer(request: web.Request) -> web.Response:
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-    from rt_engine.serve.tracks import EngineAudioTrack, EngineVideoTrack
+    from rt_engine.serve.tracks import EngineAudioTrack, EngineVideoTrack, drain, run_audio_track, run_webcam_track
 
     app = request.app
     eng: Engine = app[ENGINE]
@@ -382,11 +382,11 @@ async def offer(request: web.Request) -> web.Response:
         @pc.on("track")
         def on_track(track):
             if track.kind == "audio" and opts.audio == "mic":
-                session.add_task(session.run_audio_track(track))
+                session.add_task(run_audio_track(session, track))
             elif track.kind == "video" and opts.pose == "webcam":
-                session.add_task(session.run_webcam_track(track))
+                session.add_task(run_webcam_track(session, track))
             else:  # unused inbound media must still be read, or aiortc queues it forever
-                session.add_task(_drain(track))
+                session.add_task(drain(track))
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -425,16 +425,6 @@ async def offer(request: web.Request) -> web.Response:
         app[STATE].pending -= 1
         if pc is not None and not ok:
             await pc.close()
-
-
-async def _drain(track) -> None:
-    from aiortc.mediastreams import MediaStreamError
-
-    try:
-        while True:
-            await track.recv()
-    except MediaStreamError:
-        return
 
 
 async def _watchdog(app: web.Application, sid: str) -> None:

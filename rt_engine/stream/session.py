@@ -3,12 +3,13 @@
 Data flow of one session (all on the asyncio loop except the model, which runs in the
 :class:`~rt_engine.stream.scheduler.Scheduler` thread):
 
-    audio (file feeder or live track) -> AudioInput -> StreamingMel windows of frames i
+    audio (file feeder or accept_audio) -> AudioInput -> StreamingMel windows of frames i
         -> FrameJob(i, window, pose_source.code_for(i), due = clock.frame_due(i)) -> Scheduler
         -> deliver(i, image) -> _frames[i]
-    video track: next_video_frame() sleeps until frame_due(i), sends frame i, or holds the previous
+    pose frames (set_pose_frame, e.g. a webcam) -> latest one, webcam_fps per second -> pose code
+    video out: next_video_frame() sleeps until frame_due(i), sends frame i, or holds the previous
                  image when i is not ready (pts stays i * 3600: the video never drifts)
-    audio track: next_audio_chunk() sends input samples [m, m+960) at clock.wall_of(m / 48000)
+    audio out: next_audio_chunk() sends input samples [m, m+960) at clock.wall_of(m / 48000)
 
 ``Engine`` holds the runner, the scheduler, the metrics, a face cropper and a cache of identity
 features, and creates sessions from :class:`SessionOptions`.
@@ -154,6 +155,8 @@ class Session:
         self.first_video_frame: int | None = None
         self._tasks: list[asyncio.Task] = []
         self.last_input = time.monotonic()  # last inbound media (watchdog)
+        self._pose_latest: np.ndarray | None = None  # newest pushed pose frame, not yet encoded
+        self._pose_task: asyncio.Task | None = None
 
     # --- start / stop
     def start(self) -> None:
@@ -203,23 +206,24 @@ class Session:
             k += 1
             await asyncio.sleep(max(0.0, t0 + k * AUDIO_PTIME_S - time.monotonic()))
 
-    async def run_audio_track(self, track) -> None:
-        """Consume the client's microphone track (aiortc RemoteStreamTrack)."""
-        from aiortc.mediastreams import MediaStreamError
-
-        while not self.closed:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                log.info("session %s: audio track ended", self.sid)
-                return
-            now = time.monotonic()
-            self.last_input = now
-            self.audio.push_frame(frame, now)
-            if not self._started.is_set():
-                self._started.set()
-                log.info("session %s: audio input %s", self.sid, self.audio.input_format)
-            self._pump()
+    def accept_audio(self, samples: np.ndarray, rate: int, arrival: float | None = None,
+                     start_s: float | None = None, fmt: str | None = None) -> None:
+        """Live input audio: samples [N] or [N,C] (float or int16) at ``rate`` Hz that arrived at wall
+        time ``arrival`` (default now; it drives the media clock). ``start_s``: the chunk's media time,
+        if the source knows it (gaps become silence). ``fmt`` describes the source (stats only).
+        Call on the event loop's thread."""
+        now = time.monotonic() if arrival is None else arrival
+        self.last_input = now
+        if fmt is not None and fmt != self.audio.input_format:
+            if self.audio.input_format is not None:
+                log.info("session %s: audio input changed from %s to %s", self.sid, self.audio.input_format, fmt)
+            self.audio.input_format = fmt
+        start48 = None if start_s is None else int(round(start_s * OUT_RATE))
+        self.audio.push(samples, rate, now, start48)
+        if not self._started.is_set():
+            self._started.set()
+            log.info("session %s: audio input %s", self.sid, self.audio.input_format or f"{rate} Hz")
+        self._pump()
 
     def _pump(self) -> None:
         """Turn newly complete mel windows into model jobs."""
@@ -235,42 +239,34 @@ class Session:
             jobs.append(FrameJob(self, i, w, self.pose.code_for(i), due))
         self.engine.scheduler.submit(jobs)
 
-    # --- webcam pose
-    async def run_webcam_track(self, track) -> None:
-        """Pose codes from the client's webcam, at most ``webcam_fps`` per second (latest frame wins)."""
-        from aiortc.mediastreams import MediaStreamError
+    # --- pushed pose frames (webcam)
+    def set_pose_frame(self, image: np.ndarray) -> None:
+        """A video frame [H,W,3] u8 RGB for the pose (pose='webcam'). The latest frame wins: at most
+        ``webcam_fps`` frames per second are cropped and encoded, in the background. Call on the loop."""
+        if not isinstance(self.pose, sources.WebcamPose):
+            raise ConfigError(f"set_pose_frame needs pose='webcam', this session has pose={self.opts.pose!r}")
+        self.last_input = time.monotonic()
+        self._pose_latest = image
+        if self._pose_task is None and not self.closed:
+            self._pose_task = asyncio.ensure_future(self._pose_loop())
+            self._tasks.append(self._pose_task)
 
+    async def _pose_loop(self) -> None:
         pose = self.pose
         assert isinstance(pose, sources.WebcamPose)
-        latest: list = [None]
         period = 1.0 / self.opts.webcam_fps
-
-        async def reader():
-            while not self.closed:
-                try:
-                    latest[0] = await track.recv()
-                except MediaStreamError:
-                    latest[0] = None
-                    return
-                self.last_input = time.monotonic()
-
-        rd = asyncio.ensure_future(reader())
-        try:
-            while not self.closed and not rd.done():
-                t = time.monotonic()
-                frame, latest[0] = latest[0], None
-                if frame is not None:
-                    img = frame.to_ndarray(format="rgb24")  # [H,W,3]
-                    crop = await self.loop.run_in_executor(None, self.engine.faces.crop_or_none, img, "webcam")
-                    if crop is None:
-                        pose.misses += 1
-                    else:
-                        x = to_tensor(official_crop(crop))
-                        code = await asyncio.wrap_future(self.engine.scheduler.call(lambda r, x=x: r.encode_pose(x)))
-                        pose.update(code.numpy()[0])
-                await asyncio.sleep(max(0.0, t + period - time.monotonic()))
-        finally:
-            rd.cancel()
+        while not self.closed:
+            t = time.monotonic()
+            img, self._pose_latest = self._pose_latest, None
+            if img is not None:
+                crop = await self.loop.run_in_executor(None, self.engine.faces.crop_or_none, img, "webcam")
+                if crop is None:
+                    pose.misses += 1
+                else:
+                    x = to_tensor(official_crop(crop))  # [1,3,224,224]
+                    code = await asyncio.wrap_future(self.engine.scheduler.call(lambda r, x=x: r.encode_pose(x)))
+                    pose.update(code.numpy()[0])
+            await asyncio.sleep(max(0.0, t + period - time.monotonic()))
 
     # --- model output (called from the model thread)
     def deliver(self, i: int, image: np.ndarray, computed_at: float) -> None:

@@ -2,7 +2,7 @@
 
 Audio path (both kinds end in :class:`AudioInput`):
 
-    live track: av.AudioFrame (any rate / layout) --av resampler--> 48 kHz mono float
+    live audio: PCM at any rate (a WebRTC track decoded in serve/, pushed speech) --soxr--> 48 kHz mono
                 --> outgoing-audio buffer (:class:`AudioBuffer`, sent back delayed)
                 --soxr stream 48k->16k--> slow AGC --> StreamingMel --> 0.2 s windows per frame
     file:       16 kHz mono (whole-file RMS gain, identical to the offline front end) --> StreamingMel
@@ -42,6 +42,20 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_IDENTITY = ASSETS / "identity.jpg"
 DEFAULT_SPEECH = ASSETS / "speech.flac"
 RATIO = OUT_RATE // SAMPLE_RATE  # 3 outgoing samples per mel-rate sample
+
+
+def to_mono_float(samples: np.ndarray) -> np.ndarray:
+    """PCM [N] or [N,C] (float in [-1,1], or int16) -> mono float32 [N] (channels averaged)."""
+    x = np.asarray(samples)
+    if x.dtype == np.int16:
+        x = x.astype(np.float32) / 32768.0
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"audio samples must be float or int16, got {x.dtype}")
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    elif x.ndim != 1:
+        raise InputError(f"audio samples must be [N] or [N,channels], got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------ gain
@@ -133,36 +147,32 @@ class AudioInput:
         self.out = AudioBuffer()
         self.samples48 = 0  # next 48 kHz sample index
         self.samples16 = 0
-        self._soxr = None
-        self._av_resampler = None
-        self._pts0: int | None = None
-        self.input_format: str | None = None  # e.g. "s16 stereo 48000 Hz" of the live track
+        self._soxr = None  # 48 kHz -> 16 kHz
+        self._in_soxr = None  # input rate -> 48 kHz
+        self._in_rate: int | None = None
+        self.input_format: str | None = None  # e.g. "s16 stereo 48000 Hz" of the live track (set by its reader)
 
-    # --- live track
-    def push_frame(self, frame, arrival: float) -> None:  # frame: av.AudioFrame
-        """A decoded frame of the live track (any rate, layout, format)."""
-        import av
+    # --- live audio (any source: a WebRTC track in serve/, pushed speech, a test)
+    def push(self, samples: np.ndarray, rate: int, arrival: float | None, start48: int | None = None) -> None:
+        """Samples [N] or [N,C] (float in [-1,1] or int16) at ``rate`` Hz that arrived at wall time
+        ``arrival`` (None: do not move the media clock). ``start48``: where the chunk starts on the
+        48 kHz media timeline, when the source knows it (a jump of more than 10 ms is filled with
+        silence: lost packets keep their place on the clock)."""
+        x = to_mono_float(samples)
+        if rate != OUT_RATE:
+            if self._in_rate != rate:
+                import soxr
 
-        fmt = f"{frame.format.name} {frame.layout.name} {frame.sample_rate} Hz"
-        if self.input_format != fmt:
-            if self.input_format is not None:
-                log.info("audio input changed from %s to %s", self.input_format, fmt)
-            self.input_format = fmt
-            self._av_resampler = av.AudioResampler(format="flt", layout="mono", rate=OUT_RATE)
-        # gaps in pts (lost packets) keep their place on the media clock
-        start = None
-        if frame.pts is not None and frame.time_base is not None:
-            if self._pts0 is None:
-                self._pts0 = frame.pts
-                self._tb = frame.time_base
-            start = int(round(float((frame.pts - self._pts0) * self._tb) * OUT_RATE))
-        chunks = [f.to_ndarray().reshape(-1) for f in self._av_resampler.resample(frame)]
-        x = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        if start is not None and start > self.samples48 + OUT_RATE // 100:  # > 10 ms gap: fill silence
-            self.push48(np.zeros(start - self.samples48, np.float32), arrival, observe=False)
-        self.push48(x, arrival)
+                if self._in_rate is not None:
+                    log.info("audio input rate changed from %s to %s Hz", self._in_rate, rate)
+                self._in_rate = rate
+                self._in_soxr = soxr.ResampleStream(rate, OUT_RATE, 1, dtype="float32", quality="HQ")
+            x = self._in_soxr.resample_chunk(x)
+        if start48 is not None and start48 > self.samples48 + OUT_RATE // 100:  # > 10 ms gap: fill silence
+            self.push48(np.zeros(start48 - self.samples48, np.float32), arrival, observe=False)
+        self.push48(x, arrival, observe=arrival is not None)
 
-    def push48(self, x: np.ndarray, arrival: float, observe: bool = True) -> None:
+    def push48(self, x: np.ndarray, arrival: float | None, observe: bool = True) -> None:
         """48 kHz mono float samples that arrived at wall time ``arrival``."""
         import soxr
 
@@ -170,7 +180,7 @@ class AudioInput:
             self._soxr = soxr.ResampleStream(OUT_RATE, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.out.write(self.samples48, x)
         self.samples48 += x.size
-        if observe and x.size:
+        if observe and arrival is not None and x.size:
             self.clock.observe(self.samples48 / OUT_RATE, arrival)
         y = self._soxr.resample_chunk(x)
         self._push16(y)

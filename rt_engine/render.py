@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", default="stored", choices=["stored", "random", "zero"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--backend", default="torch",
-                    help="torch (reference, default), torch-fast, onnxruntime, openvino or auto")
+                    help="torch (reference, default), torch-fast, torch-cuda, onnxruntime, openvino or auto")
     ap.add_argument("--frontalize", action="store_true", help="zero pose code (frontal face, paper Fig. 6)")
     ap.add_argument("--mouth-gain", type=float, default=1.0,
                     help="how far the mouth moves: 1 as trained (default), 0 closed, up to 3 wider")

@@ -7,89 +7,20 @@ the PyTorch reference, order independence, and that every __syncthreads is neede
 is reported as a shared-memory race and, with the detector off, corrupts the result).
 """
 
-import ctypes
-import fcntl
-import hashlib
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from rt_engine.models import fused_modconv as fm
+from rt_engine.models.kernel_emu import EMU_SOURCES, Emu, build_emu, compile_emu, cxx
 
 REPO = Path(__file__).resolve().parents[1]
 KDIR = REPO / "kernels"
-EMU_SOURCES = ("modconv.cu", "modconv.h", "half_convert.h", "emu/cuda_emu.h", "emu/emu_shim.cpp")
-CXX = shutil.which("g++") or shutil.which("c++")
-P = ctypes.c_void_p
 
-pytestmark = pytest.mark.skipif(CXX is None, reason="a C++ compiler (g++) is needed to build the emulator")
-
-
-def compile_emu(src_dir: Path, out: Path) -> None:
-    cmd = [CXX, "-O2", "-std=c++17", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           str(src_dir / "emu" / "emu_shim.cpp"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
-def build_emu(src_dir: Path = KDIR) -> Path:
-    """Compile emu_shim.cpp (which includes modconv.cu) once per source hash, under a lock."""
-    h = hashlib.sha256(b"".join((src_dir / f).read_bytes() for f in EMU_SOURCES)).hexdigest()[:16]
-    cache = fm.kernel_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"modconv_emu_{h}.so"
-    with open(cache / "emu.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_file():
-            tmp = target.with_suffix(".tmp.so")
-            compile_emu(src_dir, tmp)
-            tmp.replace(target)
-    return target
-
-
-class Emu:
-    """ctypes view of one emulator library."""
-
-    def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
-        i32 = ctypes.c_int
-        lib.rt_emu_configure.argtypes = [i32, ctypes.c_uint, i32, i32, i32]
-        lib.rt_emu_error_count.restype = ctypes.c_longlong
-        lib.rt_emu_messages.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.rt_modconv3x3_cuda.argtypes = [i32, P, P, P, P, P, i32, ctypes.c_float, P, P] + [i32] * 6 + [P]
-        lib.rt_demod_cuda.argtypes = [i32, P, P, P, i32, i32, i32, P]
-        self.lib = lib
-
-    def configure(self, os_threads=1, seed=1, race_check=True, shuffle=True, drop_sync_line=-1):
-        self.lib.rt_emu_reset()
-        self.lib.rt_emu_configure(os_threads, seed, int(race_check), int(shuffle), drop_sync_line)
-
-    def messages(self) -> str:
-        buf = ctypes.create_string_buffer(1 << 14)
-        self.lib.rt_emu_messages(buf, len(buf))
-        return buf.value.decode()
-
-    def run(self, x, style, weight, noise=None, noise_weight=0.0, bias=None, demodulate=True, activate=True):
-        """The launcher of modconv.cu on host tensors -> (out [B,Cout,H,W], rc_demod, rc_conv)."""
-        b, cin, h, w = x.shape
-        cout = weight.shape[0]
-        code = fm._DTYPE_CODES[x.dtype]
-        style = style.float().contiguous()
-        out = torch.empty(b, cout, h, w, dtype=x.dtype)
-        d = torch.empty(b, cout) if demodulate else None
-        rc_d = self.lib.rt_demod_cuda(code, style.data_ptr(), weight.data_ptr(), d.data_ptr(), b, cin, cout,
-                                      None) if demodulate else 0
-        batched = int(noise is not None and noise.shape[0] == b and b > 1)
-        rc = self.lib.rt_modconv3x3_cuda(
-            code, x.data_ptr(), style.data_ptr(), weight.data_ptr(), d.data_ptr() if demodulate else None,
-            None if noise is None else noise.data_ptr(), batched, noise_weight,
-            None if bias is None else bias.data_ptr(), out.data_ptr(), b, cin, cout, h, w, int(activate),
-            None)
-        return out, rc_d, rc
+pytestmark = pytest.mark.skipif(cxx() is None, reason="a C++ compiler (g++) is needed to build the emulator")
 
 
 @pytest.fixture(scope="module")

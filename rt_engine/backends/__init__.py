@@ -13,8 +13,12 @@ name               what runs
 ``onnxruntime``    ONNX Runtime CPU over the ``export/`` graphs (fp32)
 ``openvino``       OpenVINO CPU over the same graphs (``INFERENCE_PRECISION_HINT`` bf16 or f32)
 ``tensorrt``       prebuilt engines on an NVIDIA GPU (``engine_dir=...``; needs a GPU)
-``auto``           the first-listed (or a clearly faster) CPU backend whose output passes a fidelity
-                   check against the fp32 reference at start-up (PSNR of one frame)
+``torch-cuda``     :class:`~rt_engine.backends.cuda_backend.TorchCudaRunner`: PyTorch on CUDA, every
+                   modulated 3x3 conv through the fused kernel, CUDA graphs per batch bucket
+                   (fp16 default, bf16, fp32; needs a CUDA GPU, refused otherwise)
+``auto``           the first-listed (or a clearly faster) backend whose output passes a fidelity
+                   check against the fp32 reference at start-up (PSNR of one frame); torch-cuda
+                   is listed first where a CUDA GPU is visible
 =================  ==========================================================================
 
 ``precision``: ``None`` (the backend's default), ``fp32``, ``bf16`` or ``auto``. Heavy runtimes
@@ -43,9 +47,9 @@ from rt_engine.models.pcavs import PCAVS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "openvino", "tensorrt", "auto")
+BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "openvino", "tensorrt", "torch-cuda", "auto")
 AUTO_MARGIN = 1.25  # a later candidate must be this many times faster to be preferred
-AUTO_CANDIDATES = ("openvino", "onnxruntime", "torch-fast")  # CPU backends tried by 'auto'
+AUTO_CANDIDATES = ("torch-cuda", "openvino", "onnxruntime", "torch-fast")  # tried by 'auto' where available
 DEFAULT_MIN_PSNR = 35.0  # dB of one generated frame against the fp32 reference
 
 
@@ -65,6 +69,8 @@ def _importable(module: str) -> bool:
 def available_backends() -> list[str]:
     """Backend names whose runtime imports here (tensorrt also needs a GPU at run time)."""
     out = ["torch", "torch-fast", "torch-compile"]
+    if torch.cuda.is_available():
+        out.append("torch-cuda")
     if _importable("onnx") and _importable("onnxruntime"):
         out.append("onnxruntime")
     if _importable("onnx") and _importable("openvino"):
@@ -100,6 +106,11 @@ def make_backend(name: str, checkpoint: str | Path | None = None, precision: str
             raise ConfigError("the tensorrt backend needs engine_dir= (a folder of .engine files from "
                               "`python -m export trt`)")
         return TensorRTRunner(engine_dir, **options)
+    if name == "torch-cuda":
+        from rt_engine.backends.cuda_backend import TorchCudaRunner, require_cuda
+
+        require_cuda()  # before loading the checkpoint: refuse early, naming what is missing
+        return TorchCudaRunner(_load(checkpoint, model), precision=precision, **options)
     m = _load(checkpoint, model)
     if name == "torch":
         import copy

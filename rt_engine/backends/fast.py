@@ -90,12 +90,7 @@ class FastGenerator(nn.Module):
         self.dtype = dtype
         self.channels_last = channels_last
         self.upsample_mode = upsample
-        # Execution order of the modulated convs: conv1, to_rgb1, then per level: up conv, conv, to_rgb.
-        mods: list[ModulatedConv2d] = [gen.conv1.conv, gen.to_rgb1.conv]
-        acts: list[nn.Module | None] = [gen.conv1, None]
-        for j in range(cfg.n_up):
-            mods += [gen.convs[2 * j].conv, gen.convs[2 * j + 1].conv, gen.to_rgbs[j].conv]
-            acts += [gen.convs[2 * j], gen.convs[2 * j + 1], None]
+        mods, acts = self.layers(gen)
         with torch.no_grad():
             w_mod = torch.cat([m.modulation.weight * m.modulation.scale for m in mods])  # [N,S]
             b_mod = torch.cat([m.modulation.bias for m in mods])  # [N]
@@ -136,6 +131,17 @@ class FastGenerator(nn.Module):
         self.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def layers(gen: Generator) -> tuple[list[ModulatedConv2d], list[nn.Module | None]]:
+        """The modulated convs in execution order (conv1, to_rgb1, then per level: up conv, conv,
+        to_rgb) and, for each, its StyledConv (noise, bias, activation) or None for a ToRGB."""
+        mods: list[ModulatedConv2d] = [gen.conv1.conv, gen.to_rgb1.conv]
+        acts: list[nn.Module | None] = [gen.conv1, None]
+        for j in range(gen.cfg.n_up):
+            mods += [gen.convs[2 * j].conv, gen.convs[2 * j + 1].conv, gen.to_rgbs[j].conv]
+            acts += [gen.convs[2 * j], gen.convs[2 * j + 1], None]
+        return mods, acts
+
     def _mem(self, t: Tensor) -> Tensor:
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.ndim == 4 else t
 
@@ -165,7 +171,7 @@ class FastGenerator(nn.Module):
             return None
         if mode == "random":
             b, _, h, w = like.shape
-            return torch.randn(b, 1, h, w, dtype=like.dtype) * self.noise_w[k]
+            return torch.randn(b, 1, h, w, dtype=like.dtype, device=like.device) * self.noise_w[k]
         raise ValueError(f"noise must be 'stored', 'zero' or 'random', got {mode!r}")
 
     def _styled(self, i: int, x: Tensor, s: Tensor, d: Tensor, noise: Tensor | None) -> Tensor:

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
     ap.add_argument("--max-sessions", type=int, default=4)
     ap.add_argument("--backend", default="auto",
-                    help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, "
+                    help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, torch-cuda, "
                          "onnxruntime, openvino, tensorrt")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")

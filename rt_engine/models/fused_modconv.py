@@ -19,7 +19,10 @@ inference-only: no autograd formula is registered. The native module ``rt_engine
 imported lazily on the first native call, never at import: an installed one is used when present,
 otherwise it is built from ``kernels/`` with CMake into ``~/.cache/rt_engine/kernels/<hash>``
 (``RT_ENGINE_KERNEL_CACHE`` overrides the folder; a lock file serialises concurrent builds;
-``RT_ENGINE_KERNELS_CUDA=0`` leaves the CUDA part out of that build).
+``RT_ENGINE_KERNELS_CUDA=0`` leaves the CUDA part out of that build; ``RT_ENGINE_CUDA_ARCHS``, e.g.
+``90``, sets ``CMAKE_CUDA_ARCHITECTURES``). The build needs CMake, a C++ compiler and pybind11, not
+a particular torch: the binding takes raw addresses, so any torch >= 2.4 (``torch.library.custom_op``)
+with or without CUDA works, including a preinstalled CUDA build.
 """
 
 import fcntl
@@ -85,6 +88,7 @@ def _source_hash() -> str:
         h.update((_REPO_ROOT / rel).read_bytes())
     h.update(sys.version.encode())
     h.update(os.environ.get("RT_ENGINE_KERNELS_CUDA", "1").encode())
+    h.update(os.environ.get("RT_ENGINE_CUDA_ARCHS", "").encode())
     return h.hexdigest()[:16]
 
 
@@ -101,6 +105,9 @@ def build_native(verbose: bool = False) -> Path:
         raise RuntimeError(f"rt_engine._kernels is not installed and its sources are missing: {missing}")
     if shutil.which("cmake") is None:
         raise RuntimeError("rt_engine._kernels is not installed and cmake is not on PATH to build it")
+    if importlib.util.find_spec("pybind11") is None:
+        raise RuntimeError("rt_engine._kernels is not installed and pybind11 is missing to build it "
+                           "(pip install 'pybind11>=2.13')")
     out_dir = kernel_cache_dir() / _source_hash()
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / f"_kernels{suffix}"
@@ -117,6 +124,8 @@ def build_native(verbose: bool = False) -> Path:
                    f"-DPython_EXECUTABLE={sys.executable}", "-DRT_ENGINE_BUILD_KERNELS=ON"]
             if os.environ.get("RT_ENGINE_KERNELS_CUDA", "1") == "0":
                 cfg.append("-DRT_ENGINE_WITH_CUDA=OFF")
+            if os.environ.get("RT_ENGINE_CUDA_ARCHS"):
+                cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['RT_ENGINE_CUDA_ARCHS']}")
             if shutil.which("ninja"):
                 cfg += ["-G", "Ninja"]
             jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "1")

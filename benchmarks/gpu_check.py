@@ -188,18 +188,26 @@ def _model(ctx: Ctx) -> PCAVS:
 
 def _frame_inputs(cfg: ModelConfig, b: int, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"id_img": torch.rand(b, 3, 224, 224, generator=g) * 2 - 1,
-            "pose_img": torch.rand(b, 3, 224, 224, generator=g) * 2 - 1,
-            "mel": torch.rand(b, 1, 80, 20, generator=g)}
+    return {
+        "id_img": torch.rand(b, 3, 224, 224, generator=g) * 2 - 1,
+        "pose_img": torch.rand(b, 3, 224, 224, generator=g) * 2 - 1,
+        "mel": torch.rand(b, 1, 80, 20, generator=g),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- steps
 def step_env(ctx: Ctx) -> dict:
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(), "nvcc": _find_nvcc(),
-        "nvcc_version": _cmd_out([_find_nvcc() or "nvcc", "--version"]), "cmake": _cmd_out(["cmake", "--version"]),
-        "compute_sanitizer": _sanitizer(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "nvcc": _find_nvcc(),
+        "nvcc_version": _cmd_out([_find_nvcc() or "nvcc", "--version"]),
+        "cmake": _cmd_out(["cmake", "--version"]),
+        "compute_sanitizer": _sanitizer(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
     }
     try:
         flags = set(re.findall(r"\b(avx512_bf16|amx_bf16|amx_tile|avx2)\b", Path("/proc/cpuinfo").read_text()))
@@ -208,8 +216,13 @@ def step_env(ctx: Ctx) -> dict:
         info["cpu_flags"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(ctx.device)
-        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    sm_count=p.multi_processor_count, cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=p.name,
+            capability=f"{p.major}.{p.minor}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            sm_count=p.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+        )
     try:
         import onnxruntime as ort
 
@@ -253,8 +266,13 @@ def step_build(ctx: Ctx) -> dict:
 
 def step_op_parity(ctx: Ctx) -> dict:
     batches = (1, 2) if ctx.dry else OP_BATCHES
-    rows = [row for b in batches for shape in cb.fused_layer_shapes(ctx.cfg, b) for prec in ctx.precisions
-            for row in _parity_rows(ctx, shape, prec, seed=b)]
+    rows = [
+        row
+        for b in batches
+        for shape in cb.fused_layer_shapes(ctx.cfg, b)
+        for prec in ctx.precisions
+        for row in _parity_rows(ctx, shape, prec, seed=b)
+    ]
     worst: dict[str, float] = {}
     for r in rows:
         key = f"{r['impl']}/{r['precision']}"
@@ -306,13 +324,19 @@ def step_generator_psnr(ctx: Ctx) -> dict:
         frame = runner.step(inp["pose_img"], inp["mel"], id0, id1, "stored")
         per = [psnr(gen[-1][i], ref_frames[i]) for i in range(b)]
         whole = [psnr(frame[i], ref_frames[i]) for i in range(b)]
-        row = {"generator_psnr_min": min(per), "generator_psnr_mean": sum(per) / b, "frame_psnr_min": min(whole),
-               "max_abs_err": float((gen[-1] - ref_frames).abs().max()), "ops": runner.ops(),
-               "cuda_graphs": runner.cuda_graphs,
-               "replay_equals_first_call": bool(torch.equal(gen[0], gen[-1]))}
+        row = {
+            "generator_psnr_min": min(per),
+            "generator_psnr_mean": sum(per) / b,
+            "frame_psnr_min": min(whole),
+            "max_abs_err": float((gen[-1] - ref_frames).abs().max()),
+            "ops": runner.ops(),
+            "cuda_graphs": runner.cuda_graphs,
+            "replay_equals_first_call": bool(torch.equal(gen[0], gen[-1])),
+        }
         if runner.cuda_graphs:
-            eager = cb.TorchCudaRunner(model, prec, device=str(ctx.device), impl=ctx.impl, max_batch=8,
-                                       cuda_graphs=False)
+            eager = cb.TorchCudaRunner(
+                model, prec, device=str(ctx.device), impl=ctx.impl, max_batch=8, cuda_graphs=False
+            )
             row["graph_vs_eager_max_abs"] = float((eager.generate(id0, id1, mouth, pose) - gen[-1]).abs().max())
         need = FP32_MIN_PSNR if prec == "fp32" else DEFAULT_MIN_PSNR
         row["min_psnr_required"] = need
@@ -350,25 +374,43 @@ def step_racecheck(ctx: Ctx) -> dict:
         for shape in SANITIZER_SHAPES:
             x, s, w, n, bias = _layer_inputs(shape, torch.float32, ctx.device)
             out, rc_d, rc = ctx.emu.run(x, s, w, n, 1.0, bias)
-            rows.append({"shape": list(shape), "rc": [rc_d, rc], "rel_err": _rel_err(out, _reference_op(x, s, w, n,
-                                                                                                      bias))})
+            rows.append(
+                {"shape": list(shape), "rc": [rc_d, rc], "rel_err": _rel_err(out, _reference_op(x, s, w, n, bias))}
+            )
         hazards = ctx.emu.error_count()
         if hazards:
             raise AssertionError(f"emulator race detector: {ctx.emu.messages()[:1000]}")
-        return {"skipped_sanitizer": "compute-sanitizer needs a CUDA GPU; ran the CPU emulator's race detector "
-                                     "on the same launches instead", "emulator_hazards": hazards, "launches": rows}
+        return {
+            "skipped_sanitizer": "compute-sanitizer needs a CUDA GPU; ran the CPU emulator's race detector "
+            "on the same launches instead",
+            "emulator_hazards": hazards,
+            "launches": rows,
+        }
     exe = _sanitizer()
     if exe is None:
         raise RuntimeError("compute-sanitizer not found (PATH or next to nvcc)")
-    cmd = [exe, "--tool", "racecheck", "--error-exitcode", "3", sys.executable, str(Path(__file__).resolve()),
-           "--sanitizer-child"]
+    cmd = [
+        exe,
+        "--tool",
+        "racecheck",
+        "--error-exitcode",
+        "3",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--sanitizer-child",
+    ]
     env = {**os.environ, "CUDA_MODULE_LOADING": "LAZY", "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     text = res.stdout + res.stderr
     m = re.search(r"RACECHECK SUMMARY: (\d+) hazard", text)
-    info = {"command": " ".join(cmd), "rc": res.returncode, "seconds": round(time.perf_counter() - t, 1),
-            "summary": m.group(0) if m else None, "tail": text[-1500:]}
+    info = {
+        "command": " ".join(cmd),
+        "rc": res.returncode,
+        "seconds": round(time.perf_counter() - t, 1),
+        "summary": m.group(0) if m else None,
+        "tail": text[-1500:],
+    }
     if res.returncode != 0 or m is None or int(m.group(1)) != 0:
         raise AssertionError(f"racecheck failed (rc {res.returncode}): {text[-1500:]}")
     return info
@@ -378,14 +420,20 @@ def step_layer_timing(ctx: Ctx) -> dict:
     if ctx.dry:
         return {"skipped": "timings need a CUDA GPU (dry run)"}
     iters = 20
-    rows = [_layer_row(ctx, shape, prec, iters) for b in LAYER_BATCHES for shape in cb.fused_layer_shapes(ctx.cfg, b)
-            for prec in ctx.time_precisions]
+    rows = [
+        _layer_row(ctx, shape, prec, iters)
+        for b in LAYER_BATCHES
+        for shape in cb.fused_layer_shapes(ctx.cfg, b)
+        for prec in ctx.time_precisions
+    ]
     totals = {}
     for prec in ctx.time_precisions:
         for b in LAYER_BATCHES:
             sel = [r for r in rows if r["precision"] == prec and r["shape"][0] == b]
-            totals[f"{prec}/b{b}"] = {k: round(sum(r[k] for r in sel), 3) for k in
-                                      ("fused_ms", "unfused_ms", "cudnn_conv_nchw_ms", "cudnn_conv_nhwc_ms")}
+            totals[f"{prec}/b{b}"] = {
+                k: round(sum(r[k] for r in sel), 3)
+                for k in ("fused_ms", "unfused_ms", "cudnn_conv_nchw_ms", "cudnn_conv_nhwc_ms")
+            }
     return {"iters": iters, "rows": rows, "totals": totals}
 
 
@@ -439,8 +487,13 @@ def step_frame_timing(ctx: Ctx) -> dict:
             for _ in range(n):
                 runner.step(inp["pose_img"], inp["mel"], id0, id1)
             ms = (time.perf_counter() - t) * 1e3 / n
-            row = {"batch": b, "iters": n, "ms_per_step": round(ms, 3), "frames_per_s": round(b * 1e3 / ms, 1),
-                   "sessions_at_25fps": round(b * 1e3 / ms / FPS, 1)}
+            row = {
+                "batch": b,
+                "iters": n,
+                "ms_per_step": round(ms, 3),
+                "frames_per_s": round(b * 1e3 / ms, 1),
+                "sessions_at_25fps": round(b * 1e3 / ms / FPS, 1),
+            }
             row.update(_stage_ms(runner, inp, id0, id1))
             rows.append(row)
         out["precisions"][prec] = {"graphs": rows, "describe": runner.describe()}
@@ -463,9 +516,11 @@ def step_frame_timing(ctx: Ctx) -> dict:
                 fits = [r for r in timed if r["ms_per_step"] <= LATENCY_MS]
                 lat = max(fits, key=lambda r: r["frames_per_s"]) if fits else None
                 out["precisions"][prec]["summary"] = {
-                    "sessions_at_25fps_max": best["sessions_at_25fps"], "at_batch": best["batch"],
+                    "sessions_at_25fps_max": best["sessions_at_25fps"],
+                    "at_batch": best["batch"],
                     "sessions_at_25fps_step_within_80ms": lat["sessions_at_25fps"] if lat else 0.0,
-                    "at_batch_within_80ms": lat["batch"] if lat else None}
+                    "at_batch_within_80ms": lat["batch"] if lat else None,
+                }
         del runner
     return out
 
@@ -479,9 +534,11 @@ def _stage_ms(runner: cb.TorchCudaRunner, inp: dict[str, torch.Tensor], id0, id1
         d0, d1 = id0.to(dev), id1.to(dev)
         pose = runner.pose_device(pose_img).clone()
         mouth = runner.audio_device(mel).clone()
-        for name, fn in (("pose_ms", lambda: runner.pose_device(pose_img)),
-                         ("audio_ms", lambda: runner.audio_device(mel)),
-                         ("generator_ms", lambda: runner.generate_device(d0, d1, mouth, pose))):
+        for name, fn in (
+            ("pose_ms", lambda: runner.pose_device(pose_img)),
+            ("audio_ms", lambda: runner.audio_device(mel)),
+            ("generator_ms", lambda: runner.generate_device(d0, d1, mouth, pose)),
+        ):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fn()
             start.record()
@@ -499,8 +556,10 @@ def step_onnxruntime_cuda(ctx: Ctx) -> dict:
     except Exception as e:
         return {"skipped": f"onnxruntime not importable: {type(e).__name__}: {e}"}
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"skipped": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                           f"(providers: {ort.get_available_providers()})"}
+        return {
+            "skipped": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+            f"(providers: {ort.get_available_providers()})"
+        }
     if ctx.dry:
         return {"skipped": "dry run"}
     import numpy as np
@@ -510,10 +569,15 @@ def step_onnxruntime_cuda(ctx: Ctx) -> dict:
     model = _model(ctx)
     t = time.perf_counter()
     d = ensure_export(model, ctx.out_dir / "onnx")
-    info: dict[str, Any] = {"export_s": round(time.perf_counter() - t, 1), "graphs": "fp32, noise as inputs",
-                            "rows": []}
-    sess = {k: ort.InferenceSession(str(d / f"{k}.onnx"), providers=["CUDAExecutionProvider"])
-            for k in ("pose", "audio", "generator")}
+    info: dict[str, Any] = {
+        "export_s": round(time.perf_counter() - t, 1),
+        "graphs": "fp32, noise as inputs",
+        "rows": [],
+    }
+    sess = {
+        k: ort.InferenceSession(str(d / f"{k}.onnx"), providers=["CUDAExecutionProvider"])
+        for k in ("pose", "audio", "generator")
+    }
     info["providers"] = sess["generator"].get_providers()
     gen = model.generator
     for b in (1, 8, 32):
@@ -521,14 +585,20 @@ def step_onnxruntime_cuda(ctx: Ctx) -> dict:
             info["rows"].append({"batch": b, "skipped": "time budget"})
             continue
         inp = _frame_inputs(ctx.cfg, b, seed=b)
-        feeds = {"style": np.random.default_rng(0).standard_normal((b, ctx.cfg.style_dim), dtype=np.float32),
-                 "id_map": np.random.default_rng(1).standard_normal(
-                     (b, ctx.cfg.id_map_channels, ctx.cfg.start, ctx.cfg.start), dtype=np.float32)}
+        feeds = {
+            "style": np.random.default_rng(0).standard_normal((b, ctx.cfg.style_dim), dtype=np.float32),
+            "id_map": np.random.default_rng(1).standard_normal(
+                (b, ctx.cfg.id_map_channels, ctx.cfg.start, ctx.cfg.start), dtype=np.float32
+            ),
+        }
         for i in range(ctx.cfg.num_noises):
             buf = getattr(gen.noises, f"noise_{i}").float().cpu().numpy()
             feeds[f"noise_{i}"] = np.ascontiguousarray(np.broadcast_to(buf, (b, *buf.shape[1:])))
-        stage_feeds = {"pose": {"img": inp["pose_img"].numpy()}, "audio": {"mel": inp["mel"].numpy()},
-                       "generator": feeds}
+        stage_feeds = {
+            "pose": {"img": inp["pose_img"].numpy()},
+            "audio": {"mel": inp["mel"].numpy()},
+            "generator": feeds,
+        }
         for _ in range(3):
             _ort_frame(sess, stage_feeds)
         n = 10
@@ -536,8 +606,14 @@ def step_onnxruntime_cuda(ctx: Ctx) -> dict:
         for _ in range(n):
             _ort_frame(sess, stage_feeds)
         ms = (time.perf_counter() - t) * 1e3 / n
-        info["rows"].append({"batch": b, "ms_per_step": round(ms, 3), "frames_per_s": round(b * 1e3 / ms, 1),
-                             "sessions_at_25fps": round(b * 1e3 / ms / FPS, 1)})
+        info["rows"].append(
+            {
+                "batch": b,
+                "ms_per_step": round(ms, 3),
+                "frames_per_s": round(b * 1e3 / ms, 1),
+                "sessions_at_25fps": round(b * 1e3 / ms / FPS, 1),
+            }
+        )
     return info
 
 
@@ -561,9 +637,14 @@ STEPS: list[tuple[str, Callable[[Ctx], dict], bool]] = [  # name, function, need
 # ----------------------------------------------------------------------------------------------- report
 def markdown(result: dict) -> str:
     """The JSON's main figures as markdown tables."""
-    lines = [f"# GPU check ({'dry run, CPU' if result['dry_run'] else result['steps']['env'].get('gpu', '?')})",
-             "", f"{result['finished']} · {result['seconds']:.0f} s · config `{result['config']}`", "",
-             "| step | status | s | note |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU check ({'dry run, CPU' if result['dry_run'] else result['steps']['env'].get('gpu', '?')})",
+        "",
+        f"{result['finished']} · {result['seconds']:.0f} s · config `{result['config']}`",
+        "",
+        "| step | status | s | note |",
+        "|---|---|---|---|",
+    ]
     for name, st in result["steps"].items():
         note = st.get("error") or st.get("skipped") or st.get("skipped_timing") or st.get("skipped_sanitizer") or ""
         lines.append(f"| {name} | {st['status']} | {st.get('seconds', 0):.1f} | {str(note)[:120]} |")
@@ -573,43 +654,76 @@ def markdown(result: dict) -> str:
         lines += [f"| {k} | {v:.2e} |" for k, v in op["worst_rel_err"].items()]
     gp = result["steps"].get("generator_psnr", {}).get("precisions", {})
     if gp:
-        lines += ["", "| precision | generator PSNR min (dB) | frame PSNR min (dB) | graph replay = first call |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p} | {r['generator_psnr_min']:.1f} | {r['frame_psnr_min']:.1f} | "
-                  f"{r['replay_equals_first_call']} |" for p, r in gp.items()]
+        lines += [
+            "",
+            "| precision | generator PSNR min (dB) | frame PSNR min (dB) | graph replay = first call |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p} | {r['generator_psnr_min']:.1f} | {r['frame_psnr_min']:.1f} | {r['replay_equals_first_call']} |"
+            for p, r in gp.items()
+        ]
     lt = result["steps"].get("layer_timing", {}).get("rows", [])
     if lt:
-        lines += ["", "| B,Cin,Cout,H,W | prec | fused ms | unfused ms | cuDNN conv NHWC ms | fused TFLOP/s | "
-                      "x unfused |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {','.join(map(str, r['shape']))} | {r['precision']} | {r['fused_ms']} | {r['unfused_ms']} | "
-                  f"{r['cudnn_conv_nhwc_ms']} | {r['fused_tflops']} | {r['speedup_vs_unfused']} |" for r in lt]
+        lines += [
+            "",
+            "| B,Cin,Cout,H,W | prec | fused ms | unfused ms | cuDNN conv NHWC ms | fused TFLOP/s | x unfused |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {','.join(map(str, r['shape']))} | {r['precision']} | {r['fused_ms']} | {r['unfused_ms']} | "
+            f"{r['cudnn_conv_nhwc_ms']} | {r['fused_tflops']} | {r['speedup_vs_unfused']} |"
+            for r in lt
+        ]
     ft = result["steps"].get("frame_timing", {}).get("precisions", {})
     for prec, d in ft.items():
         timed = [r for r in d.get("graphs", []) if "ms_per_step" in r]
         if timed:
-            lines += ["", f"Whole frame, {prec}, CUDA graphs:", "",
-                      "| batch | ms/step | frames/s | sessions at 25 fps | pose ms | audio ms | generator ms |",
-                      "|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['batch']} | {r['ms_per_step']} | {r['frames_per_s']} | {r['sessions_at_25fps']} | "
-                      f"{r.get('pose_ms')} | {r.get('audio_ms')} | {r.get('generator_ms')} |" for r in timed]
+            lines += [
+                "",
+                f"Whole frame, {prec}, CUDA graphs:",
+                "",
+                "| batch | ms/step | frames/s | sessions at 25 fps | pose ms | audio ms | generator ms |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['batch']} | {r['ms_per_step']} | {r['frames_per_s']} | {r['sessions_at_25fps']} | "
+                f"{r.get('pose_ms')} | {r.get('audio_ms')} | {r.get('generator_ms')} |"
+                for r in timed
+            ]
         if d.get("summary"):
             s = d["summary"]
-            lines += ["", f"Sessions per GPU at 25 fps ({prec}): {s['sessions_at_25fps_max']} (batch {s['at_batch']}); "
-                          f"with the step within {LATENCY_MS:.0f} ms: {s['sessions_at_25fps_step_within_80ms']} "
-                          f"(batch {s['at_batch_within_80ms']})."]
+            lines += [
+                "",
+                f"Sessions per GPU at 25 fps ({prec}): {s['sessions_at_25fps_max']} (batch {s['at_batch']}); "
+                f"with the step within {LATENCY_MS:.0f} ms: {s['sessions_at_25fps_step_within_80ms']} "
+                f"(batch {s['at_batch_within_80ms']}).",
+            ]
     ort_rows = [r for r in result["steps"].get("onnxruntime_cuda", {}).get("rows", []) if "ms_per_step" in r]
     if ort_rows:
-        lines += ["", "onnxruntime CUDA provider (fp32 graphs):", "", "| batch | ms/step | frames/s | sessions |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['ms_per_step']} | {r['frames_per_s']} | {r['sessions_at_25fps']} |"
-                  for r in ort_rows]
+        lines += [
+            "",
+            "onnxruntime CUDA provider (fp32 graphs):",
+            "",
+            "| batch | ms/step | frames/s | sessions |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['ms_per_step']} | {r['frames_per_s']} | {r['sessions_at_25fps']} |" for r in ort_rows
+        ]
     return "\n".join(lines) + "\n"
 
 
 def run_check(ctx: Ctx) -> dict:
-    result: dict[str, Any] = {"dry_run": ctx.dry, "config": ctx.cfg.name, "device": str(ctx.device),
-                              "impl": ctx.impl, "precisions": list(ctx.precisions),
-                              "time_precisions": list(ctx.time_precisions), "steps": {}}
+    result: dict[str, Any] = {
+        "dry_run": ctx.dry,
+        "config": ctx.cfg.name,
+        "device": str(ctx.device),
+        "impl": ctx.impl,
+        "precisions": list(ctx.precisions),
+        "time_precisions": list(ctx.time_precisions),
+        "steps": {},
+    }
     if ctx.device.type == "cuda":  # the reference is fp32, not TF32
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -628,8 +742,11 @@ def run_check(ctx: Ctx) -> dict:
             result["steps"][name] = {"status": status, **info}
         except Exception as e:  # record and go on: one failed step must not hide the others' results
             log.error("step %s failed: %s", name, e)
-            result["steps"][name] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:2000]}",
-                                     "traceback": traceback.format_exc()[-3000:]}
+            result["steps"][name] = {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {str(e)[:2000]}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
         result["steps"][name]["seconds"] = round(time.perf_counter() - t, 1)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -642,9 +759,12 @@ def run_check(ctx: Ctx) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny sizes, C++ twin and emulator, no timings")
-    ap.add_argument("--json", default=None,
-                    help="output JSON (default benchmarks/results/gpu_check.json, dry run build/gpu_check_dry.json); "
-                         "the markdown table goes beside it")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="output JSON (default benchmarks/results/gpu_check.json, dry run build/gpu_check_dry.json); "
+        "the markdown table goes beside it",
+    )
     ap.add_argument("--checkpoint", default=None, help="model to check (default: random weights of --preset)")
     ap.add_argument("--preset", default=None, help="model preset (default official; dry run tiny)")
     ap.add_argument("--precisions", default="fp32,fp16,bf16", help="storage types checked for parity")
@@ -673,12 +793,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ctx = Ctx(dry=args.dry_run, cfg=cfg, device=torch.device("cpu" if args.dry_run else "cuda"),
-              impl="cpu" if args.dry_run else "cuda", out_dir=work.resolve(), budget_s=args.budget_s,
-              precisions=precisions, time_precisions=time_precisions, checkpoint=args.checkpoint)
+    ctx = Ctx(
+        dry=args.dry_run,
+        cfg=cfg,
+        device=torch.device("cpu" if args.dry_run else "cuda"),
+        impl="cpu" if args.dry_run else "cuda",
+        out_dir=work.resolve(),
+        budget_s=args.budget_s,
+        precisions=precisions,
+        time_precisions=time_precisions,
+        checkpoint=args.checkpoint,
+    )
     result = run_check(ctx)
-    out_json.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o)
-                                   else str(o)) + "\n")
+    out_json.write_text(
+        json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+        + "\n"
+    )
     out_json.with_suffix(".md").write_text(markdown(result))
     log.info("wrote %s and %s (%s)", out_json, out_json.with_suffix(".md"), "ok" if result["ok"] else "FAILED")
     return 0 if result["ok"] else 1

@@ -153,8 +153,17 @@ def test_cli_refuses_torch_cuda_without_cuda(cli, capsys, tmp_path):
     else:
         from rt_engine.render import main
 
-        argv = ["--backend", "torch-cuda", "--identity", "rt_engine/assets/identity.jpg", "--audio",
-                "rt_engine/assets/speech.flac", "--out", str(tmp_path / "x.mp4"), "-q"]
+        argv = [
+            "--backend",
+            "torch-cuda",
+            "--identity",
+            "rt_engine/assets/identity.jpg",
+            "--audio",
+            "rt_engine/assets/speech.flac",
+            "--out",
+            str(tmp_path / "x.mp4"),
+            "-q",
+        ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the torch-cuda backend needs CUDA"), err

@@ -10,8 +10,10 @@ import pytest
 
 from benchmarks import gpu_check
 
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None,
-                                reason="the dry run builds the native module and the emulator (cmake, g++)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("g++") is None,
+    reason="the dry run builds the native module and the emulator (cmake, g++)",
+)
 
 
 def test_dry_run_walks_every_step(tmp_path, monkeypatch):

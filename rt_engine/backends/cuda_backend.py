@@ -79,8 +79,9 @@ def require_cuda() -> None:
     """Raise ConfigError naming the missing CUDA (torch build, GPU, or CUDA kernels in rt_engine._kernels)."""
     why = cuda_missing()
     if why is not None:
-        raise ConfigError(f"the torch-cuda backend needs CUDA: {why}; on this machine use --backend auto, "
-                          "torch-fast or openvino")
+        raise ConfigError(
+            f"the torch-cuda backend needs CUDA: {why}; on this machine use --backend auto, torch-fast or openvino"
+        )
     try:
         fm._cuda_module()
     except RuntimeError as e:
@@ -167,8 +168,9 @@ class KernelGenerator(FastGenerator):
         if not self.fused[i]:
             return super()._styled(i, x, s, d, noise)  # cuDNN; gain folded into d, noise and bias
         # x [B,Cin,H,W] -> [B,Cout,H,W]; noise is pre-scaled by its weight
-        return fm.modulated_conv2d(x, s, getattr(self, f"w_{i}"), noise, 1.0, getattr(self, f"bias_{i}"),
-                                   impl=self.impl)
+        return fm.modulated_conv2d(
+            x, s, getattr(self, f"w_{i}"), noise, 1.0, getattr(self, f"bias_{i}"), impl=self.impl
+        )
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -219,8 +221,10 @@ class BucketGraphs:
             slot = self.slots[k] = _Slot(bufs)
         for buf, t in zip(slot.inputs, inputs, strict=True):
             if buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
-                raise ValueError(f"{self.name}: input {tuple(t.shape)} {t.dtype} does not fit the bucket buffer "
-                                 f"{tuple(buf.shape)} {buf.dtype}")
+                raise ValueError(
+                    f"{self.name}: input {tuple(t.shape)} {t.dtype} does not fit the bucket buffer "
+                    f"{tuple(buf.shape)} {buf.dtype}"
+                )
             buf[:b].copy_(t, non_blocking=True)
         if slot.graph is not None:
             slot.graph.replay()
@@ -257,8 +261,15 @@ class TorchCudaRunner(Runner):
 
     name = "torch-cuda"
 
-    def __init__(self, model: PCAVS, precision: str | None = None, device: str = "cuda",
-                 max_batch: int = DEFAULT_MAX_BATCH, cuda_graphs: bool = True, impl: str | None = None):
+    def __init__(
+        self,
+        model: PCAVS,
+        precision: str | None = None,
+        device: str = "cuda",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        cuda_graphs: bool = True,
+        impl: str | None = None,
+    ):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
@@ -287,12 +298,19 @@ class TorchCudaRunner(Runner):
         self._pose = stage(self._pose_fn, "pose")
         self._audio = stage(self._audio_fn, "audio")
         # random noise is drawn eagerly (a graph would replay one draw); stored and zero are captured
-        self._gen = {mode: stage(self._gen_fn(mode), f"generator[{mode}]", graphs and mode != "random")
-                     for mode in NOISE_MODES}
+        self._gen = {
+            mode: stage(self._gen_fn(mode), f"generator[{mode}]", graphs and mode != "random") for mode in NOISE_MODES
+        }
         size = self.cfg.size
         self._host = torch.empty((max_batch, 3, size, size), pin_memory=on_cuda)  # [max_batch,3,H,W] fp32
-        log.info("torch-cuda: %s on %s, impl %s, CUDA graphs %s, buckets %s", self.precision, self.device, self.impl,
-                 graphs, buckets_for(max_batch))
+        log.info(
+            "torch-cuda: %s on %s, impl %s, CUDA graphs %s, buckets %s",
+            self.precision,
+            self.device,
+            self.impl,
+            graphs,
+            buckets_for(max_batch),
+        )
 
     # -- set-up helpers
     def _prep(self, enc: nn.Module) -> nn.Module:
@@ -307,8 +325,10 @@ class TorchCudaRunner(Runner):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def describe(self) -> str:
-        return (f"{self.name} ({self.precision}, kernel {self.impl}, CUDA graphs {self.cuda_graphs}, "
-                f"model '{self.cfg.name}')")
+        return (
+            f"{self.name} ({self.precision}, kernel {self.impl}, CUDA graphs {self.cuda_graphs}, "
+            f"model '{self.cfg.name}')"
+        )
 
     def ops(self) -> list[str]:
         return self.generator.ops()
@@ -332,8 +352,9 @@ class TorchCudaRunner(Runner):
         b = inputs[0].shape[0]
         if b <= self.max_batch:
             return fn(*inputs)
-        return torch.cat([fn(*(t[i:i + self.max_batch] for t in inputs)).clone()
-                          for i in range(0, b, self.max_batch)])
+        return torch.cat(
+            [fn(*(t[i : i + self.max_batch] for t in inputs)).clone() for i in range(0, b, self.max_batch)]
+        )
 
     def _dev(self, x: Tensor) -> Tensor:
         return x.to(self.device, torch.float32, non_blocking=True)
@@ -359,8 +380,8 @@ class TorchCudaRunner(Runner):
         """Device frames [B,3,H,W] -> CPU fp32 through the pinned buffer (a copy the caller owns)."""
         out = []
         for i in range(0, frames.shape[0], self.max_batch):
-            part = frames[i:i + self.max_batch]
-            host = self._host[:part.shape[0]]
+            part = frames[i : i + self.max_batch]
+            host = self._host[: part.shape[0]]
             host.copy_(part, non_blocking=True)
             if self.stream is not None:
                 self.stream.synchronize()

@@ -36,8 +36,19 @@ def compile_emu(src_dir: Path, out: Path) -> None:
     compiler = cxx()
     if compiler is None:
         raise RuntimeError("a C++ compiler (g++) is needed to build the CUDA emulator")
-    cmd = [compiler, "-O2", "-std=c++17", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           str(src_dir / "emu" / "emu_shim.cpp"), "-o", str(out)]
+    cmd = [
+        compiler,
+        "-O2",
+        "-std=c++17",
+        "-fPIC",
+        "-shared",
+        "-pthread",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        str(src_dir / "emu" / "emu_shim.cpp"),
+        "-o",
+        str(out),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"building the CUDA emulator failed: {res.stderr[-3000:]}")
@@ -71,8 +82,14 @@ class Emu:
         lib.rt_demod_cuda.argtypes = [i32, _P, _P, _P, i32, i32, i32, _P]
         self.lib = lib
 
-    def configure(self, os_threads: int = 1, seed: int = 1, race_check: bool = True, shuffle: bool = True,
-                  drop_sync_line: int = -1) -> None:
+    def configure(
+        self,
+        os_threads: int = 1,
+        seed: int = 1,
+        race_check: bool = True,
+        shuffle: bool = True,
+        drop_sync_line: int = -1,
+    ) -> None:
         """Reset the error log; set OS threads, the fiber-order seed, the race detector and a barrier to drop."""
         self.lib.rt_emu_reset()
         self.lib.rt_emu_configure(os_threads, seed, int(race_check), int(shuffle), drop_sync_line)
@@ -85,8 +102,17 @@ class Emu:
     def error_count(self) -> int:
         return int(self.lib.rt_emu_error_count())
 
-    def run(self, x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None = None, noise_weight: float = 0.0,
-            bias: Tensor | None = None, demodulate: bool = True, activate: bool = True) -> tuple[Tensor, int, int]:
+    def run(
+        self,
+        x: Tensor,
+        style: Tensor,
+        weight: Tensor,
+        noise: Tensor | None = None,
+        noise_weight: float = 0.0,
+        bias: Tensor | None = None,
+        demodulate: bool = True,
+        activate: bool = True,
+    ) -> tuple[Tensor, int, int]:
         """The launchers of modconv.cu on host tensors -> (out [B,Cout,H,W], rc_demod, rc_conv).
 
         x: [B,Cin,H,W] (fp32/fp16/bf16); style: [B,Cin]; weight: [Cout,Cin,3,3] in x.dtype;
@@ -101,11 +127,29 @@ class Emu:
         noise = None if noise is None else noise.contiguous()
         out = torch.empty(b, cout, h, w, dtype=x.dtype)
         d = torch.empty(b, cout) if demodulate else None
-        rc_d = self.lib.rt_demod_cuda(code, style.data_ptr(), weight.data_ptr(), d.data_ptr(), b, cin, cout,
-                                      None) if d is not None else 0
+        rc_d = (
+            self.lib.rt_demod_cuda(code, style.data_ptr(), weight.data_ptr(), d.data_ptr(), b, cin, cout, None)
+            if d is not None
+            else 0
+        )
         batched = int(noise is not None and noise.shape[0] == b and b > 1)
         rc = self.lib.rt_modconv3x3_cuda(
-            code, x.data_ptr(), style.data_ptr(), weight.data_ptr(), None if d is None else d.data_ptr(),
-            None if noise is None else noise.data_ptr(), batched, noise_weight,
-            None if bias is None else bias.data_ptr(), out.data_ptr(), b, cin, cout, h, w, int(activate), None)
+            code,
+            x.data_ptr(),
+            style.data_ptr(),
+            weight.data_ptr(),
+            None if d is None else d.data_ptr(),
+            None if noise is None else noise.data_ptr(),
+            batched,
+            noise_weight,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            b,
+            cin,
+            cout,
+            h,
+            w,
+            int(activate),
+            None,
+        )
         return out, rc_d, rc

@@ -439,12 +439,12 @@ def test_session_paces_video_and_audio_on_one_clock(tiny_engine):
         async def video():
             for _ in range(40):
                 i, img, fresh = await s.next_video_frame()
-                sent.append((i, time.monotonic(), fresh))
+                sent.append((i, time.monotonic(), s.clock.frame_due(i)))  # the delay may adapt: due as of now
 
         async def aud():
             for _ in range(80):
                 m, x = await s.next_audio_chunk()
-                audio.append((m, time.monotonic()))
+                audio.append((m, time.monotonic(), s.clock.wall_of(m / OUT_RATE)))
 
         await asyncio.gather(video(), aud())
         d = s.describe()
@@ -457,9 +457,9 @@ def test_session_paces_video_and_audio_on_one_clock(tiny_engine):
     assert all(b > a for a, b in zip(idx, idx[1:], strict=False))  # strictly increasing slots
     assert sum(b - a - 1 for a, b in zip(idx, idx[1:], strict=False)) == d["frames_skipped"]
     # send time error against the schedule (only frames after the first: it waits for warm-up)
-    err_v = [t - s.clock.frame_due(i) for i, t, _ in sent[1:]]
+    err_v = [t - due for i, t, due in sent[1:]]
     assert np.median(err_v) < 0.02 and min(err_v) > -0.002
-    err_a = [t - s.clock.wall_of(m / OUT_RATE) for m, t in audio[5:]]
+    err_a = [t - due for m, t, due in audio[5:]]
     assert np.median(err_a) < 0.02 and min(err_a) > -0.002
     assert d["frames_fresh"] >= 1 and d["frames_sent"] == 40
 
@@ -470,7 +470,7 @@ def test_scheduler_skips_frames_it_cannot_finish_in_time(tiny_engine):
     runner = tiny_engine.runner
     m = Metrics()
     sch = Scheduler(runner, SchedulerConfig(), m)
-    sch.cost_per_frame_s = 0.5  # as if the model needed 0.5 s per frame
+    sch.cost.set(1, 0.5)  # as if the model needed 0.5 s per frame
     id0, id1 = runner.encode_identity(torch.zeros(1, 3, 224, 224))
     o = _Owner("slow", id0, id1)
     w = np.zeros((1, 80, 20), np.float32)
@@ -482,6 +482,6 @@ def test_scheduler_skips_frames_it_cannot_finish_in_time(tiny_engine):
         assert o.done.wait(30)
         assert o.drops == [(2, "late")] and list(o.got) == [3]
         assert m.counter("frames_dropped_total", reason="late_compute") == 1
-        assert 0 < sch.cost_per_frame_s < 0.5  # replaced by the measured cost
+        assert 0 < sch.cost.batch_s(1, spread=False) < 0.5  # moved towards the measured cost
     finally:
         sch.stop()

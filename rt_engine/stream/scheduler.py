@@ -1,20 +1,24 @@
 """The model worker: one thread runs the Runner for every session, batching frames across sessions.
 
 Sessions submit :class:`FrameJob` s (frame index, mel window [1,80,20], pose code [12], due time).
-The worker takes every pending job, orders them by due time, drops the ones that can no longer be
-shown in time (their due time has passed, or would have by the time the model finishes them, going
-by the measured cost per frame: computing them would only make the following frames late too, and
-a worker that computes late frames falls further behind with every batch) and runs up to
-``max_batch`` of the rest as one batch, whatever session they belong to:
+The worker takes every pending job, orders them by due time (earliest deadline first) and forms
+one batch, whatever session the jobs belong to. A batch is delivered as a whole when it ends, so
+it is admitted by its end time: job k joins only when the measured time of a batch of k+1 frames
+(:class:`~rt_engine.stream.capacity.CostModel`) still ends before the earliest due time in the
+batch; the rest waits for the next batch. A job that could not be ready in time even alone is
+dropped before it is computed (computing it would only make the following frames late too). So no
+frame is computed and then thrown away as late while the model has the capacity; the metric
+``frames_computed_late_total`` counts the exceptions (capacity exceeded, an estimate that was off).
 
     windows [B,1,80,20] --encode_audio--> mouth [B,500]
     id0 [B,id_dim], id1 [B,C,7,7] (stacked per row: identities differ per row), pose [B,12]
     --generate--> frames [B,3,H,W] -> uint8 [B,H,W,3] -> session.deliver(i, image)
 
-When compute keeps up every batch holds one frame per session; when it falls behind the pending
-frames of a session batch together, and late ones are dropped, never queued up (no drift, no
-growing latency). Other model work (identity features, pose codes) runs through :meth:`call`, in
-the same thread, between batches: frame batches go first, a call waits at most ``CALL_WAIT_S``.
+When compute keeps up every batch holds about one frame per session; when it falls behind, the
+sessions lengthen their delay and thin their frames (:mod:`rt_engine.stream.capacity`), and late
+jobs are dropped, never queued up (no drift, no growing latency). Other model work (identity
+features, pose codes) runs through :meth:`call`, in the same thread, between batches: frame
+batches go first, a call waits at most ``CALL_WAIT_S``.
 
 :class:`Metrics` is a tiny thread-safe registry printed in the Prometheus text format.
 """
@@ -38,12 +42,14 @@ from rt_engine.config import MEL_WINDOW, check_mouth_gain
 from rt_engine.errors import ConfigError
 from rt_engine.inputs.audio import N_MELS
 from rt_engine.inputs.image import to_uint8
+from rt_engine.stream.capacity import CostModel
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 CALL_WAIT_S = 0.25  # longest a non-frame model call (identity, pose) waits behind frame batches
+PROBE_S = 1.0  # with nothing run for this long, the newest job runs even if the estimate says it is late
 
 
 class Metrics:
@@ -174,7 +180,13 @@ class Scheduler:
         self.batches = 0
         self.frames = 0
         self.busy_s = 0.0
-        self.cost_per_frame_s = 0.0  # moving average of model seconds per frame (drives the drop policy)
+        self.cost = CostModel(self.cfg.max_batch)  # seconds per batch by size (drives admission of jobs)
+        self._last_run = time.monotonic()
+
+    @property
+    def cost_per_frame_s(self) -> float:
+        """Estimated model seconds for a batch of one frame (0 before any was measured)."""
+        return self.cost.batch_s(1)
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
@@ -220,12 +232,18 @@ class Scheduler:
         return fut
 
     def warm_up(self, id0: torch.Tensor, id1: torch.Tensor) -> concurrent.futures.Future:
-        """Run every batch size the scheduler can form once, so that no first-call cost of a runner
-        (OpenVINO compiles and allocates per shape) lands in the middle of a stream."""
+        """Run every batch size the scheduler can form twice: the first call takes any first-call cost
+        of a runner (OpenVINO compiles and allocates per shape) out of the stream, the second is timed
+        and seeds the cost model, so the first sessions are planned on measured figures."""
         def run(r: Runner) -> None:
             for b in range(1, self.cfg.max_batch + 1):
-                mouth = r.encode_audio(torch.zeros(b, 1, N_MELS, MEL_WINDOW))  # [B,mouth_dim]
-                r.generate(id0, id1, mouth, torch.zeros(b, r.cfg.pose_dim), noise=self.cfg.noise)  # [B,3,H,W]
+                for timed in (False, True):
+                    t0 = time.monotonic()
+                    self._compute(r, id0, id1, torch.zeros(b, 1, N_MELS, MEL_WINDOW), torch.zeros(b, r.cfg.pose_dim))
+                    if timed:
+                        self.cost.set(b, time.monotonic() - t0)
+            log.info("model seconds per batch size: %s",
+                     ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in self.cost.table().items()))
         return self.call(run)
 
     def forget(self, owner: JobOwner) -> None:
@@ -267,29 +285,43 @@ class Scheduler:
             del jobs  # nor of the last batch: a closed session is freed when it closes, not at the next batch
 
     def _select(self, pending: list[FrameJob]) -> tuple[list[FrameJob], list[FrameJob]]:
-        """-> (this batch, still pending). Late jobs are dropped here."""
+        """-> (this batch, still pending). Jobs that cannot be ready in time are dropped here."""
         now = time.monotonic()
+        grace = self.cfg.late_grace_s
         batch: list[FrameJob] = []
         rest: list[FrameJob] = []
-        ordered = sorted(pending, key=lambda j: j.due)
-        newest = ordered[-1] if ordered else None
-        for j in ordered:
-            if len(batch) >= self.cfg.max_batch:
-                rest.append(j)
-                continue
-            finish = now + self.cost_per_frame_s * (len(batch) + 1)  # if it joins this batch
-            # the newest unexpired frame always runs, so the worker keeps going and the cost estimate
-            # (which may be inflated by a slow first call) keeps being measured
-            keep_going = not batch and j is newest and j.due + self.cfg.late_grace_s >= now
-            if finish <= j.due + self.cfg.late_grace_s or keep_going:
+        late: list[FrameJob] = []
+        batch_deadline = float("inf")  # earliest due time in the batch: the whole batch must end by then
+        for j in sorted(pending, key=lambda j: j.due):
+            deadline = j.due + grace
+            if now + self.cost.batch_s(1) > deadline:  # not even alone, not now: waiting only makes it later
+                late.append(j)
+            elif (len(batch) < self.cfg.max_batch
+                  and now + self.cost.batch_s(len(batch) + 1) <= min(batch_deadline, deadline)):
                 batch.append(j)
-                continue
-            try:  # it cannot be ready in time now, and waiting only makes it later
+                batch_deadline = min(batch_deadline, deadline)
+            else:
+                rest.append(j)
+        if not batch and late and now - self._last_run > PROBE_S:
+            # nothing ran for a while: run the newest unexpired job anyway, so that an estimate that is
+            # too high (a slow first call, a busy moment) is measured again instead of starving the stream
+            newest = late[-1]
+            if newest.due + grace >= now:
+                batch.append(late.pop())
+        for j in late:
+            try:
                 j.owner.dropped(j.index, "late")
             except Exception:
                 log.exception("session %s: drop notification failed", j.owner.sid)
             self.metrics.inc("frames_dropped_total", reason="late_compute")
         return batch, rest
+
+    def _compute(self, r: Runner, id0: torch.Tensor, id1: torch.Tensor, wins: torch.Tensor,
+                 pose: torch.Tensor) -> np.ndarray:
+        """wins [B,1,80,20], pose [B,12], id0 [B|1,id_dim], id1 [B|1,C,7,7] -> images [B,H,W,3] uint8."""
+        mouth = self.mouth_gain(r, r.encode_audio(wins))  # [B,500]
+        frames = r.generate(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,3,H,W]
+        return to_uint8(frames)  # [B,H,W,3]
 
     def _run(self, jobs: list[FrameJob]) -> None:
         t0 = time.monotonic()
@@ -304,9 +336,7 @@ class Scheduler:
             else:
                 id0 = torch.cat([o.id0 for o in owners])  # [B,id_dim]
                 id1 = torch.cat([o.id1 for o in owners])  # [B,C,7,7]
-            mouth = self.mouth_gain(self.runner, self.runner.encode_audio(wins))  # [B,500]
-            frames = self.runner.generate(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,3,H,W]
-            images = to_uint8(frames)  # [B,H,W,3]
+            images = self._compute(self.runner, id0, id1, wins, pose)  # [B,H,W,3]
         except Exception:
             log.exception("model batch of %d frames failed; dropping them", len(jobs))
             for j in jobs:
@@ -314,11 +344,14 @@ class Scheduler:
                 self.metrics.inc("frames_dropped_total", reason="model_error")
             return
         t1 = time.monotonic()
+        self._last_run = t1
         self.batches += 1
         self.frames += len(jobs)
         self.busy_s += t1 - t0
-        per_frame = (t1 - t0) / len(jobs)
-        self.cost_per_frame_s = per_frame if self.batches == 1 else 0.8 * self.cost_per_frame_s + 0.2 * per_frame
+        self.cost.observe(len(jobs), t1 - t0)
+        late = sum(1 for j in jobs if t1 > j.due + self.cfg.late_grace_s)
+        if late:
+            self.metrics.inc("frames_computed_late_total", late)
         self.metrics.observe("stage_latency_seconds", t1 - t0, stage="model")
         self.metrics.observe("batch_size", len(jobs), buckets=BATCH_BUCKETS)
         self.metrics.inc("frames_generated_total", len(jobs))

@@ -35,7 +35,8 @@ from rt_engine.config import FIRST_FRAME, SAMPLE_RATE
 from rt_engine.errors import ConfigError, InputError
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.stream import sources
-from rt_engine.stream.clock import AUDIO_PTIME_S, FRAME_S, OUT_RATE, ClockConfig, MediaClock
+from rt_engine.stream.capacity import Plan, PlanConfig, plan_output, wants_frame
+from rt_engine.stream.clock import AUDIO_PTIME_S, FRAME_S, LOOKAHEAD_S, OUT_RATE, ClockConfig, MediaClock
 from rt_engine.stream.scheduler import FrameJob, Metrics, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,20 @@ class SessionStats:
     frames_held: int = 0  # sent frames that repeat the previous image (compute was late)
     frames_skipped: int = 0  # indices never sent because the sender itself was late
     frames_dropped: int = 0  # computed too late or not at all
+    frames_thinned: int = 0  # not computed by plan: the model is too slow for every frame (sub-rate)
     audio_chunks: int = 0
     audio_underruns: int = 0
     first_frame_s: float | None = None  # from session start to the first sent frame
     latency_sum: float = 0.0  # sum over fresh frames of (send wall - media time - t0)
     latency_max: float = 0.0
+
+
+async def _sleep_until(when) -> float:
+    """Sleep until the wall time ``when()`` (re-read after each sleep: the output delay may have
+    grown meanwhile); returns it."""
+    while (t := when()) > (now := time.monotonic()):
+        await asyncio.sleep(t - now)
+    return t
 
 
 # ------------------------------------------------------------------------------ session
@@ -157,6 +167,8 @@ class Session:
         self.last_input = time.monotonic()  # last inbound media (watchdog)
         self._pose_latest: np.ndarray | None = None  # newest pushed pose frame, not yet encoded
         self._pose_task: asyncio.Task | None = None
+        engine.sessions.add(self.sid)
+        self.clock.aim_margin(engine.plan().margin_s, now=True)
 
     # --- start / stop
     def start(self) -> None:
@@ -173,6 +185,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.engine.sessions.discard(self.sid)
         self.engine.scheduler.forget(self)
         for t in self._tasks:
             t.cancel()
@@ -227,14 +240,19 @@ class Session:
 
     def _pump(self) -> None:
         """Turn newly complete mel windows into model jobs."""
+        plan = self.engine.plan()
+        self.clock.aim_margin(plan.margin_s)
         idx, wins = self.audio.windows()
         if not len(idx):
             return
         now = time.monotonic()
         jobs = []
         for i, w in zip(idx.tolist(), wins, strict=True):
+            if i != FIRST_FRAME and not wants_frame(i, plan.fraction):
+                self.stats.frames_thinned += 1  # held by plan: the model cannot make every frame
+                continue
             due = self.clock.frame_due(i)
-            self.metrics.observe("stage_latency_seconds", max(0.0, now - (due - self.clock.cfg.margin_s)),
+            self.metrics.observe("stage_latency_seconds", max(0.0, now - (due - (self.clock.delay - LOOKAHEAD_S))),
                                  stage="mel")
             jobs.append(FrameJob(self, i, w, self.pose.code_for(i), due))
         self.engine.scheduler.submit(jobs)
@@ -322,8 +340,7 @@ class Session:
             self.metrics.inc("frames_dropped_total", skipped, reason="late_send")
             self._next_frame = cur
         i = self._next_frame
-        due = self.clock.frame_due(i)
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        due = await _sleep_until(lambda: self.clock.frame_due(i))
         deadline = due + self.clock.cfg.hold_grace_s
         while i not in self._frames and time.monotonic() < deadline and not self.closed:
             self._frame_event.clear()
@@ -369,7 +386,7 @@ class Session:
         m = k * CHUNK_OUT
         if self.first_audio_sample is None:
             self.first_audio_sample = m
-        await asyncio.sleep(max(0.0, self.clock.wall_of(m / OUT_RATE) - time.monotonic()))
+        await _sleep_until(lambda: self.clock.wall_of(m / OUT_RATE))
         x, missing = self.audio.out.read(m, CHUNK_OUT)
         if missing:
             self.stats.audio_underruns += 1
@@ -381,6 +398,7 @@ class Session:
     def describe(self) -> dict:
         s = self.stats
         age = time.monotonic() - self.created
+        sending_s = max(age - (s.first_frame_s or age), 1e-6)
         return {
             "session": self.sid,
             "age_s": round(age, 2),
@@ -393,10 +411,12 @@ class Session:
             "frames_held": s.frames_held,
             "frames_skipped": s.frames_skipped,
             "frames_dropped": s.frames_dropped,
-            "fps": round(s.frames_sent / max(age - (s.first_frame_s or age), 1e-6), 2) if s.first_frame_s else 0.0,
+            "frames_thinned": s.frames_thinned,
+            "fps": round(s.frames_sent / sending_s, 2) if s.first_frame_s else 0.0,
+            "fresh_fps": round(s.frames_fresh / sending_s, 2) if s.first_frame_s else 0.0,
             "latency_ms": round(1e3 * s.latency_sum / s.frames_fresh, 1) if s.frames_fresh else None,
             "latency_max_ms": round(1e3 * s.latency_max, 1),
-            "algorithmic_latency_ms": round(1e3 * self.clock.cfg.delay_s, 1),
+            "algorithmic_latency_ms": round(1e3 * self.clock.delay, 1),
             "first_frame_s": None if s.first_frame_s is None else round(s.first_frame_s, 3),
             "audio_underruns": s.audio_underruns,
             "agc_gain": round(self.audio.agc.gain, 3) if self.audio.agc else None,
@@ -411,7 +431,7 @@ class Engine:
 
     def __init__(self, runner: Runner, scheduler_cfg: SchedulerConfig | None = None,
                  clock_cfg: ClockConfig | None = None, threads: int = 0, metrics: Metrics | None = None,
-                 gil_switch_s: float | None = 0.001):
+                 gil_switch_s: float | None = 0.001, plan_cfg: PlanConfig | None = None):
         if gil_switch_s is not None:
             # The model thread runs many small torch ops with Python in between; with the default 5 ms
             # GIL switch interval the asyncio thread (pacing, RTP, audio) waits up to 5 ms each time
@@ -421,6 +441,9 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.clock_cfg = (clock_cfg or ClockConfig()).validate()
         self.scheduler = Scheduler(runner, scheduler_cfg, self.metrics, threads=threads).start()
+        self.plan_cfg = plan_cfg or PlanConfig()
+        self.sessions: set[str] = set()  # ids of the open sessions (what the output plan is made for)
+        self._plan: tuple[float, int, Plan] | None = None  # (made at, sessions, plan)
         self.faces = sources.FaceService()
         self._id_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
         self._id_locks: dict[str, asyncio.Lock] = {}
@@ -428,6 +451,17 @@ class Engine:
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.scheduler.call(fn))
+
+    def plan(self, sessions: int | None = None) -> Plan:
+        """The output plan (sub-rate fraction, compute margin) for ``sessions`` sessions (default: the
+        open ones), from the measured model cost; the current one is remade at most every 0.25 s."""
+        if sessions is not None:
+            return plan_output(self.scheduler.cost, sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, self.plan_cfg)
+        n, now = len(self.sessions), time.monotonic()
+        if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
+            self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S,
+                                              self.plan_cfg))
+        return self._plan[2]
 
     async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
         """Identity features (cached by file content) -> (id0 [1,D], id1 [1,C,7,7], aligned crop, cache key)."""

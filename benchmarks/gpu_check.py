@@ -59,6 +59,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `rt_engine` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernels import _time_cuda  # noqa: E402  (CUDA-event timer, 3 warm-up calls)
 from rt_engine.backends import DEFAULT_MIN_PSNR, psnr  # noqa: E402
 from rt_engine.backends import cuda_backend as cb  # noqa: E402
 from rt_engine.config import ModelConfig, model_preset  # noqa: E402
@@ -153,19 +154,6 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _reference_op(x, style, weight, noise, bias) -> torch.Tensor:
     """fp32 reference of the fused op on the (already rounded) inputs."""
     return fm.modulated_conv2d_fused_ref(x.float(), style, weight.float(), noise.float(), 1.0, bias)
-
-
-def _time_cuda(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters  # ms
 
 
 def _model(ctx: Ctx) -> PCAVS:

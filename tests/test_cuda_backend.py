@@ -7,6 +7,8 @@ The CUDA-only parts (the kernel itself, graph capture, pinned memory) are checke
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -124,6 +126,59 @@ def test_bucket_graphs_checks_inputs():
         stage(torch.ones(3, 2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="does not fit"):
         stage(torch.ones(3, 5), torch.ones(3, 5))
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: replay() runs what the stage registered while 'capturing'."""
+
+    work = None
+
+    def replay(self):
+        self.work()
+
+
+def _fake_capture(monkeypatch, fail: bool = False) -> dict:
+    state: dict = {"graph": None}
+
+    @contextlib.contextmanager
+    def graph(g, stream=None, capture_error_mode=None):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        state["graph"] = g
+        try:
+            yield
+        finally:
+            state["graph"] = None
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return state
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_bucket_graphs_warm_up_capture_once_then_replay(monkeypatch, fail):
+    """Eager calls until the warm-up count, one capture, then replays that read the refreshed input
+    buffers; a capture that fails leaves the stage launching eagerly."""
+    state = _fake_capture(monkeypatch, fail)
+    calls = []
+    static_out = torch.empty(4, 2)
+
+    def fn(a):  # [4,2] -> [4,2]
+        g = state["graph"]
+        calls.append("capture" if g is not None else "eager")
+        if g is not None:  # a real capture records the work without running it
+            g.work = lambda: torch.mul(a, 2, out=static_out)
+            return static_out
+        return a * 2
+
+    stage = cb.BucketGraphs(fn, max_batch=4, use_graphs=True, warmup=2, name="double")
+    for i in range(5):
+        x = torch.full((3, 2), float(i + 1))
+        assert torch.equal(stage(x), x * 2), (i, calls)
+    if fail:
+        assert calls == ["eager"] * 5 and not stage.use_graphs and stage.slots[4].graph is None
+    else:
+        assert calls == ["eager", "eager", "capture"] and stage.slots[4].graph is not None
 
 
 def test_precision_names():

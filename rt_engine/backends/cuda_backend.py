@@ -13,9 +13,10 @@ modulation, fp32 demodulation and RGB skip chain) with one change of op per laye
 =====================  ============================================================================
 layer                  op
 =====================  ============================================================================
-3x3 StyledConv         ``fused_modconv.modulated_conv2d(impl)``: one launch per layer for the whole
-(conv1, each level's   batch (style scaling on load, fp32 accumulation, fp32 demodulation, noise,
-second conv)           bias, leaky ReLU and its sqrt(2) gain in the epilogue)
+3x3 StyledConv         ``fused_modconv.modulated_conv2d(impl)``: one conv launch per layer for the
+(conv1, each level's   whole batch (style scaling on load, fp32 accumulation, fp32 demodulation
+second conv)           factors from a small launch before it, noise, bias, leaky ReLU and its
+                       sqrt(2) gain in the epilogue)
 upsampling StyledConv  library ops (cuDNN): transposed 3x3 conv stride 2, [1,3,3,1] blur, then
                        ``*d``, noise, bias, leaky ReLU; the sqrt(2) gain is folded into d, the
                        noise and the bias (leaky ReLU is positively homogeneous)

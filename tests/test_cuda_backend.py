@@ -242,3 +242,26 @@ def test_cuda_runner_graph_replay_matches_eager(model, probe, reference):
     assert runner._gen["stored"].slots[1].graph is not None
     assert psnr(out, run_frame(eager, probe)) > 80.0  # bit equality unless cuDNN picks non-deterministic algorithms
     assert psnr(out, reference) > 60.0  # cuDNN may use TF32 in the library layers
+
+
+@pytest.mark.slow
+def test_kernel_generator_official_size_matches_reference():
+    """The structure at the official size (512..128 channels, five levels), fused op in PyTorch form."""
+    from rt_engine.config import model_preset
+    from rt_engine.models.generator import Generator
+
+    torch.manual_seed(0)
+    cfg = model_preset("official")
+    g = Generator(cfg).eval()
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+            elif name.endswith("bias") and "modulation" not in name:
+                p.normal_(0, 0.1)
+        kg = cb.KernelGenerator(g, torch.float32, "ref")
+        assert kg.ops().count("fused_modconv[ref]") == 6
+        id0, id1, var = torch.rand(1, cfg.id_dim), torch.randn(1, 512, 7, 7), torch.randn(1, 512)
+        out = kg(kg.identity_base(id0), var, id1, "stored")
+        ref = g.set_form("ref")(torch.cat([id0, var], 1), id1, "stored")
+    assert psnr(out, ref) > 100.0

@@ -8,6 +8,9 @@ The CUDA-only parts (the kernel itself, graph capture, pinned memory) are checke
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
+import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -179,6 +182,26 @@ def test_bucket_graphs_warm_up_capture_once_then_replay(monkeypatch, fail):
         assert calls == ["eager"] * 5 and not stage.use_graphs and stage.slots[4].graph is None
     else:
         assert calls == ["eager", "eager", "capture"] and stage.slots[4].graph is not None
+
+
+def test_kernel_build_options(monkeypatch, tmp_path):
+    """RT_ENGINE_CUDA_ARCHS picks another build (own hash); a build without pybind11 says so (a cached
+    build does not need it)."""
+    monkeypatch.delenv("RT_ENGINE_CUDA_ARCHS", raising=False)
+    default = fm._source_hash()
+    monkeypatch.setenv("RT_ENGINE_CUDA_ARCHS", "90")
+    assert fm._source_hash() != default
+    monkeypatch.setenv("RT_ENGINE_KERNEL_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pybind11" else real(name, *a))
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake missing: build_native stops before the pybind11 check")
+    with pytest.raises(RuntimeError, match="pybind11 is missing"):
+        fm.build_native()
+    cached = tmp_path / fm._source_hash() / f"_kernels{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert fm.build_native() == cached
 
 
 def test_precision_names():

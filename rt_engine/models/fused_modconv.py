@@ -105,14 +105,14 @@ def build_native(verbose: bool = False) -> Path:
         raise RuntimeError(f"rt_engine._kernels is not installed and its sources are missing: {missing}")
     if shutil.which("cmake") is None:
         raise RuntimeError("rt_engine._kernels is not installed and cmake is not on PATH to build it")
-    if importlib.util.find_spec("pybind11") is None:
-        raise RuntimeError("rt_engine._kernels is not installed and pybind11 is missing to build it "
-                           "(pip install 'pybind11>=2.13')")
     out_dir = kernel_cache_dir() / _source_hash()
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / f"_kernels{suffix}"
     if target.is_file():
         return target
+    if importlib.util.find_spec("pybind11") is None:
+        raise RuntimeError("rt_engine._kernels is not installed and pybind11 is missing to build it "
+                           "(pip install 'pybind11>=2.13')")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources

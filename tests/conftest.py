@@ -61,3 +61,22 @@ async def served(engine, **cfg):
         yield f"http://127.0.0.1:{port}", app
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def avatar_engine(tiny_checkpoint):
+    """An engine for avatar streams: the tiny model, wrapped so that frames show whether the mouth is
+    closed (tests.avatar_checks.MouthProbe), and 200 ms of compute margin, so that a busy CI machine
+    still makes every frame in time (these tests check content and timestamps, not speed)."""
+    from rt_engine.backends.torch_backend import TorchRunner
+    from rt_engine.models.checkpoint import load_checkpoint
+    from rt_engine.stream.clock import ClockConfig
+    from rt_engine.stream.session import Engine
+
+    torch.set_num_threads(1)
+    from tests.avatar_checks import MouthProbe
+
+    runner = MouthProbe(TorchRunner(load_checkpoint(tiny_checkpoint)))
+    engine = Engine(runner, clock_cfg=ClockConfig(margin_s=0.2), threads=1)
+    yield engine
+    engine.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,8 +65,7 @@ class MouthGain:
 
     def silence_code(self, runner: Runner) -> Tensor:  # -> [1,500]
         if self._anchor is None or self._anchor[0] is not runner:
-            mel = audio_in.log_mel(np.zeros(audio_in.SAMPLE_RATE, np.float32))  # [T,80], 1 s of silence
-            win = torch.from_numpy(audio_in.mel_window(mel, audio_in.FIRST_FRAME + 2))[None]  # [1,1,80,20]
+            win = torch.from_numpy(audio_in.silence_window().copy())[None]  # [1,1,80,20]
             self._anchor = (runner, runner.encode_audio(win))
         return self._anchor[1]
 

@@ -203,6 +203,15 @@ def mel_windows(mel: np.ndarray, frames: np.ndarray) -> np.ndarray:
                                                                                           np.float32)
 
 
+@lru_cache(maxsize=1)
+def silence_window() -> np.ndarray:
+    """The mel window [1,80,20] of a video frame in silence (1 s of zeros): what the mouth sees when
+    nothing is said (mouth-gain anchor, barge-in). Computed once; read-only."""
+    win = mel_window(log_mel(np.zeros(SAMPLE_RATE, np.float32)), FIRST_FRAME + 2)  # [1,80,20]
+    win.setflags(write=False)
+    return win
+
+
 def samples_needed(frame: int) -> int:
     """Samples of input needed before frame ``frame``'s window is complete."""
     last_row = MEL_ROWS_PER_FRAME * (frame - FIRST_FRAME) + MEL_WINDOW - 1

@@ -31,20 +31,30 @@ import numpy as np
 import torch
 
 from rt_engine.backends.base import Runner
-from rt_engine.config import FIRST_FRAME, SAMPLE_RATE
+from rt_engine.config import FIRST_FRAME, FPS, SAMPLE_RATE
 from rt_engine.errors import ConfigError, InputError
+from rt_engine.inputs.audio import silence_window
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.stream import sources
 from rt_engine.stream.capacity import Plan, PlanConfig, plan_output, wants_frame
-from rt_engine.stream.clock import AUDIO_PTIME_S, FRAME_S, LOOKAHEAD_S, OUT_RATE, ClockConfig, MediaClock
+from rt_engine.stream.clock import (
+    AUDIO_PTIME_S,
+    FRAME_S,
+    LOOKAHEAD_S,
+    OUT_RATE,
+    SAMPLES_PER_FRAME,
+    ClockConfig,
+    MediaClock,
+)
 from rt_engine.stream.scheduler import FrameJob, Metrics, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
-AUDIO_MODES = ("file", "mic")
+AUDIO_MODES = ("file", "mic", "push")
 POSE_MODES = ("still", "idle", "webcam", "file")
 CHUNK_OUT = int(OUT_RATE * AUDIO_PTIME_S)  # 960 samples per outgoing audio frame
 CHUNK_IN = int(SAMPLE_RATE * AUDIO_PTIME_S)  # 320 samples per file-feeder step
+OUT_PER_FRAME = OUT_RATE // FPS  # 1920 outgoing samples per video frame
 
 
 # ------------------------------------------------------------------------------ frame stamp
@@ -90,7 +100,7 @@ class SessionOptions:
     """What a client asks for. Paths are server-side files (uploads are stored by the server)."""
 
     identity: str | None = None  # image path; None: bundled default
-    audio: str = "mic"  # 'mic' (the client's audio track) or 'file'
+    audio: str = "mic"  # 'mic' (live input: accept_audio), 'file', or 'push' (speech queue, see push_speech)
     audio_file: str | None = None  # for audio='file'; None: bundled speech
     pose: str = "idle"  # still | idle | webcam | file
     pose_file: str | None = None
@@ -138,6 +148,23 @@ async def _sleep_until(when) -> float:
 
 
 # ------------------------------------------------------------------------------ session
+class _Lane:
+    """The scheduler's handle on a session (its job owner). :meth:`Session.barge_in` replaces it, so a
+    frame that an older lane still delivers for an index from the cut on (computed from speech that was
+    dropped) is recognised and ignored."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.sid = session.sid
+        self.id0, self.id1 = session.id0, session.id1
+
+    def deliver(self, i: int, image: np.ndarray, computed_at: float) -> None:
+        self.session.deliver(i, image, computed_at, lane=self)
+
+    def dropped(self, i: int, reason: str) -> None:
+        self.session.dropped(i, reason)
+
+
 class Session:
     def __init__(self, engine: Engine, opts: SessionOptions, id0: torch.Tensor, id1: torch.Tensor,
                  pose_source: sources.PoseSource, file_audio: sources.FileAudio | None,
@@ -149,6 +176,7 @@ class Session:
         self.pose = pose_source
         self.file_audio = file_audio
         self.loop = loop
+        self.speech = sources.SpeechQueue() if opts.audio == "push" else None
         self.clock = MediaClock(engine.clock_cfg)
         self.audio = sources.AudioInput(self.clock, gain=file_audio.gain if file_audio else None)
         self.metrics = engine.metrics
@@ -169,14 +197,21 @@ class Session:
         self._pose_task: asyncio.Task | None = None
         engine.sessions.add(self.sid)
         self.clock.aim_margin(engine.plan().margin_s, now=True)
+        self._lane = _Lane(self)
+        self._submitted_end = FIRST_FRAME  # frames [FIRST_FRAME, _submitted_end) were handed to the scheduler
+        self._cut = 0  # barge-in: frames [_cut, _silent_below) are made from the silence window
+        self._silent_below = 0
+        self._segment_ends: list[int] = []  # 48 kHz media samples where pushed utterances end
+        self.barge_ins = 0
 
     # --- start / stop
     def start(self) -> None:
-        """Begin the media clock for file audio (live audio starts it with its first packet)."""
-        if self.file_audio is not None and not self.clock.started:
+        """Begin the media clock for file and pushed audio (live audio starts it with its first packet)."""
+        if (self.file_audio is not None or self.speech is not None) and not self.clock.started:
             self.clock.start_at(time.monotonic())
             self._started.set()
-            self._tasks.append(asyncio.ensure_future(self._feed_file()))
+            feed = self._feed_file() if self.file_audio is not None else self._feed_speech()
+            self._tasks.append(asyncio.ensure_future(feed))
 
     def add_task(self, coro) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -186,7 +221,7 @@ class Session:
             return
         self.closed = True
         self.engine.sessions.discard(self.sid)
-        self.engine.scheduler.forget(self)
+        self.engine.scheduler.forget(self._lane)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -219,6 +254,72 @@ class Session:
             k += 1
             await asyncio.sleep(max(0.0, t0 + k * AUDIO_PTIME_S - time.monotonic()))
 
+    async def _feed_speech(self) -> None:
+        """audio='push': 20 ms of the speech queue at each real-time instant, silence when it is empty
+        (the video goes on at 25 fps between utterances). Speech starts no earlier than the first
+        generated frame, so none of it plays without a face."""
+        assert self.speech is not None
+        t0 = self.clock.t0
+        k = 0
+        while not self.closed:
+            m = k * CHUNK_OUT
+            if m < FIRST_FRAME * OUT_PER_FRAME:
+                x, ends = np.zeros(CHUNK_OUT, np.float32), []
+            else:
+                x, _, ends = self.speech.read(CHUNK_OUT)
+            self._segment_ends.extend(m + e for e in ends)
+            self.audio.push48(x, None, observe=False)
+            self._pump()
+            k += 1
+            await asyncio.sleep(max(0.0, t0 + k * AUDIO_PTIME_S - time.monotonic()))
+
+    def push_speech(self, samples: np.ndarray, rate: int) -> None:
+        """audio='push': queue speech [N] or [N,C] (float or int16) at any rate; it plays after what
+        is queued, or at once when the queue is empty."""
+        if self.speech is None:
+            raise ConfigError(f"push_speech needs audio='push', this session has audio={self.opts.audio!r}")
+        self.last_input = time.monotonic()
+        self.speech.push(samples, rate)
+
+    def end_speech(self) -> None:
+        """audio='push': the speech pushed so far is one complete utterance (see take_segment_ends)."""
+        if self.speech is not None:
+            self.speech.end_segment()
+
+    def take_segment_ends(self, upto48: int) -> int:
+        """How many utterance ends play before 48 kHz media sample ``upto48`` (each is counted once)."""
+        n = sum(1 for e in self._segment_ends if e < upto48)
+        if n:
+            self._segment_ends = [e for e in self._segment_ends if e >= upto48]
+        return n
+
+    def barge_in(self) -> int:
+        """Stop speaking at once: drop the queued speech and silence what was already fed. From frame
+        ``cut`` = the next frame to send + 1 on, the outgoing audio is silence and the frames are made
+        again from the silence window (mouth closed); idle motion and the clock go on untouched.
+        Returns ``cut``. Call on the event loop's thread."""
+        if self.speech is not None:
+            self.speech.clear()
+        self._segment_ends.clear()
+        cut = (FIRST_FRAME if self._next_frame is None else self._next_frame) + 1
+        cut48 = cut * OUT_PER_FRAME
+        end = self.audio.out.end
+        if end > cut48:
+            self.audio.out.write(cut48, np.zeros(end - cut48, np.float32))
+        # frames whose 0.2 s window reaches into what was fed so far (+ 25 ms of resampler delay)
+        fed16 = self.audio.samples48 // sources.RATIO + 400
+        self._cut = cut
+        self._silent_below = max(cut, -(-(fed16 + 2 * SAMPLES_PER_FRAME) // SAMPLES_PER_FRAME) + 1)
+        old, self._lane = self._lane, _Lane(self)
+        self.engine.scheduler.forget(old)
+        for i in [i for i in self._frames if i >= cut]:
+            del self._frames[i]
+        if self._submitted_end > cut:
+            self._submit(range(cut, self._submitted_end), None, self.engine.plan())
+        self.barge_ins += 1
+        self.metrics.inc("barge_ins_total")
+        return cut
+
     def accept_audio(self, samples: np.ndarray, rate: int, arrival: float | None = None,
                      start_s: float | None = None, fmt: str | None = None) -> None:
         """Live input audio: samples [N] or [N,C] (float or int16) at ``rate`` Hz that arrived at wall
@@ -243,18 +344,26 @@ class Session:
         plan = self.engine.plan()
         self.clock.aim_margin(plan.margin_s)
         idx, wins = self.audio.windows()
-        if not len(idx):
-            return
+        if len(idx):
+            self._submit(idx.tolist(), wins, plan)
+
+    def _submit(self, idx, wins: np.ndarray | None, plan: Plan) -> None:
+        """Frames ``idx`` with their mel windows [F,1,80,20] (None: all silent) to the scheduler."""
         now = time.monotonic()
+        silence = silence_window()  # [1,80,20]
         jobs = []
-        for i, w in zip(idx.tolist(), wins, strict=True):
+        for k, i in enumerate(idx):
             if i != FIRST_FRAME and not wants_frame(i, plan.fraction):
-                self.stats.frames_thinned += 1  # held by plan: the model cannot make every frame
+                if wins is not None:
+                    self.stats.frames_thinned += 1  # held by plan: the model cannot make every frame
                 continue
             due = self.clock.frame_due(i)
-            self.metrics.observe("stage_latency_seconds", max(0.0, now - (due - (self.clock.delay - LOOKAHEAD_S))),
-                                 stage="mel")
-            jobs.append(FrameJob(self, i, w, self.pose.code_for(i), due))
+            if wins is not None:
+                self.metrics.observe("stage_latency_seconds",
+                                     max(0.0, now - (due - (self.clock.delay - LOOKAHEAD_S))), stage="mel")
+            w = silence if wins is None or self._cut <= i < self._silent_below else wins[k]
+            jobs.append(FrameJob(self._lane, i, w, self.pose.code_for(i), due))
+            self._submitted_end = max(self._submitted_end, i + 1)
         self.engine.scheduler.submit(jobs)
 
     # --- pushed pose frames (webcam)
@@ -287,13 +396,13 @@ class Session:
             await asyncio.sleep(max(0.0, t + period - time.monotonic()))
 
     # --- model output (called from the model thread)
-    def deliver(self, i: int, image: np.ndarray, computed_at: float) -> None:
+    def deliver(self, i: int, image: np.ndarray, computed_at: float, lane: _Lane | None = None) -> None:
         if self.closed:
             return
         if self.opts.stamp:
             image = image.copy()
             stamp_index(image, i)
-        self._call_soon(self._store, i, image)
+        self._call_soon(self._store, i, image, lane)
 
     def dropped(self, i: int, reason: str) -> None:
         self._call_soon(self._count_drop)
@@ -307,7 +416,9 @@ class Session:
     def _count_drop(self) -> None:
         self.stats.frames_dropped += 1
 
-    def _store(self, i: int, image: np.ndarray) -> None:
+    def _store(self, i: int, image: np.ndarray, lane: _Lane | None = None) -> None:
+        if lane is not None and lane is not self._lane and i >= self._cut:
+            return  # made from speech that barge_in() dropped; its silent twin is on the way
         if self.closed or (self._next_frame is not None and i < self._next_frame):
             self.stats.frames_dropped += 1  # arrived after its slot was sent
             self.metrics.inc("frames_dropped_total", reason="late_arrival")
@@ -419,6 +530,8 @@ class Session:
             "algorithmic_latency_ms": round(1e3 * self.clock.delay, 1),
             "first_frame_s": None if s.first_frame_s is None else round(s.first_frame_s, 3),
             "audio_underruns": s.audio_underruns,
+            "speech_queued_s": None if self.speech is None else round(self.speech.queued_s, 3),
+            "barge_ins": self.barge_ins,
             "agc_gain": round(self.audio.agc.gain, 3) if self.audio.agc else None,
             "first_audio_sample": self.first_audio_sample,
             "first_video_frame": self.first_video_frame,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,6 +203,98 @@ class AudioInput:
 
     def windows(self) -> tuple[np.ndarray, np.ndarray]:
         return self.mel.get_windows()
+
+
+class SpeechQueue:
+    """Pushed speech (e.g. a TTS) waiting for its place on the media clock of a session.
+
+    ``push(samples, rate)`` takes PCM at any rate, in chunks of any size, usually faster than real
+    time; ``read(n)`` hands out the next ``n`` samples at 48 kHz, the speech first and silence when
+    none is queued, so the session's media clock runs on at real time whether or not anyone speaks.
+    ``end_segment()`` marks the end of an utterance: ``read`` reports where in its chunk each marked
+    end falls. ``clear()`` drops everything queued (barge-in). Thread-safe.
+    """
+
+    def __init__(self):
+        self._chunks: deque[np.ndarray] = deque()  # 48 kHz mono float32
+        self._queued = 0  # samples in _chunks
+        self._taken = 0  # samples handed out by read() so far (queue position)
+        self._ends: deque[int] = deque()  # queue positions of segment ends
+        self._rate: int | None = None
+        self._soxr = None
+        self._lock = threading.Lock()
+        self.pushed = 0  # queue position of the end of the last pushed sample
+
+    @property
+    def queued_s(self) -> float:
+        return self._queued / OUT_RATE
+
+    def push(self, samples: np.ndarray, rate: int) -> None:
+        """Speech samples [N] or [N,C] (float in [-1,1] or int16) at ``rate`` Hz."""
+        if not 8000 <= rate <= 192000:
+            raise InputError(f"audio sample rate must be in [8000, 192000] Hz, got {rate}")
+        x = to_mono_float(samples)
+        with self._lock:
+            if rate != OUT_RATE:
+                if self._rate != rate:
+                    import soxr
+
+                    self._flush_resampler()
+                    self._rate = rate
+                    self._soxr = soxr.ResampleStream(rate, OUT_RATE, 1, dtype="float32", quality="HQ")
+                x = self._soxr.resample_chunk(x)
+            self._append(x)
+
+    def end_segment(self) -> None:
+        """The utterance pushed so far is complete (its resampler tail is flushed now)."""
+        with self._lock:
+            self._flush_resampler()
+            self._ends.append(self.pushed)
+
+    def read(self, n: int) -> tuple[np.ndarray, int, list[int]]:
+        """-> (samples [n] at 48 kHz, how many are speech (the first ones), offsets in [0, n] of the
+        segment ends played in this chunk)."""
+        out = np.zeros(n, np.float32)
+        with self._lock:
+            got = 0
+            while got < n and self._chunks:
+                c = self._chunks[0]
+                k = min(n - got, c.size)
+                out[got:got + k] = c[:k]
+                got += k
+                if k == c.size:
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = c[k:]
+            self._queued -= got
+            start = self._taken
+            self._taken += got
+            ends = []
+            while self._ends and self._ends[0] <= self._taken:
+                ends.append(max(0, self._ends.popleft() - start))
+        return out, got, ends
+
+    def clear(self) -> tuple[int, int]:
+        """Drop all queued speech -> (samples dropped, segment ends dropped)."""
+        with self._lock:
+            dropped, n_ends = self._queued, len(self._ends)
+            self._chunks.clear()
+            self._ends.clear()
+            self._queued = 0
+            self._soxr, self._rate = None, None  # its buffered tail belongs to the dropped speech
+            self.pushed = self._taken
+        return dropped, n_ends
+
+    def _append(self, x: np.ndarray) -> None:
+        if x.size:
+            self._chunks.append(x)
+            self._queued += x.size
+            self.pushed += x.size
+
+    def _flush_resampler(self) -> None:
+        if self._soxr is not None:
+            self._append(self._soxr.resample_chunk(np.zeros(0, np.float32), last=True))
+            self._soxr, self._rate = None, None
 
 
 class FileAudio:

@@ -61,7 +61,7 @@ from rt_engine.models.pcavs import PCAVS
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_PRECISION = "fp16"  # 10 mantissa bits against bf16's 7; activations here stay far from fp16 overflow
+DEFAULT_PRECISION = "fp16"  # 10 mantissa bits against bf16's 7; gpu_check measures both against fp32
 DEFAULT_MAX_BATCH = 64
 NOISE_MODES = ("stored", "zero", "random")
 

@@ -7,6 +7,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,23 @@ def test_runner_batch_equals_single_frames(model, name, onnx_cache):
     if name == "openvino":  # static batch 1 + dynamic: no compile (and ~60 MB) per new batch size
         assert sorted(k for k in runner._sessions if k[0] == "generator") == [
             ("generator", "dynamic"), ("generator", "static")]
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-fast", "openvino"])
+def test_uint8_frames_from_the_model_call_equal_the_separate_conversion(model, name, onnx_cache):
+    """generate_uint8 (the conversion folded into the call; for OpenVINO compiled into the graph)
+    gives the same bytes as to_uint8(generate(...)), as a contiguous [B,H,W,3] uint8 array."""
+    from rt_engine.inputs.image import to_uint8
+
+    _need(name)
+    runner = make_backend(name, model=model, precision="fp32")
+    for b in (1, 3):
+        id0, id1, mouth, pose = _style_inputs(model.cfg, b, seed=b)
+        got = runner.generate_uint8(id0, id1, mouth, pose)
+        ref = to_uint8(runner.generate(id0, id1, mouth, pose))
+        assert got.dtype == np.uint8 and got.shape == ref.shape == (b, model.cfg.size, model.cfg.size, 3)
+        assert got.flags["C_CONTIGUOUS"] and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+        assert ref.std() > 1  # not a blank frame: the comparison means something
 
 
 def test_resolve_precision():

@@ -202,6 +202,11 @@ class SlowRunner:
         time.sleep(max(0.0, self.frame_s * mouth.shape[0] - (time.monotonic() - t0)))
         return out
 
+    def generate_uint8(self, id0, id1, mouth, pose, noise="stored"):
+        from rt_engine.inputs.image import to_uint8
+
+        return to_uint8(self.generate(id0, id1, mouth, pose, noise))
+
 
 @pytest.mark.slow
 def test_a_slow_model_streams_its_throughput_as_fresh_frames(tiny_engine):
@@ -210,7 +215,7 @@ def test_a_slow_model_streams_its_throughput_as_fresh_frames(tiny_engine):
     the frames are thinned evenly, instead of a cliff."""
     from rt_engine.stream.session import Engine
 
-    eng = Engine(SlowRunner(tiny_engine.runner, 0.06), SchedulerConfig(max_batch=2), threads=1, gil_switch_s=None)
+    eng = Engine(SlowRunner(tiny_engine.runner, 0.06), SchedulerConfig(max_batch=2), threads=1)
     try:
 
         async def run():
@@ -233,3 +238,52 @@ def test_a_slow_model_streams_its_throughput_as_fresh_frames(tiny_engine):
     assert share >= 0.6, (share, d)
     assert d["algorithmic_latency_ms"] <= 400.0
     assert d["frames_thinned"] > 0 and d["first_video_frame"] == FIRST_FRAME
+
+
+def test_audio_ring_buffer_writes_only_new_samples():
+    """The outgoing-audio buffer is a fixed ring: a 20 ms write never reallocates (or copies) the
+    5 s of history, and reads across the wrap-around give back what was written."""
+    from rt_engine.stream.sources import AudioBuffer
+
+    b = AudioBuffer(keep_s=0.05)  # ring of 4800 samples
+    ring = b._ring
+    x = np.arange(20 * 960, dtype=np.float32)
+    for k in range(20):  # 20 packets of 960: wraps the ring four times
+        b.write(k * 960, x[k * 960 : (k + 1) * 960])
+        if k == 15:  # the last 2400 samples (keep_s) span the wrap at 14400
+            got, missing = b.read(16 * 960 - 2400, 2400)
+            assert missing == 0 and np.array_equal(got, x[16 * 960 - 2400 : 16 * 960])
+        got, missing = b.read(k * 960, 960)
+        assert missing == 0 and np.array_equal(got, x[k * 960 : (k + 1) * 960])
+    assert b._ring is ring
+    got, missing = b.read(0, 960)  # long gone
+    assert missing == 960
+
+
+def test_live_audio_is_processed_off_the_event_loop(tiny_engine):
+    """accept_audio only hands the packet over: resampling, gain and mel run in the engine's input
+    thread, in arrival order, and the frames still come."""
+
+    async def run():
+        s = await tiny_engine.create_session(SessionOptions(audio="mic", pose="still"))
+        seen: list[tuple[str, int]] = []
+        push = s.audio.push
+
+        def spy(samples, rate, arrival, start48=None):
+            seen.append((threading.current_thread().name, samples.size))
+            push(samples, rate, arrival, start48)
+
+        s.audio.push = spy
+        x = (0.2 * np.sin(2 * np.pi * 200 * np.arange(48000) / 48000)).astype(np.float32)
+        t0 = time.monotonic()
+        for k in range(50):  # 1 s of 20 ms packets
+            n = 960 + k  # distinct sizes: the order is checkable
+            s.accept_audio(x[:n], 48000, arrival=t0 + 0.02 * k)
+        i, img, fresh = await asyncio.wait_for(s.next_video_frame(), 30)
+        await s.close()
+        return seen, i
+
+    seen, i = asyncio.run(run())
+    assert i == FIRST_FRAME
+    assert seen and all(name.startswith("rt-engine-input") for name, _ in seen)
+    assert [n for _, n in seen] == [960 + k for k in range(50)]

@@ -231,7 +231,7 @@ from rt_engine.stream.sources import WebcamPose
 
 async def main():
     eng = Engine(TorchRunner(load_checkpoint({str(tiny_checkpoint)!r})), clock_cfg=ClockConfig(margin_s=0.3),
-                 threads=1, gil_switch_s=None)  # a generous margin: this checks the inputs, not the timing
+                 threads=1)  # a generous margin: this checks the inputs, not the timing
     s = await eng.create_session(SessionOptions(audio="mic", pose="webcam", webcam_fps=30))
     assert isinstance(s.pose, WebcamPose)
     t = np.arange(24000 * 2) / 24000

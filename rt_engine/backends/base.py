@@ -6,6 +6,7 @@ All methods are batched and take/return float32 CPU tensors, whatever the backen
     encode_pose(img [B,3,224,224])                -> pose code [B,12]
     encode_audio(mel [B,1,80,20])                 -> mouth code [B,500]   (audio encoder + mouth_embed)
     generate(id0 [B|1,2048], id1 [B|1,512,7,7], mouth [B,500], pose [B,12], noise) -> frames [B,3,H,W]
+    generate_uint8(same)                          -> frames [B,H,W,3] uint8 (conversion in the model call)
 
 Between the last two, ``MouthGain`` can scale how far the mouth moves (render and stream alike).
 """
@@ -37,6 +38,14 @@ class Runner(ABC):
 
     @abstractmethod
     def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor: ...
+
+    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                       noise: str = "stored") -> np.ndarray:
+        """Like :meth:`generate`, but the frames come out as [B,H,W,3] uint8 (what a stream sends).
+        Backends that can fold the conversion into their model call override this."""
+        from rt_engine.inputs.image import to_uint8
+
+        return to_uint8(self.generate(id0, id1, mouth, pose, noise))
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, model '{self.cfg.name}')"

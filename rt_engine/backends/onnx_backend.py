@@ -161,11 +161,39 @@ class OpenVINORunner(_OnnxRunnerBase):
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, plugin runs {self.effective_precision}, model '{self.cfg.name}')"
 
-    def _compiled(self, stage: str, feeds: dict[str, np.ndarray]):
+    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                       noise: str = "stored") -> np.ndarray:
+        """The generator graph with the [-1,1] -> uint8 NHWC conversion compiled into it (an OpenVINO
+        post-processing step: scale, clamp, truncate, convert, transpose) -> [B,H,W,3] uint8."""
+        style = self.style(id0, mouth, pose)  # [B,S]
+        b = style.shape[0]
+        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)),
+                 **self._noise_feeds(b, noise)}
+        req = self._compiled("generator", feeds, uint8=True)
+        res = req.infer(feeds)
+        return np.array(res[req.model_outputs[0]], dtype=np.uint8, copy=True)
+
+    @staticmethod
+    def _uint8_output(m):
+        """Append [N,3,H,W] f32 in [-1,1] -> [N,H,W,3] u8 (truncating, as ``to_uint8``) to model ``m``."""
+        import openvino as ov
+        from openvino import opset13 as ops
+        from openvino.preprocess import PrePostProcessor
+
+        def convert(out):
+            x = ops.multiply(ops.add(out, ops.constant(np.float32(1))), ops.constant(np.float32(127.5)))
+            x = ops.floor(ops.clamp(x, 0.0, 255.0))  # >= 0, so floor truncates
+            return ops.transpose(ops.convert(x, ov.Type.u8), ops.constant(np.array([0, 2, 3, 1], np.int64))).output(0)
+
+        ppp = PrePostProcessor(m)
+        ppp.output(0).postprocess().custom(convert)
+        return ppp.build()
+
+    def _compiled(self, stage: str, feeds: dict[str, np.ndarray], uint8: bool = False):
         import openvino as ov
 
         b = next(iter(feeds.values())).shape[0]
-        key = (stage, "static" if b == 1 else "dynamic")
+        key = (stage, "static" if b == 1 else "dynamic") + (("uint8",) if uint8 else ())
         if key not in self._sessions:
             if stage not in self._models:
                 self._models[stage] = self._core.read_model(str(self.dir / f"{stage}.onnx"))
@@ -174,6 +202,8 @@ class OpenVINORunner(_OnnxRunnerBase):
                 m.reshape({name: list(arr.shape) for name, arr in feeds.items()})
             else:  # every input's leading dimension is the batch (or 1, broadcast: id0/id1 of one session)
                 m.reshape({name: ov.PartialShape([ov.Dimension(-1), *arr.shape[1:]]) for name, arr in feeds.items()})
+            if uint8:
+                m = self._uint8_output(m)
             cfg = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
                    "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.threads),
                    "NUM_STREAMS": "1"}

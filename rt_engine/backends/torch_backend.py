@@ -15,10 +15,12 @@ import contextlib
 import copy
 import logging
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rt_engine.backends.base import Runner
+from rt_engine.inputs.image import to_uint8
 from rt_engine.models.pcavs import PCAVS
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,10 @@ class TorchRunner(Runner):
         with self._ctx():
             out = self.model.generate(style, self._in(id1), noise)
         return self._out(out)
+
+    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                       noise: str = "stored") -> np.ndarray:  # -> [B,H,W,3] u8
+        return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place
 
 
 def native_bf16() -> bool:
@@ -208,3 +214,7 @@ class FastTorchRunner(Runner):
         if id_map.shape[0] not in (1, b):
             raise ValueError(f"id1 batch {id_map.shape[0]} does not match the frame batch {b}")
         return self._out(self._gen(base.expand(b, -1), var, id_map, noise))
+
+    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                       noise: str = "stored") -> np.ndarray:  # -> [B,H,W,3] u8
+        return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place

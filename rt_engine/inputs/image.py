@@ -60,8 +60,13 @@ def to_tensor(u8: np.ndarray) -> Tensor:
     return a.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def to_uint8(x: Tensor) -> np.ndarray:
-    """[N,3,H,W] in [-1,1] -> [N,H,W,3] uint8, truncating like the official ``tensor2im``."""
+def to_uint8(x: Tensor, inplace: bool = False) -> np.ndarray:
+    """[N,3,H,W] in [-1,1] -> [N,H,W,3] uint8, truncating like the official ``tensor2im``.
+    ``inplace``: scale a float32 CPU ``x`` in place (no temporaries; ``x`` is consumed) and return
+    a contiguous array; the numbers are the same either way."""
+    if inplace and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = x.detach().add_(1).div_(2).mul_(255).clamp_(0, 255)
+        return y.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     y = ((x.detach().float().cpu() + 1) / 2 * 255).clamp(0, 255)
     return y.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

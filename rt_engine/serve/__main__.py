@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import logging
+import os
 import sys
 
 from rt_engine.errors import CheckpointError, RtEngineError
@@ -29,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "onnxruntime, openvino, tensorrt")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads of the model worker (0: default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="model threads: torch intra-op threads and OpenVINO/onnxruntime inference threads "
+                         "(0: one per core)")
+    ap.add_argument("--codec-threads", type=int, default=0,
+                    help="threads of the event loop's executor, where aiortc encodes and decodes video and "
+                         "faces are cropped (0: one per core)")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
     ap.add_argument("--mouth-gain", type=float, default=1.0,
                     help="how far the mouth moves: 1 as trained (default), 0 closed, up to 3 wider")
@@ -39,6 +47,41 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
+
+
+def _thread_budget(model: int, codec: int) -> tuple[int, int]:
+    """Explicit thread budgets (docs/serving.md, "Threads"): -> (model threads, codec threads).
+    Set before the runner is made: the OpenVINO and onnxruntime backends size their pools from
+    torch's thread count. Process-wide, so here and not in the library."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    model, codec = model or cores, codec or cores
+    torch.set_num_threads(model)
+    try:
+        torch.set_num_interop_threads(1)  # the model thread runs one graph at a time
+    except RuntimeError:  # already fixed by earlier parallel work
+        pass
+    # The model thread runs many small ops with Python in between; with the default 5 ms GIL switch
+    # interval the asyncio thread (pacing, RTP) waits up to 5 ms each time it wants the GIL back.
+    sys.setswitchinterval(0.001)
+    log.info("threads: model %d, codec/executor %d, input 1, event loop 1 (%d cores)", model, codec, cores)
+    return model, codec
+
+
+async def _process_setup(app, codec_threads: int) -> None:
+    """Process-wide settings of the server process: the loop's executor size, and, once start-up has
+    warmed the model, the start-up heap frozen out of the garbage collector's way."""
+    from rt_engine.serve.app import FREEZE_TASK, after_warm_up, freeze_startup_heap
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(codec_threads, thread_name_prefix="rt-engine-exec"))
+
+    async def freeze() -> None:
+        await after_warm_up(app)
+        log.info("froze %d start-up objects out of the garbage collector's way", freeze_startup_heap())
+
+    app[FREEZE_TASK] = asyncio.ensure_future(freeze())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
                            peer_timeout_s=args.peer_timeout).validate()
         sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
+        model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
         try:
             runner = make_runner(args.checkpoint, args.precision, args.backend)
         except CheckpointError as e:
@@ -67,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                                       f"checkpoint folder) until the bundled model ships") from None
             raise
         engine = Engine(runner, sched_cfg,
-                        ClockConfig(margin_s=args.margin_ms / 1e3), threads=args.threads)
+                        ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
         app = create_app(engine, cfg, warm_default=True)
+        app.on_startup.append(lambda app: _process_setup(app, codec_threads))
         log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)
         web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=5.0)
         return 0

@@ -140,6 +140,7 @@ CFG = web.AppKey("cfg", ServerConfig)
 STATE = web.AppKey("state", ServerState)
 OWN_ENGINE = web.AppKey("own_engine", bool)
 WARM_TASK = web.AppKey("warm_task", asyncio.Future)
+FREEZE_TASK = web.AppKey("freeze_task", asyncio.Future)  # set by the CLI (process-wide gc.freeze)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -499,15 +500,22 @@ async def _on_startup(app: web.Application) -> None:
             await app[ENGINE].prepare_default()
         except Exception as e:  # the first default session will compute them (and report any error)
             log.warning("could not prepare the default identity ahead: %s", e)
-        log.info("froze %d start-up objects out of the garbage collector's way", freeze_startup_heap())
 
     app[WARM_TASK] = asyncio.ensure_future(warm())
 
 
-async def _on_cleanup(app: web.Application) -> None:
+async def after_warm_up(app: web.Application) -> None:
+    """Wait until start-up has prepared the default identity and the model (at once without it)."""
     task = app.get(WARM_TASK)
-    if task is not None and not task.done():
-        task.cancel()
+    if task is not None:
+        await asyncio.shield(task)
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    for key in (WARM_TASK, FREEZE_TASK):
+        task = app.get(key)
+        if task is not None and not task.done():
+            task.cancel()
     if app[OWN_ENGINE]:
         app[ENGINE].close()
     shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)

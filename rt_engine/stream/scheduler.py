@@ -320,8 +320,10 @@ class Scheduler:
                  pose: torch.Tensor) -> np.ndarray:
         """wins [B,1,80,20], pose [B,12], id0 [B|1,id_dim], id1 [B|1,C,7,7] -> images [B,H,W,3] uint8."""
         mouth = self.mouth_gain(r, r.encode_audio(wins))  # [B,500]
-        frames = r.generate(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,3,H,W]
-        return to_uint8(frames)  # [B,H,W,3]
+        generate_uint8 = getattr(r, "generate_uint8", None)  # Runner subclasses have it (duck-typed ones may not)
+        if generate_uint8 is not None:  # the conversion inside the model call (in the graph for OpenVINO)
+            return generate_uint8(id0, id1, mouth, pose, noise=self.cfg.noise)  # [B,H,W,3]
+        return to_uint8(r.generate(id0, id1, mouth, pose, noise=self.cfg.noise))  # [B,3,H,W] -> [B,H,W,3]
 
     def _run(self, jobs: list[FrameJob]) -> None:
         t0 = time.monotonic()

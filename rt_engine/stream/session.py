@@ -1,7 +1,8 @@
 """A streaming session and the engine that owns the shared model worker.
 
-Data flow of one session (all on the asyncio loop except the model, which runs in the
-:class:`~rt_engine.stream.scheduler.Scheduler` thread):
+Data flow of one session (on the asyncio loop, except the input work, which runs in the engine's
+one input thread, and the model, which runs in the :class:`~rt_engine.stream.scheduler.Scheduler`
+thread):
 
     audio (file feeder or accept_audio) -> AudioInput -> StreamingMel windows of frames i
         -> FrameJob(i, window, pose_source.code_for(i), due = clock.frame_due(i)) -> Scheduler
@@ -13,14 +14,19 @@ Data flow of one session (all on the asyncio loop except the model, which runs i
 
 ``Engine`` holds the runner, the scheduler, the metrics, a face cropper and a cache of identity
 features, and creates sessions from :class:`SessionOptions`.
+
+Threads (each with a fixed budget; see docs/serving.md): the asyncio loop (HTTP, pacing, RTP),
+one input thread for all sessions (resampling, gain, mel, job submission: per-packet work kept off
+the loop, in arrival order), the model thread (``threads`` torch intra-op threads; OpenVINO's own
+pool is sized by its backend) and the loop's default executor (face crops, file decoding).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
-import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -245,12 +251,10 @@ class Session:
         n = fa.wav16.size
         while not self.closed:
             if not fa.loop and k * CHUNK_IN >= n + SAMPLE_RATE:  # one second of padding, then stop
-                self.audio.mel.finish()
-                self._pump()
+                self.engine.run_input(self._ingest_end)
                 return
             x16, x48 = fa.chunk(k * CHUNK_IN, CHUNK_IN)
-            self.audio.push_file_chunk(x16, x48)
-            self._pump()
+            self.engine.run_input(self._ingest_file, x16, x48)
             k += 1
             await asyncio.sleep(max(0.0, t0 + k * AUDIO_PTIME_S - time.monotonic()))
 
@@ -333,14 +337,34 @@ class Session:
                 log.info("session %s: audio input changed from %s to %s", self.sid, self.audio.input_format, fmt)
             self.audio.input_format = fmt
         start48 = None if start_s is None else int(round(start_s * OUT_RATE))
-        self.audio.push(samples, rate, now, start48)
+        self.engine.run_input(self._ingest, samples, rate, now, start48)
+
+    # --- input thread (one per engine: the calls of a session run in order)
+    def _ingest(self, samples: np.ndarray, rate: int, arrival: float, start48: int | None) -> None:
+        if self.closed:
+            return
+        self.audio.push(samples, rate, arrival, start48)
         if not self._started.is_set():
-            self._started.set()
-            log.info("session %s: audio input %s", self.sid, self.audio.input_format or f"{rate} Hz")
+            self._call_soon(self._mark_started, f"{rate} Hz")
         self._pump()
 
+    def _ingest_file(self, x16: np.ndarray, x48: np.ndarray) -> None:
+        if not self.closed:
+            self.audio.push_file_chunk(x16, x48)
+            self._pump()
+
+    def _ingest_end(self) -> None:
+        if not self.closed:
+            self.audio.mel.finish()
+            self._pump()
+
+    def _mark_started(self, rate: str) -> None:  # on the loop
+        if not self._started.is_set():
+            self._started.set()
+            log.info("session %s: audio input %s", self.sid, self.audio.input_format or rate)
+
     def _pump(self) -> None:
-        """Turn newly complete mel windows into model jobs."""
+        """Turn newly complete mel windows into model jobs (input thread)."""
         plan = self.engine.plan()
         self.clock.aim_margin(plan.margin_s)
         idx, wins = self.audio.windows()
@@ -544,12 +568,7 @@ class Engine:
 
     def __init__(self, runner: Runner, scheduler_cfg: SchedulerConfig | None = None,
                  clock_cfg: ClockConfig | None = None, threads: int = 0, metrics: Metrics | None = None,
-                 gil_switch_s: float | None = 0.001, plan_cfg: PlanConfig | None = None):
-        if gil_switch_s is not None:
-            # The model thread runs many small torch ops with Python in between; with the default 5 ms
-            # GIL switch interval the asyncio thread (pacing, RTP, audio) waits up to 5 ms each time
-            # it wants the GIL back. Process-wide setting.
-            sys.setswitchinterval(gil_switch_s)
+                 plan_cfg: PlanConfig | None = None):
         self.runner = runner
         self.metrics = metrics or Metrics()
         self.clock_cfg = (clock_cfg or ClockConfig()).validate()
@@ -557,6 +576,7 @@ class Engine:
         self.plan_cfg = plan_cfg or PlanConfig()
         self.sessions: set[str] = set()  # ids of the open sessions (what the output plan is made for)
         self._plan: tuple[float, int, Plan] | None = None  # (made at, sessions, plan)
+        self._inputs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rt-engine-input")
         self.faces = sources.FaceService()
         self._id_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
         self._id_locks: dict[str, asyncio.Lock] = {}
@@ -564,6 +584,18 @@ class Engine:
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.scheduler.call(fn))
+
+    def run_input(self, fn, *args) -> None:
+        """Run per-packet input work ``fn(*args)`` in the input thread (in call order); errors are logged."""
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("input processing failed")
+        try:
+            self._inputs.submit(guarded)
+        except RuntimeError:  # shut down: the engine is closing
+            pass
 
     def plan(self, sessions: int | None = None) -> Plan:
         """The output plan (sub-rate fraction, compute margin) for ``sessions`` sessions (default: the
@@ -659,6 +691,7 @@ class Engine:
             self._pose_cache.popitem(last=False)
 
     def close(self) -> None:
+        self._inputs.shutdown(wait=True, cancel_futures=True)
         self.scheduler.stop()
         self.faces.close()
 

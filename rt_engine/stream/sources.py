@@ -91,46 +91,58 @@ class Agc:
 
 # ------------------------------------------------------------------------------- outgoing audio
 class AudioBuffer:
-    """48 kHz mono samples addressed by absolute sample index; old samples are trimmed."""
+    """48 kHz mono samples addressed by absolute sample index, in a fixed ring (``2 * keep_s``): a
+    write copies only the new samples, never the buffer. Reads trim what is older than ``keep_s``
+    before the read position; the ring keeps at most its size in any case."""
 
     def __init__(self, keep_s: float = 5.0):
-        self._data = np.zeros(0, np.float32)
-        self._base = 0  # absolute index of _data[0]
         self._keep = int(keep_s * OUT_RATE)
+        self._ring = np.zeros(max(1, 2 * self._keep), np.float32)
+        self._base = 0  # absolute index of the oldest sample held
+        self._end = 0  # absolute index one past the newest sample written
         self._lock = threading.Lock()
 
     @property
     def end(self) -> int:
-        return self._base + self._data.size
+        return self._end
+
+    def _put(self, start: int, x: np.ndarray) -> None:  # x fits the ring; positions wrap
+        size = self._ring.size
+        p = start % size
+        first = min(x.size, size - p)
+        self._ring[p:p + first] = x[:first]
+        self._ring[:x.size - first] = x[first:]
 
     def write(self, start: int, x: np.ndarray) -> None:
         """Write samples at absolute index ``start`` (gaps are zero-filled, overlaps overwrite)."""
+        size = self._ring.size
         with self._lock:
-            end = self._base + self._data.size
-            if start > end:
-                self._data = np.concatenate([self._data, np.zeros(start - end, np.float32)])
-                end = start
-            off = start - self._base
-            if off < 0:  # older than what we keep
-                x = x[-off:]
-                off = 0
-            tail = off + x.size
-            if tail > self._data.size:
-                self._data = np.concatenate([self._data, np.zeros(tail - self._data.size, np.float32)])
-            self._data[off:tail] = x
+            if start > self._end:  # a gap: silence (only the part the ring can still hold)
+                gap0 = max(self._end, start - size)
+                self._put(gap0, np.zeros(start - gap0, np.float32))
+            if x.size > size:  # longer than the ring: only its tail fits
+                start += x.size - size
+                x = x[x.size - size:]
+            if start < self._base:  # older than what we keep
+                x = x[self._base - start:]
+                start = self._base
+            if x.size:
+                self._put(start, x)
+            self._end = max(self._end, start + x.size)
+            self._base = max(self._base, self._end - size)
 
     def read(self, start: int, n: int) -> tuple[np.ndarray, int]:
         """Samples [start, start+n) (zeros where missing) and how many were missing."""
         out = np.zeros(n, np.float32)
+        size = self._ring.size
         with self._lock:
-            lo, hi = max(start, self._base), min(start + n, self.end)
+            lo, hi = max(start, self._base), min(start + n, self._end)
             if hi > lo:
-                out[lo - start:hi - start] = self._data[lo - self._base:hi - self._base]
-            # trim what is older than keep_s before this read
-            cut = min(start - self._base - self._keep, self._data.size)
-            if cut > 0:
-                self._data = self._data[cut:]
-                self._base += cut
+                p = lo % size
+                first = min(hi - lo, size - p)
+                out[lo - start:lo - start + first] = self._ring[p:p + first]
+                out[lo - start + first:hi - start] = self._ring[:hi - lo - first]
+            self._base = max(self._base, min(start - self._keep, self._end))  # trim older than keep_s
         return out, n - max(0, hi - lo)
 
 

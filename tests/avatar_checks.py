@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rt_engine.inputs import audio as audio_in
+from rt_engine.inputs.image import to_uint8
 from rt_engine.stream.clock import OUT_RATE
 from rt_engine.stream.sources import DEFAULT_SPEECH
 
@@ -55,6 +56,9 @@ class MouthProbe:
         out[:, :, :8, :8] = torch.where(rel > 1e-3, 1.0, -1.0)[:, None, None, None]
         out[:, :, :8, 8:16] = torch.tanh(20 * pose[:, :1, None, None].float())  # the head pose, visibly
         return out
+
+    def generate_uint8(self, id0, id1, mouth, pose, noise="stored") -> np.ndarray:  # -> [B,H,W,3]
+        return to_uint8(self.generate(id0, id1, mouth, pose, noise))
 
 
 def is_closed(img: np.ndarray) -> bool:

@@ -9,10 +9,12 @@ install: $(STAMP)
 
 # torch first and pinned: the CPU build installs from local disk; an unpinned torch would pull a CUDA build.
 # mediapipe 0.10.21 is the last release that ships its face models; it pins old numpy, hence --no-deps.
+# pipecat-ai pins older soundfile/soxr than ours, hence --no-deps too (its other requirements: extra [pipecat]).
 $(STAMP): pyproject.toml Makefile CMakeLists.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps mediapipe==0.10.21
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[dev,face]"
+	$(PIP) install -q --no-deps pipecat-ai==1.14.0
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[dev,face,pipecat,livekit]"
 	mkdir -p .cache && touch $(STAMP)
 
 serve: install

@@ -155,7 +155,7 @@ def count_flops(model: PCAVS) -> dict[str, float]:
     cfg = model.cfg
     img = torch.rand(1, 3, 224, 224) * 2 - 1
     mel = torch.rand(1, 1, 80, 20)
-    id0, id1 = torch.rand(1, cfg.id_dim), torch.randn(1, cfg.id_map_channels, cfg.start, cfg.start)
+    id0, id1 = torch.rand(1, cfg.id_dim), torch.randn(1, *cfg.id_map_shape)
     style = torch.cat([id0, torch.randn(1, cfg.mouth_dim), torch.randn(1, cfg.pose_dim)], 1)
     out = {}
     calls = {"identity": lambda: model.encode_identity(img), "pose": lambda: model.encode_pose(img),

@@ -59,7 +59,8 @@ FP16_MIN_PSNR = 30.0  # dB, fp16 variants against fp32 PyTorch (only checked whe
 # Operators our graphs may contain; all are in TensorRT's ONNX operator list (and ORT's/OpenVINO's).
 SUPPORTED_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv",
-    "ConvTranspose", "Div", "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity",
+    "ConvTranspose", "DepthToSpace", "Div", "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool",
+    "GridSample", "Identity", "SpaceToDepth",
     "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Pow", "Reciprocal", "ReduceMean", "ReduceSum", "Relu",
     "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose",
     "Unsqueeze",
@@ -130,14 +131,14 @@ def stage_io(cfg: ModelConfig, stage: str, noise: str = "stored") -> tuple[list[
     img = TensorSpec("img", (B, 3, 224, 224))
     if stage == "identity":
         return [img], [TensorSpec("id_feature0", (B, cfg.id_dim)),
-                       TensorSpec("id_feature1", (B, cfg.id_map_channels, cfg.start, cfg.start))]
+                       TensorSpec("id_feature1", (B, *cfg.id_map_shape))]
     if stage == "pose":
         return [img], [TensorSpec("pose", (B, cfg.pose_dim))]
     if stage == "audio":
         return [TensorSpec("mel", (B, 1, cfg.n_mels, 20))], [TensorSpec("mouth", (B, cfg.mouth_dim))]
     if stage == "generator":
         ins = [TensorSpec("style", (B, cfg.style_dim)),
-               TensorSpec("id_map", (B, cfg.id_map_channels, cfg.start, cfg.start))]
+               TensorSpec("id_map", (B, *cfg.id_map_shape))]
         if noise == "input":
             ins += [TensorSpec(f"noise_{i}", (B, 1, r, r)) for i, r in enumerate(noise_resolutions(cfg))]
         return ins, [TensorSpec("image", (B, 3, cfg.size, cfg.size))]
@@ -145,8 +146,8 @@ def stage_io(cfg: ModelConfig, stage: str, noise: str = "stored") -> tuple[list[
 
 
 def noise_resolutions(cfg: ModelConfig) -> list[int]:
-    """Side length of each generator noise map (noise_0 at 7, then two per resolution)."""
-    return [cfg.start * 2 ** ((i + 1) // 2) for i in range(cfg.num_noises)]
+    """Side length of each generator noise map (pcavs: noise_0 at 7, then two per resolution)."""
+    return cfg.noise_sizes
 
 
 def example_inputs(cfg: ModelConfig, stage: str, batch: int, noise: str = "stored",

@@ -33,6 +33,9 @@ def mouth_box(size: int = 224) -> tuple[int, int, int, int]:
     return tuple(round(v * size / 224) for v in MOUTH_BOX)  # type: ignore[return-value]
 
 
+GENERATORS = ("pcavs", "warp")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes of the four networks. The defaults are the official PC-AVS networks."""
@@ -61,6 +64,14 @@ class ModelConfig:
     # Blank MOUTH_BOX of the pose encoder's input (models trained here; the official E sees the whole
     # face). The pose code then cannot carry the driving video's or webcam's mouth into the output.
     pose_mouth_mask: bool = False
+    # Generator variant. "pcavs": the official StyleGAN2 generator drawing the whole image from the 7x7
+    # identity map (official checkpoints). "warp" (models trained here, models/warp.py): the photo's
+    # own features and pixels are warped by a motion field predicted from the style, and modulated
+    # convs draw what warping cannot show; it keeps the photo's appearance with few identities.
+    generator: str = "pcavs"
+    warp_feat: int = 32  # appearance feature channels at size/4 ("warp")
+    warp_motion: int = 64  # motion-net channels at size/16 .. size/4 ("warp")
+    warp_dec: tuple[int, int, int] = (64, 32, 16)  # decoder channels at size/4, size/2, size ("warp")
 
     @property
     def n_up(self) -> int:
@@ -78,15 +89,34 @@ class ModelConfig:
         return self.id_dim + self.mouth_dim + self.pose_dim
 
     @property
+    def id_map_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of ``id_feature1``, the identity map the generator starts from.
+
+        pcavs: the 7x7 map; warp: appearance features plus the photo's pixels packed 4x4 into channels
+        (``pixel_unshuffle``), both at size/4."""
+        if self.generator == "warp":
+            r = self.size // 4
+            return (self.warp_feat + 48, r, r)
+        return (self.id_map_channels, self.start, self.start)
+
+    @property
+    def noise_sizes(self) -> list[int]:
+        """Side length of each generator noise map, in the generator's order."""
+        if self.generator == "warp":
+            s = self.size
+            return [s // 16, s // 8, s // 4, s // 4, s // 4, s // 2, s // 2, s, s]
+        return [self.start * 2 ** ((i + 1) // 2) for i in range(1 + 2 * self.n_up)]
+
+    @property
     def num_noises(self) -> int:
-        return 1 + 2 * self.n_up
+        return len(self.noise_sizes)
 
     def validate(self) -> ModelConfig:
         if self.start < 1:
             raise ConfigError(f"model.start must be >= 1, got {self.start}")
         if len(self.gen_channels) < 2:
             raise ConfigError("model.gen_channels needs at least two resolutions")
-        if self.size != self.start * 2**self.n_up:
+        if self.generator == "pcavs" and self.size != self.start * 2**self.n_up:
             raise ConfigError(
                 f"model.size={self.size} does not match start={self.start} with "
                 f"{self.n_up} upsamplings ({self.start * 2**self.n_up})")
@@ -98,6 +128,14 @@ class ModelConfig:
             raise ConfigError(f"model.fan_width={self.fan_width} must be divisible by 4")
         if self.audio_width % 8:
             raise ConfigError(f"model.audio_width={self.audio_width} must be divisible by 8")
+        if self.generator not in GENERATORS:
+            raise ConfigError(f"model.generator must be one of {GENERATORS}, got {self.generator!r}")
+        if self.generator == "warp":
+            if self.size % 16 or 224 % self.size:
+                raise ConfigError(f"model.size={self.size} must divide 224 and be divisible by 16 for the warp "
+                                  "generator")
+            if min(self.warp_feat, self.warp_motion, *self.warp_dec) <= 0 or len(self.warp_dec) != 3:
+                raise ConfigError("model.warp_feat, warp_motion and the three warp_dec channels must be positive")
         if self.n_mels != 80:
             raise ConfigError("model.n_mels must be 80 (the audio encoder's input height)")
         return self

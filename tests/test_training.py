@@ -21,6 +21,7 @@ import yaml
 
 from rt_engine.errors import InputError
 from rt_engine.inputs import audio as audio_in
+from rt_engine.models.pcavs import PCAVS
 from training import augment
 from training.config import resolve
 from training.data import sample_negatives
@@ -694,3 +695,47 @@ def test_a_new_look_changes_a_whole_sample_alike(cache):
     c, i = (int(x) for x in recolour["pos"][0])
     f = store.clips[c].frames[i]
     assert not any(torch.equal(recolour["target"][0], to_tensor(mirror._net(g)[None])[0]) for g in (f, f[:, ::-1]))
+
+
+def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
+    """The appearance-preserving generator (models/warp.py) starts from another variant's encoders,
+    trains with them frozen, exports and renders through the engine."""
+    from rt_engine.models.checkpoint import load_single
+    from training.export import export
+    from training.train import main
+
+    runs = tmp_path / "runs"
+    assert main(ci_args(cache, runs / "joint", "joint", 1)) == 0
+    warp_model = CI_MODEL[:-1] + ", generator: warp, warp_feat: 8, warp_motion: 8, warp_dec: [8, 8, 8]}"
+    args = ci_args(cache, runs / "warp", "joint", 3, "--init", str(runs / "joint/last.pt"), "--freeze-encoders",
+                   "true", "--lr", "1e-3")
+    args[args.index("--model") + 1] = warp_model
+    assert main(args) == 0
+    init = torch.load(runs / "joint/last.pt", map_location="cpu", weights_only=False)["model"]
+    got = torch.load(runs / "warp/last.pt", map_location="cpu", weights_only=False)["model"]
+    enc = [k for k in init if k.startswith(("pose_encoder.", "audio_encoder.", "identity_encoder.model."))]
+    assert enc and all(torch.equal(init[k], got[k]) for k in enc)  # taken over, then frozen
+    assert not any(k.startswith("identity_encoder.conv1x1") for k in got)
+    fresh = PCAVS(load_single(export(runs / "warp/last.pt", tmp_path / "w.safetensors", command="pytest")).cfg)
+    moved = [k for k, v in fresh.generator.state_dict().items() if k.startswith("decoder")
+             and not torch.equal(v, got["generator." + k])]
+    assert moved  # the generator trained
+    wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
+    r = subprocess.run([sys.executable, "-m", "rt_engine.render", "--identity", str(tmp_path / "id.png"),
+                        "--audio", str(tmp_path / "a.wav"), "--checkpoint", str(tmp_path / "w.safetensors"),
+                        "--aligned", "--save-raw", str(tmp_path / "o.npz"), "--threads", "1", "-q"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    frames = np.load(tmp_path / "o.npz")["frames"]
+    assert frames.shape[1:] == (3, 112, 112) and np.isfinite(frames).all()
+
+
+def test_later_config_files_add_model_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("data: x\nmodel: {gen_channels: [16, 16, 16, 8, 8], pose_mouth_mask: true}\n")
+    (tmp_path / "b.yaml").write_text("model: {generator: warp}\n")
+    cfg = resolve(["--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")])
+    assert cfg.model == {"gen_channels": [16, 16, 16, 8, 8], "pose_mouth_mask": True, "generator": "warp"}

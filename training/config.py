@@ -71,6 +71,8 @@ class TrainConfig:
     w_sync: float = 0.0  # lip-sync loss: InfoNCE of the *generated* frame's content against its audio,
     # scored by a frozen copy of the content encoders taken at the start of the run (Wav2Lip-style expert)
     w_id: float = 1.0
+    freeze_encoders: bool = False  # joint: train the generator (and the warp variant's appearance encoder)
+    # and the heads only; V, E and A keep their weights and run without backward (about half the step)
     video_only_frac: float = 0.0  # joint: this fraction of each batch from video-only clips (more faces for
     # identity and pose; their mouth box is left out of the pixel losses, as are their feature matching
     # and opening losses, since their mel is someone else's speech). Cache: preprocess --keep-silent
@@ -204,6 +206,8 @@ def resolve(argv: list[str] | None = None) -> TrainConfig:
         unknown = set(loaded) - names
         if unknown:
             raise ConfigError(f"{p}: unknown fields {sorted(unknown)}")
+        if isinstance(loaded.get("model"), dict) and isinstance(values.get("model"), dict):
+            loaded["model"] = {**values["model"], **loaded["model"]}  # a later file adds model overrides
         values.update(loaded)
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name)

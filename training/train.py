@@ -74,6 +74,13 @@ def mouth_region(img: Tensor) -> Tensor:
     return img[..., y0:y1, x0:x1]
 
 
+def _other_generator(a, b) -> bool:
+    """True when model configs ``a`` and ``b`` differ in the generator variant only (same encoders)."""
+    gen = ("name", "generator", "warp_feat", "warp_motion", "warp_dec", "gen_channels", "id_map_channels")
+    da, db = a.to_dict(), b.to_dict()
+    return a.generator != b.generator and all(da[k] == db[k] for k in da if k not in gen)
+
+
 # ------------------------------------------------------------------------------------ distributed
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE set) joins the process group."""
@@ -182,6 +189,9 @@ class Trainer:
             mods = [m.identity_encoder, h.id_classifier]
         elif stage == "content":
             mods = [m.pose_encoder.model, m.audio_encoder, h.visual_content, h.audio_opening]
+        elif self.cfg.freeze_encoders:
+            mods = [m.generator, h] + ([m.identity_encoder.appearance] if hasattr(m.identity_encoder, "appearance")
+                                       else [m.identity_encoder.conv1x1])
         else:
             mods = [m, h]
         for p in list(m.parameters()) + list(h.parameters()):
@@ -506,21 +516,48 @@ class Trainer:
         A ``.safetensors`` model (e.g. the bundled one) gives the model weights only: fine-tuning it
         starts with new heads, discriminator and optimiser state."""
         if str(path).endswith(".safetensors"):
+            from rt_engine.config import ModelConfig
             from rt_engine.models.checkpoint import load_single, read_single_meta
 
-            src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
-            self.model.load_state_dict(src.state_dict())
-            self.init_stages = read_single_meta(path).get("provenance", {}).get("stages", [])
+            meta = read_single_meta(path)
+            file_cfg = ModelConfig.from_dict(meta["config"])
+            if _other_generator(file_cfg, self.mcfg):
+                self._load_encoders(load_single(path).state_dict(), path)
+            else:
+                src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
+                self.model.load_state_dict(src.state_dict())
+            self.init_stages = meta.get("provenance", {}).get("stages", [])
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
             return
         ck = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ck["model"])
+        from rt_engine.config import ModelConfig
+
+        if _other_generator(ModelConfig.from_dict(ck["model_config"]), self.mcfg):
+            self._load_encoders(ck["model"], path)
+        else:
+            self.model.load_state_dict(ck["model"])
         own = self.heads.state_dict()
         ok = {k: v for k, v in ck["heads"].items() if k in own and own[k].shape == v.shape}
         if ck.get("identities") != self.store.identities:
             ok = {k: v for k, v in ok.items() if not k.startswith("id_classifier")}
         self.heads.load_state_dict({**own, **ok})
         log.info("initialised networks from %s (stage %s, step %d)", path, ck["config"]["stage"], ck["step"])
+
+    def _load_encoders(self, sd: dict[str, Tensor], path: str) -> None:
+        """Start a model of another generator variant from ``sd``: every encoder weight (V, E, A) is
+        taken; the generator and the identity map's head start fresh."""
+        own = self.model.state_dict()
+        fresh = ("generator.", "identity_encoder.conv1x1.", "identity_encoder.appearance.")
+        enc = {k: v for k, v in sd.items() if not k.startswith(fresh)}
+        bad = sorted(k for k, v in enc.items() if k not in own or own[k].shape != v.shape)
+        if bad:
+            raise RtEngineError(f"{path}: encoder weights do not fit this model: {bad[:3]}")
+        missing = sorted(k for k in own if not k.startswith(fresh) and k not in enc)
+        if missing:
+            raise RtEngineError(f"{path}: encoder weights missing: {missing[:3]}")
+        self.model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in enc.items()}})
+        log.info("%s has another generator: took its encoders, the %s generator starts fresh", path,
+                 self.mcfg.generator)
 
     # -------------------------------------------------------------- outputs
     def write_samples(self) -> None:

@@ -137,7 +137,12 @@ class FastTorchRunner(Runner):
         self.identity_encoder = self._prep(model.identity_encoder)
         self.pose_encoder = self._prep(model.pose_encoder)
         self.audio_encoder = self._prep(model.audio_encoder)
-        self.generator = FastGenerator(model.generator, self.dtype, channels_last, upsample).eval()
+        if self.cfg.generator == "warp":
+            from rt_engine.models.warp import FastWarpGenerator
+
+            self.generator = FastWarpGenerator(model.generator, self.dtype, channels_last).eval()
+        else:
+            self.generator = FastGenerator(model.generator, self.dtype, channels_last, upsample).eval()
         self._gen = self.generator
         self._pose = self.pose_encoder
         self._audio = self._mouth

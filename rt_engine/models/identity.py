@@ -2,7 +2,8 @@
 
 Input: an aligned face crop ``[B,3,224,224]`` in [-1,1] (no ImageNet normalisation).
 Outputs: ``id_feature0`` ``[B,id_dim]`` (global average of the last stage, 2048 official) and
-``id_feature1`` ``[B,id_map_channels,7,7]`` (the map that starts the generator).
+``id_feature1`` ``[B,id_map_channels,7,7]`` (the map that starts the generator; for the warp
+generator variant the photo's appearance map ``[B,F+48,S/4,S/4]``, see models/warp.py).
 Module names follow the official state_dict (``model.*`` is a torchvision-layout ResNeXt).
 """
 
@@ -65,11 +66,18 @@ class IdentityEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.model = ResNeXt(cfg.id_layers, cfg.id_width, cfg.id_groups)
-        self.conv1x1 = nn.Conv2d(self.model.out_channels, cfg.id_map_channels, 1)
         self.start = cfg.start
+        if cfg.generator == "warp":  # the map is the photo's own features and pixels (models/warp.py)
+            from rt_engine.models.warp import AppearanceEncoder
+
+            self.appearance = AppearanceEncoder(cfg)
+        else:
+            self.conv1x1 = nn.Conv2d(self.model.out_channels, cfg.id_map_channels, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feat = self.model(x)  # [B,2048,7,7]
         id_feature0 = feat.mean(dim=(2, 3))  # [B,2048]
+        if hasattr(self, "appearance"):
+            return id_feature0, self.appearance(x)  # [B,F+48,S/4,S/4] (warp generator)
         id_feature1 = F.adaptive_avg_pool2d(self.conv1x1(feat), self.start)  # [B,512,7,7]
         return id_feature0, id_feature1

@@ -17,19 +17,21 @@ from rt_engine.models.audio import AudioEncoder
 from rt_engine.models.generator import Generator
 from rt_engine.models.identity import IdentityEncoder
 from rt_engine.models.pose import PoseEncoder
+from rt_engine.models.warp import WarpGenerator
 
 
 class PCAVS(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
-        if cfg.id_map_channels != cfg.gen_channels[0]:
+        if cfg.generator == "pcavs" and cfg.id_map_channels != cfg.gen_channels[0]:
             raise ValueError("id_map_channels must equal gen_channels[0]")
         self.cfg = cfg
         self.identity_encoder = IdentityEncoder(cfg)  # official V
         self.pose_encoder = PoseEncoder(cfg)  # official E
         self.audio_encoder = AudioEncoder(cfg)  # official A_sync
-        self.generator = Generator(cfg)  # official G
+        # official G, or the appearance-preserving variant of models trained here
+        self.generator = Generator(cfg) if cfg.generator == "pcavs" else WarpGenerator(cfg)
 
     def encode_identity(self, img: Tensor) -> tuple[Tensor, Tensor]:
         """[B,3,224,224] -> id_feature0 [B,2048], id_feature1 [B,512,7,7]."""
@@ -50,7 +52,7 @@ class PCAVS(nn.Module):
         return torch.cat([id_feature0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
 
     def generate(self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = "stored") -> Tensor:
-        """style [B,2560], id map [B|1,512,7,7] -> [B,3,224,224]."""
+        """style [B,2560], id map [B|1,*cfg.id_map_shape] -> [B,3,224,224]."""
         return self.generator(style, id_feature1.expand(style.shape[0], -1, -1, -1), noise)
 
     def forward(self, id_img: Tensor, pose_img: Tensor, mel: Tensor, noise: str = "stored") -> Tensor:

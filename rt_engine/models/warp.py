@@ -1,0 +1,186 @@
+"""Appearance-preserving generator variant (``ModelConfig.generator == "warp"``).
+
+PC-AVS draws the whole frame from a 512-number identity code, which generalises only after thousands
+of identities. This variant keeps the three PC-AVS codes (identity, 12-number pose, speech content
+as the mouth code) as the style of every modulated convolution, but starts from the photo itself:
+
+* :class:`AppearanceEncoder` (part of the identity encoder, once per identity) turns the photo
+  ``[B,3,S,S]`` into features ``[B,F,S/4,S/4]`` and packs them with the photo's own pixels
+  (``pixel_unshuffle`` by 4: ``[B,48,S/4,S/4]``) into one identity map ``[B,F+48,S/4,S/4]``.
+* :class:`WarpGenerator`: a motion net (plain strided convs on the features, then modulated convs
+  driven by the style) predicts a backward flow and an occlusion map at S/4. The features are
+  warped (``grid_sample``) and decoded by modulated convs up to S, which draw what warping cannot
+  show (mouth interior, teeth, disoccluded background). The photo's pixels are warped at full
+  resolution by the upsampled flow, and a predicted mask blends them with the drawn image.
+
+At initialisation the flow is zero and the mask keeps the warped photo, so an untrained model
+already returns the photo; training (self-reconstruction: another frame of the same clip is the
+source) learns motion and mouth. Every op exports to ONNX (GridSample needs opset >= 16).
+
+Noise maps (``ModelConfig.noise_sizes``): one per styled conv, in order motion 14, 28, 56, decoder
+56, 56, 112, 112, 224, 224 (official-size numbers for S = 224).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rt_engine.config import NOISE_MODES, ModelConfig
+from rt_engine.models.modconv import FORMS, LRELU_SLOPE, ModulatedConv2d, StyledConv, ToRGB
+
+PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
+MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
+
+
+class AppearanceEncoder(nn.Module):
+    """Photo [B,3,S,S] in [-1,1] -> identity map [B,F+48,S/4,S/4] = [features | packed pixels]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f = cfg.warp_feat
+        self.size = cfg.size
+        self.conv0 = nn.Conv2d(3, f // 2, 3, padding=1)
+        self.conv1 = nn.Conv2d(f // 2, f, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(f, f, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(f, f, 3, padding=1)
+
+    def forward(self, img: Tensor) -> Tensor:
+        if img.shape[-1] != self.size:  # the 224 input crop at the output size S (224 / S whole)
+            img = F.avg_pool2d(img, img.shape[-1] // self.size)  # [B,3,S,S]
+        x = F.leaky_relu(self.conv0(img), LRELU_SLOPE)  # [B,F/2,S,S]
+        x = F.leaky_relu(self.conv1(x), LRELU_SLOPE)  # [B,F,S/2,S/2]
+        x = F.leaky_relu(self.conv2(x), LRELU_SLOPE)  # [B,F,S/4,S/4]
+        x = self.conv3(x)  # [B,F,S/4,S/4]
+        return torch.cat([x, F.pixel_unshuffle(img, PACK)], dim=1)  # [B,F+48,S/4,S/4]
+
+
+def base_grid(h: int, w: int, like: Tensor) -> Tensor:
+    """Identity sampling grid [1,H,W,2] (x, y in [-1,1], pixel centres: align_corners=False)."""
+    ys = (torch.arange(h, device=like.device, dtype=torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=like.device, dtype=torch.float32) * 2 + 1) / w - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)[None]
+
+
+def warp(x: Tensor, flow: Tensor, grid0: Tensor | None = None) -> Tensor:
+    """Backward warp: x [B,C,H,W] sampled at identity + flow [B,2,H,W] (normalised units) -> [B,C,H,W].
+    ``grid0``: the identity grid [1,H,W,2] if precomputed (a constant in exported graphs)."""
+    if grid0 is None:
+        grid0 = base_grid(x.shape[-2], x.shape[-1], x)
+    grid = grid0 + flow.permute(0, 2, 3, 1).float()  # [B,H,W,2]
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
+
+
+class WarpGenerator(nn.Module):
+    """style [B,S] (identity | mouth | pose), id_map [B,F+48,S/4,S/4] -> image [B,3,S,S] in [-1,1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.generator != "warp":
+            raise ValueError("WarpGenerator needs ModelConfig.generator == 'warp'")
+        self.cfg = cfg
+        sd, f, m = cfg.style_dim, cfg.warp_feat, cfg.warp_motion
+        d0, d1, d2 = cfg.warp_dec
+        # motion net: S/4 -> S/16 plain, then style-driven back up to S/4
+        self.down1 = nn.Conv2d(f, m, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(m, m, 3, stride=2, padding=1)
+        self.motion = nn.ModuleList([StyledConv(m, m, sd), StyledConv(m, m, sd, upsample=True),
+                                     StyledConv(m, m, sd, upsample=True)])
+        self.flow_head = nn.Conv2d(m, 3, 3, padding=1)  # flow x, flow y, occlusion logit
+        nn.init.zeros_(self.flow_head.weight)
+        with torch.no_grad():
+            self.flow_head.bias.copy_(torch.tensor([0.0, 0.0, MASK_INIT]))
+        # decoder: S/4 -> S
+        self.decoder = nn.ModuleList([StyledConv(f, d0, sd), StyledConv(d0, d0, sd),
+                                      StyledConv(d0, d1, sd, upsample=True), StyledConv(d1, d1, sd),
+                                      StyledConv(d1, d2, sd, upsample=True), StyledConv(d2, d2, sd)])
+        self.to_rgbs = nn.ModuleList([ToRGB(d0, sd), ToRGB(d1, sd), ToRGB(d2, sd)])
+        self.mask_head = nn.Conv2d(d2, 1, 3, padding=1)  # blend logit: warped photo vs drawn image
+        nn.init.zeros_(self.mask_head.weight)
+        nn.init.constant_(self.mask_head.bias, MASK_INIT)
+        self.noises = nn.Module()
+        for i, r in enumerate(cfg.noise_sizes):
+            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
+        s, q = cfg.size, cfg.size // PACK
+        self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
+        self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
+
+    def set_form(self, form: str) -> WarpGenerator:
+        """Choose the modulated-conv form ('ref' per-sample weights, 'static' shared weights)."""
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
+        for mod in self.modules():
+            if isinstance(mod, ModulatedConv2d):
+                mod.form = form
+        return self
+
+    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
+        bufs = [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
+        if mode == "stored":
+            return bufs
+        if mode == "zero":
+            return [torch.zeros_like(b) for b in bufs]
+        if mode == "random":
+            return [torch.randn(like.shape[0], 1, n.shape[2], n.shape[3], device=like.device) for n in bufs]
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+
+    def motion_field(self, style: Tensor, feat: Tensor, noises: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """-> flow [B,2,S/4,S/4] (normalised units), occlusion [B,1,S/4,S/4] in (0,1)."""
+        h1 = F.leaky_relu(self.down1(feat), LRELU_SLOPE)  # [B,M,S/8,S/8]
+        h = F.leaky_relu(self.down2(h1), LRELU_SLOPE)  # [B,M,S/16,S/16]
+        h = self.motion[0](h, style, noises[0])  # [B,M,S/16,S/16]
+        h = self.motion[1](h, style, noises[1]) + h1  # [B,M,S/8,S/8]
+        h = self.motion[2](h, style, noises[2])  # [B,M,S/4,S/4]
+        out = self.flow_head(h).float()  # [B,3,S/4,S/4]
+        return out[:, :2], torch.sigmoid(out[:, 2:])
+
+    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = "stored",
+                taps: dict[str, Tensor] | None = None) -> Tensor:
+        noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
+        f = self.cfg.warp_feat
+        feat = id_map[:, :f]  # [B,F,S/4,S/4]
+        photo = F.pixel_shuffle(id_map[:, f:].float(), PACK)  # [B,3,S,S]
+        b = style.shape[0]
+        if feat.shape[0] != b:
+            feat, photo = feat.expand(b, -1, -1, -1), photo.expand(b, -1, -1, -1)
+        flow, occ = self.motion_field(style, feat, noises)
+        x = warp(feat, flow, self.grid_q) * occ.to(feat.dtype)  # [B,F,S/4,S/4]
+        skip = None
+        for j in range(3):
+            x = self.decoder[2 * j](x, style, noises[3 + 2 * j])  # level j: [B,D_j,S/4*2^j,...]
+            x = self.decoder[2 * j + 1](x, style, noises[4 + 2 * j])
+            skip = self.to_rgbs[j](x, style, skip)  # [B,3,...]
+        drawn = torch.tanh(skip.float())  # [B,3,S,S]
+        big = F.interpolate(flow, scale_factor=PACK, mode="bilinear", align_corners=False)  # [B,2,S,S]
+        warped = warp(photo, big, self.grid_s)  # [B,3,S,S]
+        mask = torch.sigmoid(self.mask_head(x).float())  # [B,1,S,S]
+        if taps is not None:
+            taps.update(flow=flow, occlusion=occ, drawn=drawn, warped=warped, mask=mask)
+        return mask * warped + (1 - mask) * drawn
+
+
+class FastWarpGenerator(nn.Module):
+    """Inference twin of :class:`WarpGenerator` with the interface of ``backends.fast.FastGenerator``:
+    ``identity_base(id0)`` once per identity, ``forward(base, var, id_map, noise)`` per batch.
+
+    Static-weight modulated convs (shared weights, pre-packable), bf16 autocast when ``dtype`` is
+    bf16 (modulation, demodulation, flow, warps and the blend stay fp32). A copy: the caller's model
+    is left in its own form.
+    """
+
+    def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True):
+        super().__init__()
+        import copy
+
+        self.gen = copy.deepcopy(gen).set_form("static").eval().requires_grad_(False)
+        self.dtype = dtype  # channels_last: the inputs arrive so; the 5-D modconv weights stay as they are
+
+    def identity_base(self, id0: Tensor) -> Tensor:  # [1|B,id_dim]: the identity part of the style
+        return id0.float()
+
+    def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = "stored") -> Tensor:
+        style = torch.cat([base.float(), var.float()], dim=1)  # [B, id | mouth | pose]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            return self.gen(style, id_map, noise).float()  # [B,3,S,S]

@@ -1,0 +1,155 @@
+"""The appearance-preserving generator variant (models/warp.py): what it computes at start, its two
+modulated-conv forms, the warp itself, every CPU backend, ONNX export, and training from a model of
+the PC-AVS generator."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rt_engine.backends import Probe, available_backends, make_backend, psnr, run_frame
+from rt_engine.config import ModelConfig, model_preset
+from rt_engine.errors import ConfigError
+from rt_engine.models.pcavs import PCAVS
+from rt_engine.models.warp import warp
+
+
+def warp_config(**kw) -> ModelConfig:
+    return dataclasses.replace(model_preset("tiny"), name="tiny-warp", generator="warp", warp_feat=8,
+                               warp_motion=16, warp_dec=(16, 8, 8), pose_mouth_mask=True, **kw).validate()
+
+
+@pytest.fixture(scope="module")
+def model() -> PCAVS:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    m = PCAVS(warp_config()).eval()
+    with torch.no_grad():  # a moving, blending model: flow and mask away from their start values
+        for name, p in m.generator.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+            elif name in ("flow_head.weight", "mask_head.weight"):
+                p.normal_(0, 0.05)
+            elif name == "mask_head.bias":
+                p.fill_(0.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RT_ENGINE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
+    yield
+    mp.undo()
+
+
+def test_config_shapes_and_validation():
+    off = model_preset("official")
+    assert off.generator == "pcavs" and off.id_map_shape == (512, 7, 7)
+    assert off.noise_sizes == [7, 14, 14, 28, 28, 56, 56, 112, 112, 224, 224]
+    cfg = warp_config()
+    assert cfg.id_map_shape == (8 + 48, 28, 28) and cfg.noise_sizes[0] == 7 and cfg.noise_sizes[-1] == 112
+    with pytest.raises(ConfigError, match="generator"):
+        dataclasses.replace(cfg, generator="gan").validate()
+    with pytest.raises(ConfigError, match="divisible by 16"):
+        dataclasses.replace(model_preset("official"), generator="warp", size=56, start=7,
+                            gen_channels=(8, 8, 8, 8)).validate()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_fresh_model_returns_the_photo():
+    torch.manual_seed(1)
+    m = PCAVS(dataclasses.replace(warp_config(), size=224)).eval()
+    img = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        out = m(img, img.flip(0), torch.rand(2, 1, 80, 20))
+    # zero flow, blend 0.98 of the warped photo: within a few grey levels everywhere
+    assert (out - img).abs().mean().item() < 0.03
+    assert psnr(out, img) > 30
+
+
+def test_warp_shifts_by_the_flow():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(1, 2, 1, 1)
+    flow = torch.zeros(1, 2, 4, 4)
+    flow[:, 0] = 2 / 4  # one pixel to the right in normalised units (width 4)
+    y = warp(x, flow)
+    assert torch.allclose(y[..., :3], x[..., 1:])  # output pixel (i, j) reads input (i, j + 1)
+    assert torch.allclose(y[..., 3], x[..., 3])  # border padding
+
+
+def test_static_and_ref_forms_equal(model):
+    g = model.generator
+    cfg = model.cfg
+    style = torch.randn(3, cfg.style_dim)
+    id1 = torch.randn(3, *cfg.id_map_shape)
+    with torch.no_grad():
+        a = g.set_form("ref")(style, id1)
+        b = g.set_form("static")(style, id1)
+    g.set_form("ref")
+    assert a.shape == (3, 3, cfg.size, cfg.size)
+    # 1e-6-level flow differences are amplified by sampling a random (unsmooth) map: 2e-4, not 1e-5
+    assert (a - b).abs().max().item() < 2e-4
+
+
+def test_mouth_code_reaches_the_image(model):
+    cfg = model.cfg
+    id0, id1 = model.encode_identity(torch.rand(1, 3, 224, 224) * 2 - 1)
+    pose = torch.zeros(1, cfg.pose_dim)
+    with torch.no_grad():
+        a = model.generate(model.make_style(id0, torch.zeros(1, cfg.mouth_dim), pose), id1)
+        b = model.generate(model.make_style(id0, torch.ones(1, cfg.mouth_dim), pose), id1)
+    assert (a - b).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name,precision,min_psnr", [("torch-fast", "fp32", 80.0), ("onnxruntime", "fp32", 80.0),
+                                                     ("openvino", "fp32", 60.0), ("torch-fast", "bf16", 35.0),
+                                                     ("openvino", "bf16", 35.0)])
+def test_backends_match_reference(model, name, precision, min_psnr, onnx_cache):
+    if name not in available_backends():
+        pytest.skip(f"backend {name} not available here")
+    probe = Probe.random(seed=3)
+    ref = run_frame(make_backend("torch", model=model), probe)
+    runner = make_backend(name, model=model, precision=precision)
+    out = run_frame(runner, probe)
+    assert out.shape == ref.shape
+    assert psnr(out, ref) > min_psnr, f"{runner.describe()}: {psnr(out, ref):.1f} dB"
+    # batched: three frames of one identity equal three single frames
+    id0, id1 = runner.encode_identity(probe.id_img)
+    mouth = runner.encode_audio(torch.cat([probe.mel, 1 - probe.mel, probe.mel * 0.5]))
+    pose = runner.encode_pose(torch.cat([probe.pose_img, -probe.pose_img, probe.pose_img.flip(-1)]))
+    batch = runner.generate(id0, id1, mouth, pose)
+    for i in range(3):
+        one = runner.generate(id0, id1, mouth[i:i + 1], pose[i:i + 1])
+        assert psnr(batch[i:i + 1], one) > min_psnr
+
+
+def test_onnx_graph_has_grid_sample_and_dynamic_batch(model, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from export.onnx_export import export_onnx
+
+    export_onnx(model, tmp_path, stages=("generator",), verify=False)
+    g = onnx.load(str(next(tmp_path.glob("generator*.onnx"))))
+    assert "GridSample" in {n.op_type for n in g.graph.node}
+    dims = g.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param  # symbolic batch axis
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                    reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)")
+def test_tensorrt_rtx_builds_warp_graphs(model, tmp_path):
+    """GridSample, DepthToSpace and SpaceToDepth parse and build in TensorRT (the RTX builder is the
+    CPU stand-in; engines run only on a GPU), fp16 with the dynamic batch profile."""
+    from export.onnx_export import export_onnx
+    from export.trt_build import TrtBuildConfig, build_engines
+    from rt_engine.backends.tensorrt_backend import read_sidecar
+
+    export_onnx(model, tmp_path / "onnx", stages=("identity", "generator"), half=True, verify=False)
+    cfg = TrtBuildConfig(runtime="rtx", precision="fp16", max_batch=4, opt_batch=2, compute_capability="SM89")
+    engines = build_engines(tmp_path / "onnx", tmp_path / "e", cfg, stages=["identity", "generator"])
+    gen = read_sidecar(engines["generator"])
+    assert gen["inputs"][1]["shape"] == ["batch", *model.cfg.id_map_shape]
+    assert gen["outputs"][0]["shape"] == ["batch", 3, model.cfg.size, model.cfg.size]

@@ -20,7 +20,8 @@ jobs are dropped, never queued up (no drift, no growing latency). Other model wo
 features, pose codes) runs through :meth:`call`, in the same thread, between batches: frame
 batches go first, a call waits at most ``CALL_WAIT_S``.
 
-:class:`Metrics` is a tiny thread-safe registry printed in the Prometheus text format.
+:class:`Metrics` is a tiny thread-safe registry, exposed in the Prometheus text format by
+prometheus_client.
 """
 
 from __future__ import annotations
@@ -94,35 +95,48 @@ class Metrics:
             return self._counters.get(self._key(name, labels), 0.0)
 
     def render(self) -> str:
-        def lab(labels: tuple, extra: tuple = ()) -> str:
-            items = list(labels) + list(extra)
-            return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}" if items else ""
+        """Everything in the Prometheus text format (prometheus_client's exposition; sample names
+        are ``<prefix>_<name>``, histograms add ``_bucket`` / ``_sum`` / ``_count``)."""
+        from prometheus_client import CollectorRegistry, generate_latest
 
-        lines: list[str] = []
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(self))
+        return generate_latest(registry).decode()
+
+    def families(self) -> list:
+        """A snapshot as prometheus_client metric families (counter, gauge, histogram)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         with self._lock:
-            groups: dict[str, list[str]] = defaultdict(list)
-            kinds: dict[str, str] = {}
-            for (name, labels), v in sorted(self._counters.items()):
-                groups[name].append(f"{self.prefix}_{name}{lab(labels)} {v:g}")
-                kinds[name] = "counter"
-            for (name, labels), v in sorted(self._gauges.items()):
-                groups[name].append(f"{self.prefix}_{name}{lab(labels)} {v:g}")
-                kinds[name] = "gauge"
-            for (name, labels), (bounds, counts, total, n) in sorted(self._hist.items()):
-                full = f"{self.prefix}_{name}"
-                for b, c in zip(bounds, counts, strict=True):
-                    groups[name].append(f"{full}_bucket{lab(labels, (('le', f'{b:g}'),))} {c}")
-                groups[name].append(f"{full}_bucket{lab(labels, (('le', '+Inf'),))} {n}")
-                groups[name].append(f"{full}_sum{lab(labels)} {total:.6f}")
-                groups[name].append(f"{full}_count{lab(labels)} {n}")
-                kinds[name] = "histogram"
-        for name, rows in groups.items():
-            kind, text = self._help.get(name, (kinds[name], name.replace("_", " ")))
-            lines.append(f"# HELP {self.prefix}_{name} {text}")
-            lines.append(f"# TYPE {self.prefix}_{name} {kinds[name]}")
-            lines.extend(rows)
-        return "\n".join(lines) + "\n"
+            counters = sorted(self._counters.items())
+            gauges = sorted(self._gauges.items())
+            hists = sorted((k, (b, list(c), t, n)) for k, (b, c, t, n) in self._hist.items())
+        fams: dict[str, Any] = {}
 
+        def family(name: str, cls: type, labels: tuple):
+            if name not in fams:
+                text = self._help.get(name, ("", name.replace("_", " ")))[1]
+                fams[name] = cls(f"{self.prefix}_{name}", text, labels=[k for k, _ in labels])
+            return fams[name]
+
+        for (name, labels), v in counters:
+            family(name, CounterMetricFamily, labels).add_metric([v for _, v in labels], v)
+        for (name, labels), v in gauges:
+            family(name, GaugeMetricFamily, labels).add_metric([v for _, v in labels], v)
+        for (name, labels), (bounds, counts, total, n) in hists:
+            buckets = [(f"{b:g}", c) for b, c in zip(bounds, counts, strict=True)] + [("+Inf", n)]
+            family(name, HistogramMetricFamily, labels).add_metric([v for _, v in labels], buckets, total)
+        return list(fams.values())
+
+
+class _Families:
+    """prometheus_client collector over one :class:`Metrics` (read at each scrape)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        return iter(self.metrics.families())
 
 class JobOwner(Protocol):
     """What the scheduler needs from a session."""

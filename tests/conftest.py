@@ -51,6 +51,8 @@ async def served(engine, **cfg):
 
     from rt_engine.serve.app import ServerConfig, create_app
 
+    # the tiny model's measured capacity on a loaded test machine decides nothing here, unless asked
+    cfg.setdefault("admit_by_capacity", False)
     app = create_app(engine, ServerConfig(port=0, **cfg), own_engine=False)
     runner = web.AppRunner(app)
     await runner.setup()

@@ -26,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
-    ap.add_argument("--max-sessions", type=int, default=4)
+    ap.add_argument("--max-sessions", type=int, default=4,
+                    help="upper bound on sessions; within it a session is admitted only while the measured "
+                         "model time serves it at the full fresh rate (default 4)")
+    ap.add_argument("--max-pending", type=int, default=4,
+                    help="answered offers not yet connected (they hold no session slot; default 4)")
+    ap.add_argument("--connect-timeout", type=float, default=5.0,
+                    help="an answered offer must connect within this many seconds (default 5)")
+    ap.add_argument("--ice-any-address", action="store_true",
+                    help="let WebRTC media bind every local address (default: only where --host binds)")
     ap.add_argument("--backend", default="auto",
                     help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, torch-cuda, "
                          "onnxruntime, openvino, tensorrt")
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         from rt_engine.stream.session import Engine
 
         cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-                           peer_timeout_s=args.peer_timeout).validate()
+                           peer_timeout_s=args.peer_timeout, max_pending=args.max_pending,
+                           connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address).validate()
         sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
         model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
         try:

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
+import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -33,6 +36,8 @@ from pathlib import Path
 from aiohttp import web
 
 from rt_engine.errors import ConfigError, InputError, NoFaceError, RtEngineError
+from rt_engine.serve import compat
+from rt_engine.stream.clock import LOOKAHEAD_S
 from rt_engine.stream.scheduler import Metrics
 from rt_engine.stream.session import Engine, Session, SessionOptions
 
@@ -46,6 +51,8 @@ UPLOAD_KINDS = {  # kind -> (max bytes, accepted file suffixes)
     "pose": (60 << 20, (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".jpg", ".jpeg", ".png")),
 }
 VIDEO_CODECS = ("vp8", "h264")
+OFFER_MAX_BYTES = 64 << 10  # an SDP offer with options is a few KiB
+FINGERPRINT_BYTES = {"sha-1": 20, "sha-224": 28, "sha-256": 32, "sha-384": 48, "sha-512": 64}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class ServerConfig:
     max_sessions: int = 4
     peer_timeout_s: float = 10.0  # close a session whose inbound media stopped this long ago
     loopback_ice: bool | None = None  # offer 127.0.0.1 ICE candidates (default: when bound to loopback)
+    ice_any_address: bool = False  # ICE may bind every local address, not only where HTTP binds
+    max_pending: int = 4  # offers answered but not yet connected (they hold no session slot)
+    admit_by_capacity: bool = True  # admit only while the measured model time serves one more session fully
+    connect_timeout_s: float = 5.0  # an answered offer must connect within this, or it is closed
     audio_jitter_frames: int = 1  # server-side audio jitter buffer (aiortc default: 4 = +60 ms)
     max_uploads: int = 64
     extra: dict = field(default_factory=dict)
@@ -70,48 +81,31 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ConfigError(f"audio_jitter_frames must be in [0, 8], got {self.audio_jitter_frames}")
+        if not 1 <= self.max_pending <= 64:
+            raise ConfigError(f"max_pending must be in [1, 64], got {self.max_pending}")
+        if not 0.5 <= self.connect_timeout_s <= 60:
+            raise ConfigError(f"connect_timeout_s must be in [0.5, 60] s, got {self.connect_timeout_s}")
         return self
 
     @property
     def use_loopback_ice(self) -> bool:
         return self.host in LOOPBACK_HOSTS if self.loopback_ice is None else self.loopback_ice
 
+    @property
+    def ice_only_address(self) -> str | None:
+        """The one local address ICE binds (where HTTP binds), or None for all of them."""
+        if self.ice_any_address or self.host in ("", "0.0.0.0", "::"):
+            return None
+        return "127.0.0.1" if self.host == "localhost" else self.host
+
 
 def enable_loopback_candidates() -> None:
     """Make aioice offer 127.0.0.1 as a host candidate (it leaves it out by default), so a client on
-    the same machine connects over loopback. Process-wide and idempotent."""
+    the same machine connects over loopback. Process-wide; keeps a choice the server already made."""
     import aioice.ice
 
-    orig = aioice.ice.get_host_addresses
-    if getattr(orig, "_rt_engine_loopback", False):
-        return
-
-    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        addrs = orig(use_ipv4, use_ipv6)
-        return (["127.0.0.1"] + addrs) if use_ipv4 and "127.0.0.1" not in addrs else addrs
-
-    with_loopback._rt_engine_loopback = True  # type: ignore[attr-defined]
-    aioice.ice.get_host_addresses = with_loopback
-
-
-def _set_audio_jitter(receiver, frames: int) -> None:
-    """aiortc holds 4 audio packets (80 ms) before decoding; a live mic on a LAN needs ~1."""
-    from aiortc.jitterbuffer import JitterBuffer
-
-    if hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-        receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=frames)
-
-
-def _hook_rtcp(obj, session: Session) -> None:
-    """Every RTCP packet from the peer (receiver / sender reports, ~1 per second per stream) counts as a
-    sign of life, so a client that only receives is watched too."""
-    orig = obj._handle_rtcp_packet
-
-    async def hooked(packet):
-        session.last_input = time.monotonic()
-        return await orig(packet)
-
-    obj._handle_rtcp_packet = hooked
+    if not hasattr(aioice.ice.get_host_addresses, compat.MARK):
+        compat.ice_addresses(include_loopback=True, only=None)
 
 
 def error(status: int, message: str) -> web.Response:
@@ -125,12 +119,13 @@ class Peer:
     session: Session
     created: float = field(default_factory=time.monotonic)
     tasks: list = field(default_factory=list)
+    connected: bool = False  # holds a session slot from the moment ICE/DTLS connect
 
 
 @dataclass
 class ServerState:
     upload_dir: str
-    sessions: dict[str, Peer] = field(default_factory=dict)  # session id -> peer
+    sessions: dict[str, Peer] = field(default_factory=dict)  # session id -> peer (connected or connecting)
     uploads: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload id -> (kind, path)
     pending: int = 0  # offers being set up (they hold a session slot)
 
@@ -149,8 +144,8 @@ def _check_token(request: web.Request, body: dict | None = None) -> web.Response
     if not token:
         return None
     got = request.headers.get("Authorization", "")
-    got = got[7:] if got.startswith("Bearer ") else (body or {}).get("token") or request.query.get("token")
-    if got != token:
+    got = got[7:] if got.startswith("Bearer ") else (body or {}).get("token")  # never the URL (logs, history)
+    if not isinstance(got, str) or not hmac.compare_digest(got.encode(), token.encode()):
         request.app[ENGINE].metrics.inc("requests_rejected_total", reason="token")
         return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (the server's --token)")
     return None
@@ -166,11 +161,42 @@ def _parse_offer(sdp: str) -> tuple[dict[str, tuple[str, list[str]]], str | None
         desc = aiortc_sdp.SessionDescription.parse(sdp)
     except Exception as e:  # aiortc raises ValueError/AssertionError/... on bad SDP
         return {}, f"malformed SDP offer ({type(e).__name__}: {e})"
+    for dtls in [getattr(desc, "dtls", None), *(m.dtls for m in desc.media)]:
+        for fp in getattr(dtls, "fingerprints", None) or []:
+            if (problem := _fingerprint_problem(fp.algorithm, fp.value)) is not None:
+                return {}, problem
     media: dict[str, tuple[str, list[str]]] = {}
     for m in desc.media:
         if m.kind in ("audio", "video") and m.kind not in media:
             media[m.kind] = (m.direction or "sendrecv", [c.name.lower() for c in m.rtp.codecs])
     return media, None
+
+
+def _fingerprint_problem(algorithm: str, value: str) -> str | None:
+    """A DTLS fingerprint must be a known hash with as many hex bytes as the hash has."""
+    n = FINGERPRINT_BYTES.get(str(algorithm).lower())
+    if n is None:
+        return f"bad DTLS fingerprint: unknown hash {algorithm!r}"
+    parts = str(value).split(":")
+    if len(parts) != n or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        return f"bad DTLS fingerprint: {algorithm} needs {n} hex bytes separated by ':'"
+    return None
+
+
+async def _read_json(request: web.Request, limit: int) -> dict | web.Response:
+    """The body as a JSON object, read up to ``limit`` bytes (413 beyond, 400 if not an object)."""
+    if request.content_length is not None and request.content_length > limit:
+        return error(413, f"body too large: {request.content_length} bytes (limit {limit >> 10} KiB)")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        return error(413, f"body too large (limit {limit >> 10} KiB)")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"options\": {...}}")
+    return body
 
 
 async def _read_upload(request: web.Request, kind: str) -> tuple[str, bytes] | web.Response:
@@ -229,8 +255,11 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok" if eng.scheduler.alive else "model worker stopped",
         "warm": warm is None or warm.done(),  # false while start-up still prepares the default identity/model
-        "sessions": len(app[STATE].sessions),
+        "sessions": _connected(app),
+        "sessions_connecting": len(app[STATE].sessions) - _connected(app),
         "max_sessions": app[CFG].max_sessions,
+        "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
+        "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
         "model": eng.runner.describe(),
         "output_size": eng.runner.cfg.size,
         "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
@@ -241,8 +270,17 @@ async def metrics(request: web.Request) -> web.Response:
     app = request.app
     eng: Engine = app[ENGINE]
     m = eng.metrics
-    m.set("sessions_active", len(app[STATE].sessions))
+    m.set("sessions_active", _connected(app))
+    m.set("sessions_connecting", len(app[STATE].sessions) - _connected(app))
     m.set("sessions_max", app[CFG].max_sessions)
+    m.set("sessions_capacity", capacity_sessions(app))
+    plan = eng.plan()
+    m.set("plan_fresh_fraction", plan.fraction)
+    m.set("plan_output_delay_seconds", plan.margin_s + LOOKAHEAD_S)
+    m.set("model_frames_per_second", plan.model_fps if math.isfinite(plan.model_fps) else 0.0)
+    rates = [p.session.describe() for p in app[STATE].sessions.values() if p.connected]
+    m.set("session_fps_min", min((d["fps"] for d in rates), default=0.0))
+    m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
     return web.Response(text=m.render(), content_type="text/plain", charset="utf-8",
@@ -316,27 +354,35 @@ def _options(app: web.Application, raw: dict) -> SessionOptions:
             raise InputError(f"{key}: no {kind} upload {uid!r} (upload it first with POST /upload?kind={kind})")
         return got[1]
 
+    fps = raw.get("webcam_fps", 5.0)
+    if isinstance(fps, bool) or not isinstance(fps, int | float):
+        raise ConfigError(f"webcam_fps must be a number, got {fps!r}")
     return SessionOptions(
         identity=upload_path("identity_upload", "identity"), audio=str(raw.get("audio", "mic")),
         audio_file=upload_path("audio_upload", "audio"), pose=str(raw.get("pose", "idle")),
         pose_file=upload_path("pose_upload", "pose"), stamp=bool(raw.get("stamp", False)),
-        loop_audio=bool(raw.get("loop_audio", True)), webcam_fps=float(raw.get("webcam_fps", 5.0)),
+        loop_audio=bool(raw.get("loop_audio", True)), webcam_fps=float(fps),
     ).validate()
 
 
 async def offer(request: web.Request) -> web.Response:
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    """POST /offer: validate the offer, check there is room, then build the peer and answer."""
+    got = await _validate_offer(request)
+    if isinstance(got, web.Response):
+        return got
+    body, media, opts = got
+    if (r := _check_room(request.app)) is not None:
+        return r
+    return await _build_peer(request.app, body, media, opts)
 
-    from rt_engine.serve.tracks import EngineAudioTrack, EngineVideoTrack, drain, run_audio_track, run_webcam_track
 
+async def _validate_offer(request: web.Request) -> tuple[dict, dict, SessionOptions] | web.Response:
+    """Everything that can be checked before any work: -> (body, media, options) or the 4xx answer."""
     app = request.app
     eng: Engine = app[ENGINE]
-    try:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("not an object")
-    except Exception:
-        return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"options\": {...}}")
+    body = await _read_json(request, OFFER_MAX_BYTES)
+    if isinstance(body, web.Response):
+        return body
     if (r := _check_token(request, body)) is not None:
         return r
     if body.get("type") != "offer":
@@ -361,11 +407,49 @@ async def offer(request: web.Request) -> web.Response:
                           "use audio='file')")
     if opts.pose == "webcam" and media["video"][0] != "sendrecv":
         return error(400, "options.pose='webcam' but the offer sends no video track (add the webcam)")
-    # ---- capacity: reserve a slot before the heavy work
+    return body, media, opts
+
+
+def _connected(app: web.Application) -> int:
+    return sum(1 for p in app[STATE].sessions.values() if p.connected)
+
+
+def capacity_sessions(app: web.Application) -> int:
+    """How many sessions the measured model capacity serves at the full fresh rate (<= --max-sessions)."""
+    eng: Engine = app[ENGINE]
+    cap = app[CFG].max_sessions
+    return next((n - 1 for n in range(1, cap + 1) if not eng.plan(n).full_rate), cap)
+
+
+def _check_room(app: web.Application) -> web.Response | None:
+    """Admission: a slot under --max-sessions, model capacity for one more session at the full fresh
+    rate, and room among the offers still connecting."""
     cfg: ServerConfig = app[CFG]
-    if len(app[STATE].sessions) + app[STATE].pending >= cfg.max_sessions:
+    eng: Engine = app[ENGINE]
+    connected = _connected(app)
+    connecting = len(app[STATE].sessions) - connected + app[STATE].pending
+    if connected >= cfg.max_sessions:
         eng.metrics.inc("sessions_rejected_total", reason="full")
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
+    if cfg.admit_by_capacity and not eng.plan(connected + 1).full_rate:
+        eng.metrics.inc("sessions_rejected_total", reason="capacity")
+        return error(503, f"server at model capacity: {connected} session(s) use what the model makes "
+                          f"({eng.plan(connected).model_fps:.0f} frames/s); try again later")
+    if connecting >= cfg.max_pending:
+        eng.metrics.inc("sessions_rejected_total", reason="pending")
+        return error(503, f"too many offers still connecting ({connecting}); try again in a few seconds")
+    return None
+
+
+async def _build_peer(app: web.Application, body: dict, media: dict, opts: SessionOptions) -> web.Response:
+    """Create the session and the peer connection, answer the offer. The peer holds a session slot
+    only once it connects (``_on_connected``); until then it counts against ``max_pending``."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from rt_engine.serve.tracks import EngineAudioTrack, EngineVideoTrack, drain, run_audio_track, run_webcam_track
+
+    eng: Engine = app[ENGINE]
+    cfg: ServerConfig = app[CFG]
     app[STATE].pending += 1
     pc = None
     ok = False
@@ -380,6 +464,9 @@ async def offer(request: web.Request) -> web.Response:
         peer = Peer(pc, session)
         sid = session.sid
 
+        def seen(now: float) -> None:
+            session.last_input = now
+
         @pc.on("track")
         def on_track(track):
             if track.kind == "audio" and opts.audio == "mic":
@@ -393,7 +480,7 @@ async def offer(request: web.Request) -> web.Response:
         async def on_state():
             log.info("session %s: connection %s", sid, pc.connectionState)
             if pc.connectionState == "connected":
-                session.last_input = time.monotonic()
+                await _on_connected(app, sid)
             if pc.connectionState in ("failed", "closed"):
                 await _close_peer(app, sid, f"connection {pc.connectionState}")
 
@@ -404,13 +491,13 @@ async def offer(request: web.Request) -> web.Response:
             return error(400, f"cannot use the SDP offer ({type(e).__name__}: {e})")
         for t in pc.getTransceivers():
             if t.kind == "audio":
-                _set_audio_jitter(t.receiver, cfg.audio_jitter_frames)
+                compat.set_audio_jitter(t.receiver, cfg.audio_jitter_frames)
         pc.addTrack(EngineVideoTrack(session))
         if "audio" in media and media["audio"][0] in ("recvonly", "sendrecv"):
             pc.addTrack(EngineAudioTrack(session))
         for t in pc.getTransceivers():
-            _hook_rtcp(t.sender, session)
-            _hook_rtcp(t.receiver, session)
+            compat.on_rtcp(t.sender, seen)
+            compat.on_rtcp(t.receiver, seen)
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:
@@ -420,7 +507,7 @@ async def offer(request: web.Request) -> web.Response:
         ok = True
         peer.tasks.append(asyncio.ensure_future(_watchdog(app, sid)))
         eng.metrics.inc("sessions_total")
-        log.info("session %s: started (audio=%s pose=%s)", sid, opts.audio, opts.pose)
+        log.info("session %s: answered (audio=%s pose=%s)", sid, opts.audio, opts.pose)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid})
     finally:
         app[STATE].pending -= 1
@@ -428,21 +515,35 @@ async def offer(request: web.Request) -> web.Response:
             await pc.close()
 
 
+async def _on_connected(app: web.Application, sid: str) -> None:
+    """A peer connected: it takes a session slot now, if one is still free."""
+    peer = app[STATE].sessions.get(sid)
+    if peer is None or peer.connected:
+        return
+    cfg: ServerConfig = app[CFG]
+    if _connected(app) >= cfg.max_sessions:
+        app[ENGINE].metrics.inc("sessions_rejected_total", reason="full_at_connect")
+        await _close_peer(app, sid, "full: no slot left when it connected")
+        return
+    peer.connected = True
+    peer.session.last_input = time.monotonic()
+
+
 async def _watchdog(app: web.Application, sid: str) -> None:
     """Close a session whose client vanished: no inbound media or RTCP for ``peer_timeout_s``, or
-    never connected within max(peer_timeout_s, 15 s)."""
+    not connected within ``connect_timeout_s`` of the answer."""
     cfg: ServerConfig = app[CFG]
     while True:
-        await asyncio.sleep(min(1.0, cfg.peer_timeout_s / 4))
+        await asyncio.sleep(min(1.0, cfg.peer_timeout_s / 4, cfg.connect_timeout_s / 4))
         peer = app[STATE].sessions.get(sid)
         if peer is None:
             return
         s = peer.session
         now = time.monotonic()
-        if peer.pc.connectionState != "connected" and now - peer.created > max(cfg.peer_timeout_s, 15.0):
+        if not peer.connected and now - peer.created > cfg.connect_timeout_s:
             await _close_peer(app, sid, "never connected")
             return
-        if peer.pc.connectionState == "connected" and now - s.last_input > cfg.peer_timeout_s:
+        if peer.connected and now - s.last_input > cfg.peer_timeout_s:
             await _close_peer(app, sid, f"silent: nothing from the client for {cfg.peer_timeout_s:g} s")
             return
 
@@ -525,8 +626,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
                warm_default: bool = False) -> web.Application:
     """The aiohttp application. ``own_engine``: close the engine on cleanup."""
     cfg = (cfg or ServerConfig()).validate()
-    if cfg.use_loopback_ice:
-        enable_loopback_candidates()
+    compat.check()
+    only = cfg.ice_only_address
+    compat.ice_addresses(include_loopback=cfg.use_loopback_ice and only is None, only=only)
     app = web.Application(client_max_size=max(v[0] for v in UPLOAD_KINDS.values()) + (1 << 20))
     app[CFG] = cfg
     app[ENGINE] = engine
@@ -536,6 +638,10 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
     m.describe("stage_latency_seconds", "histogram", "per-stage latency: mel (window complete to job), queue, model "
                "(batch compute), media_to_send (input media time to frame send)")
     m.describe("frames_dropped_total", "counter", "frames not shown fresh, by reason")
+    m.describe("frames_fresh_total", "counter", "sent frames generated for their own slot (the rest hold)")
+    m.describe("frames_computed_late_total", "counter", "frames computed and then too late for their slot")
+    m.describe("session_fresh_fps_min", "gauge", "lowest fresh frames per second of the connected sessions")
+    m.describe("sessions_capacity", "gauge", "sessions the measured model time serves at the full fresh rate")
     m.describe("gc_seconds", "histogram", "full garbage collection after each session close (frees its cycles)")
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)

@@ -212,7 +212,11 @@ class Session:
 
     # --- start / stop
     def start(self) -> None:
-        """Begin the media clock for file and pushed audio (live audio starts it with its first packet)."""
+        """Begin the media clock for file and pushed audio (live audio starts it with its first packet).
+        From here on the session counts in the engine's output plan."""
+        if self.closed:
+            return
+        self.engine.sessions.add(self.sid)
         if (self.file_audio is not None or self.speech is not None) and not self.clock.started:
             self.clock.start_at(time.monotonic())
             self._started.set()
@@ -359,6 +363,8 @@ class Session:
             self._pump()
 
     def _mark_started(self, rate: str) -> None:  # on the loop
+        if not self.closed:
+            self.engine.sessions.add(self.sid)
         if not self._started.is_set():
             self._started.set()
             log.info("session %s: audio input %s", self.sid, self.audio.input_format or rate)
@@ -490,6 +496,7 @@ class Session:
         if fresh:
             self._last_image = img
             self.stats.frames_fresh += 1
+            self.metrics.inc("frames_fresh_total")
             lat = time.monotonic() - self.clock.t0 - i * FRAME_S
             self.stats.latency_sum += lat
             self.stats.latency_max = max(self.stats.latency_max, lat)

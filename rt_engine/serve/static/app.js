@@ -119,7 +119,7 @@ async function poll() {
   }
   const lines = [
     `browser fps       ${fps == null ? "-" : fps}`,
-    `server fps        ${server.fps ?? "-"}`,
+    `server fps        ${server.fps ?? "-"} (fresh ${server.fresh_fps ?? "-"})`,
     `frames sent       ${server.frames_sent ?? "-"} (fresh ${server.frames_fresh ?? "-"}, held ${server.frames_held ?? "-"})`,
     `dropped frames    ${server.frames_dropped ?? "-"}`,
     `media->send (ms)  ${server.latency_ms ?? "-"} (algorithmic ${server.algorithmic_latency_ms ?? "-"})`,

@@ -1,0 +1,209 @@
+"""Serve hardening (issue 19): bad option types, body limits, offers that never connect, ICE bound
+where HTTP binds, token only in a header, DTLS fingerprint checks, honest admission, the aiortc/aioice
+compat module, and no process-wide side effects from the library."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+
+import aiohttp
+import pytest
+
+from rt_engine.serve.app import STATE
+from tests.conftest import served
+
+
+async def _offer_sdp(video: str = "recvonly", audio: str | None = None) -> tuple[object, str]:
+    """A real browser-like offer from aiortc: -> (peer connection, sdp)."""
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction=video)
+    if audio:
+        pc.addTransceiver("audio", direction=audio)
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def _post(http: aiohttp.ClientSession, url: str, **kw) -> tuple[int, dict]:
+    async with http.post(url, **kw) as r:
+        return r.status, (await r.json() if r.content_type == "application/json" else {"text": await r.text()})
+
+
+FILE = {"audio": "file", "pose": "still"}
+
+
+def test_bad_bodies_options_and_fingerprints_are_4xx(tiny_engine):
+    async def run():
+        out = {}
+        async with served(tiny_engine) as (url, app):
+            pc, sdp = await _offer_sdp()
+            async with aiohttp.ClientSession() as http:
+                for name, fps in (("fps abc", "abc"), ("fps null", None), ("fps bool", True)):
+                    out[name] = await _post(
+                        http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": {**FILE, "webcam_fps": fps}}
+                    )
+                big = b'{"sdp": "' + b"a" * (200 << 10) + b'"}'
+                out["big"] = await _post(http, f"{url}/offer", data=big, headers={"Content-Type": "application/json"})
+
+                async def chunks():  # no Content-Length: the limit holds while reading
+                    for _ in range(100):
+                        yield b" " * 4096
+
+                out["big chunked"] = await _post(http, f"{url}/offer", data=chunks())
+                bad = re.sub(r"(a=fingerprint:sha-256 )(\S+)", lambda m: m.group(1) + m.group(2)[:-6], sdp)
+                assert bad != sdp
+                out["fingerprint"] = await _post(
+                    http, f"{url}/offer", json={"sdp": bad, "type": "offer", "options": FILE}
+                )
+                nohex = re.sub(r"(a=fingerprint:sha-256 )(\S\S)", r"\1ZZ", sdp)
+                out["fingerprint hex"] = await _post(
+                    http, f"{url}/offer", json={"sdp": nohex, "type": "offer", "options": FILE}
+                )
+            await pc.close()
+            out["held"] = len(app[STATE].sessions) + app[STATE].pending
+        return out
+
+    out = asyncio.run(run())
+    for name in ("fps abc", "fps null", "fps bool"):
+        assert out[name][0] == 400 and "webcam_fps" in out[name][1]["error"], out[name]
+    assert out["big"][0] == 413 and out["big chunked"][0] == 413
+    assert out["fingerprint"][0] == 400 and "fingerprint" in out["fingerprint"][1]["error"]
+    assert out["fingerprint hex"][0] == 400
+    assert out["held"] == 0  # none of them holds a slot
+
+
+def test_offers_that_never_connect_hold_no_slot_and_expire(tiny_engine):
+    """An answered offer that never completes ICE takes no session slot, at most max_pending of them
+    exist at once, and each is closed after connect_timeout_s."""
+
+    async def run():
+        out = {}
+        async with served(tiny_engine, max_sessions=1, max_pending=2, connect_timeout_s=1.0) as (url, app):
+            async with aiohttp.ClientSession() as http:
+                pcs = []
+                for k in range(3):
+                    pc, sdp = await _offer_sdp()
+                    pcs.append(pc)  # never given the answer: ICE never completes
+                    out[k] = await _post(http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE})
+                async with http.get(f"{url}/health") as r:
+                    out["health"] = await r.json()
+                await asyncio.sleep(3.0)
+                out["left"] = len(app[STATE].sessions)
+            for pc in pcs:
+                await pc.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out[0][0] == 200 and out[1][0] == 200  # max_sessions=1, yet two are answered: no slot held
+    assert out[2][0] == 503 and "connecting" in out[2][1]["error"]
+    assert out["health"]["sessions"] == 0 and out["health"]["sessions_connecting"] == 2
+    assert out["left"] == 0
+
+
+def test_ice_binds_where_http_binds():
+    """--host 127.0.0.1: every ICE candidate is 127.0.0.1 (no public or IPv6 sockets); asked
+    otherwise (ice_any_address), the host's other addresses come back."""
+    import aioice.ice
+
+    from rt_engine.serve import compat
+    from rt_engine.serve.app import ServerConfig
+
+    async def candidates() -> set[str]:
+        pc, sdp = await _offer_sdp()
+        await pc.close()
+        return set(re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) ", sdp))
+
+    saved = aioice.ice.get_host_addresses
+    try:
+        cfg = ServerConfig(host="127.0.0.1")
+        compat.ice_addresses(include_loopback=False, only=cfg.ice_only_address)
+        assert asyncio.run(candidates()) == {"127.0.0.1"}
+        any_cfg = ServerConfig(host="127.0.0.1", ice_any_address=True)
+        assert any_cfg.ice_only_address is None
+        compat.ice_addresses(include_loopback=True, only=any_cfg.ice_only_address)
+        got = asyncio.run(candidates())
+        assert "127.0.0.1" in got
+        assert got >= set(getattr(saved, compat.MARK, saved)(True, True))  # the host's addresses too
+    finally:
+        aioice.ice.get_host_addresses = getattr(saved, compat.MARK, saved)
+
+
+def test_token_only_in_a_header_or_body(tiny_engine):
+    async def run():
+        out = {}
+        async with served(tiny_engine, token="s3cret") as (url, app):
+            async with aiohttp.ClientSession() as http:
+                pc, sdp = await _offer_sdp()
+                body = {"sdp": sdp, "type": "offer", "options": FILE}
+                out["query"] = await _post(http, f"{url}/offer?token=s3cret", json=body)
+                out["body"] = await _post(http, f"{url}/offer", json={**body, "token": "s3cret"})
+                out["body wrong type"] = await _post(http, f"{url}/offer", json={**body, "token": 12})
+                await pc.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out["query"][0] == 401
+    assert out["body"][0] == 200
+    assert out["body wrong type"][0] == 401
+
+
+def test_admission_follows_the_measured_model_capacity(tiny_engine):
+    """With the model measured at 30 ms per frame (33 frames/s), one session fits at the full fresh rate
+    and a second does not: 503 although --max-sessions is 4; /health says so."""
+    cost = tiny_engine.scheduler.cost
+    saved = cost.table()
+
+    async def run():
+        out = {}
+        async with served(tiny_engine, max_sessions=4, admit_by_capacity=True) as (url, app):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/health") as r:
+                    out["health"] = await r.json()
+                pc, sdp = await _offer_sdp()
+                app[STATE].sessions["x"] = type("P", (), {"connected": True})()  # one connected session
+                try:
+                    out["second"] = await _post(
+                        http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE}
+                    )
+                finally:
+                    del app[STATE].sessions["x"]
+                await pc.close()
+        return out
+
+    try:
+        for b in range(1, 9):
+            cost.set(b, 0.03 * b)
+        out = asyncio.run(run())
+    finally:
+        for b, t in saved.items():
+            cost.set(b, t)
+    assert out["health"]["capacity_sessions"] == 1 and out["health"]["max_sessions"] == 4
+    assert out["second"][0] == 503 and "capacity" in out["second"][1]["error"]
+
+
+def test_compat_checks_the_private_names(monkeypatch):
+    """Every aiortc/aioice private name the server hooks is present in the installed versions; a
+    missing one fails loudly, naming it."""
+    from aiortc import rtcrtpsender
+
+    from rt_engine.serve import compat
+
+    compat.check()
+    monkeypatch.delattr(rtcrtpsender.RTCRtpSender, "_handle_rtcp_packet")
+    with pytest.raises(compat.CompatError, match="RTCRtpSender._handle_rtcp_packet"):
+        compat.check()
+
+
+def test_library_leaves_process_settings_alone(tiny_engine):
+    """The GIL switch interval and gc.freeze belong to the CLI: making an engine changes neither."""
+    import gc
+
+    from rt_engine.stream.session import Engine
+
+    before = sys.getswitchinterval(), gc.get_freeze_count()
+    eng = Engine(tiny_engine.runner, threads=1)
+    eng.close()
+    assert (sys.getswitchinterval(), gc.get_freeze_count()) == before

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-sessions", type=int, default=4,
                     help="upper bound on sessions; within it a session is admitted only while the measured "
                          "model time serves it at the full fresh rate (default 4)")
+    ap.add_argument("--no-capacity-admission", action="store_true",
+                    help="admit by --max-sessions alone (benchmarks that look for the real limit)")
     ap.add_argument("--max-pending", type=int, default=4,
                     help="answered offers not yet connected (they hold no session slot; default 4)")
     ap.add_argument("--connect-timeout", type=float, default=5.0,
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
                            peer_timeout_s=args.peer_timeout, max_pending=args.max_pending,
-                           connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address).validate()
+                           connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address,
+                           admit_by_capacity=not args.no_capacity_admission).validate()
         sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
         model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
         try:

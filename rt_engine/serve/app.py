@@ -260,6 +260,7 @@ async def health(request: web.Request) -> web.Response:
         "max_sessions": app[CFG].max_sessions,
         "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
         "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
+        "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
         "model": eng.runner.describe(),
         "output_size": eng.runner.cfg.size,
         "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),

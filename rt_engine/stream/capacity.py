@@ -31,9 +31,9 @@ EMA = 0.2  # weight of the newest batch in the per-size moving average
 
 class CostModel:
     """Model seconds per batch, by batch size: a moving average plus ``spread`` times the moving
-    mean absolute deviation (a batch rarely takes longer than the estimate). Thread-safe."""
+    mean absolute deviation (a batch seldom takes longer than the estimate). Thread-safe."""
 
-    def __init__(self, max_batch: int, spread: float = 2.0):
+    def __init__(self, max_batch: int, spread: float = 1.0):
         self.max_batch = max_batch
         self.spread = spread
         self._lock = threading.Lock()

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_latency import ServerProcess, random_checkpoint  # noqa: E402
+from benchmarks.serve_latency import ServerProcess, emit, random_checkpoint  # noqa: E402
 
 log = logging.getLogger("serve_capacity")
 FRESH_TARGET = 0.95
@@ -205,11 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             "note": "peers run on the same cores as the server",
         },
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return out
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

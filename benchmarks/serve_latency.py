@@ -173,10 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
                         or line.startswith("rt_engine_stage_latency_seconds_count")],
         "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
     }
+    return emit(out, args.json)
+
+
+def emit(out: dict, path: str | None) -> dict:
+    """Print the result as JSON, and write it to ``path`` too when given."""
     text = json.dumps(out, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    if path:
+        Path(path).write_text(text)
     return out
 
 

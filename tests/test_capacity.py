@@ -287,3 +287,22 @@ def test_live_audio_is_processed_off_the_event_loop(tiny_engine):
     assert i == FIRST_FRAME
     assert seen and all(name.startswith("rt-engine-input") for name, _ in seen)
     assert [n for _, n in seen] == [960 + k for k in range(50)]
+
+
+def test_arrival_allowance_follows_late_windows():
+    """When windows complete late into the margin (late packets, a busy machine), the plan's arrival
+    allowance follows their p95 and the margin grows with it, within the bound."""
+    from rt_engine.stream.capacity import RunningQuantile
+
+    rng = np.random.default_rng(0)
+    rq = RunningQuantile(0.95, 0.04)
+    xs = rng.uniform(0.0, 0.1, 5000)  # p95 = 0.095
+    for x in xs:
+        rq.update(float(x))
+    assert abs(rq.value - 0.095) < 0.01
+    cost = CostModel(max_batch=8)
+    for b in range(1, 9):
+        cost.set(b, 0.01 * b)
+    base = plan_output(cost, 2, 0.08, LOOKAHEAD_S)
+    late = plan_output(cost, 2, 0.08, LOOKAHEAD_S, PlanConfig(arrival_s=rq.value))
+    assert late.margin_s > base.margin_s and late.margin_s + LOOKAHEAD_S <= 0.4

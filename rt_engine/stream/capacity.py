@@ -86,7 +86,8 @@ class CostModel:
 class PlanConfig:
     max_delay_s: float = 0.4  # bound on the output delay (lookahead + margin)
     utilisation: float = 0.95  # share of the model's measured throughput the plan may use
-    arrival_s: float = 0.04  # how far into the margin a frame's audio is complete (packets, jitter buffer)
+    arrival_s: float = 0.04  # least allowance for how far into the margin a frame's audio is complete
+    max_arrival_s: float = 0.2  # the measured allowance (p95, Engine) is capped here
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,18 @@ def plan_output(
         model_fps=cost.fps(batch),
         batch=batch,
     )
+
+
+class RunningQuantile:
+    """A streaming estimate of the ``q`` quantile of a quantity in seconds (stochastic approximation:
+    each sample moves it by ``step`` up with weight q or down with weight 1-q). No history is kept;
+    thread-safe enough for one writer (a float assignment)."""
+
+    def __init__(self, q: float, init: float, step: float = 0.002):
+        self.q, self.value, self.step = q, init, step
+
+    def update(self, x: float) -> None:
+        self.value += self.step * (self.q if x > self.value else self.q - 1.0)
 
 
 def wants_frame(i: int, fraction: float) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import time
@@ -42,7 +43,7 @@ from rt_engine.errors import ConfigError, InputError
 from rt_engine.inputs.audio import silence_window
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.stream import sources
-from rt_engine.stream.capacity import Plan, PlanConfig, plan_output, wants_frame
+from rt_engine.stream.capacity import Plan, PlanConfig, RunningQuantile, plan_output, wants_frame
 from rt_engine.stream.clock import (
     AUDIO_PTIME_S,
     FRAME_S,
@@ -389,8 +390,9 @@ class Session:
                 continue
             due = self.clock.frame_due(i)
             if wins is not None:
-                self.metrics.observe("stage_latency_seconds",
-                                     max(0.0, now - (due - (self.clock.delay - LOOKAHEAD_S))), stage="mel")
+                into = now - (due - (self.clock.delay - LOOKAHEAD_S))  # how far into the margin it is complete
+                self.metrics.observe("stage_latency_seconds", max(0.0, into), stage="mel")
+                self.engine.arrival.update(into)
             w = silence if wins is None or self._cut <= i < self._silent_below else wins[k]
             jobs.append(FrameJob(self._lane, i, w, self.pose.code_for(i), due))
             self._submitted_end = max(self._submitted_end, i + 1)
@@ -583,6 +585,9 @@ class Engine:
         self.plan_cfg = plan_cfg or PlanConfig()
         self.sessions: set[str] = set()  # ids of the open sessions (what the output plan is made for)
         self._plan: tuple[float, int, Plan] | None = None  # (made at, sessions, plan)
+        # p95 of how far past its media time + lookahead a frame's window is complete (packet arrival,
+        # jitter buffer, a busy loop): the plan's arrival allowance follows it
+        self.arrival = RunningQuantile(0.95, self.plan_cfg.arrival_s)
         self._inputs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rt-engine-input")
         self.faces = sources.FaceService()
         self._id_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
@@ -607,12 +612,13 @@ class Engine:
     def plan(self, sessions: int | None = None) -> Plan:
         """The output plan (sub-rate fraction, compute margin) for ``sessions`` sessions (default: the
         open ones), from the measured model cost; the current one is remade at most every 0.25 s."""
+        pc = self.plan_cfg
+        pc = dataclasses.replace(pc, arrival_s=min(pc.max_arrival_s, max(pc.arrival_s, self.arrival.value)))
         if sessions is not None:
-            return plan_output(self.scheduler.cost, sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, self.plan_cfg)
+            return plan_output(self.scheduler.cost, sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, pc)
         n, now = len(self.sessions), time.monotonic()
         if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
-            self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S,
-                                              self.plan_cfg))
+            self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
         return self._plan[2]
 
     async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:

@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("export", "export.onnx_export", "torch.onnx"):
+    for noisy in ("export", "rt_engine.onnx_graphs", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     preset = args.preset or ("tiny" if args.quick else "official")
     global MIN_CALLS

@@ -33,7 +33,7 @@ def _load_model(checkpoint: str | None, preset: str | None):
 def cmd_onnx(a: argparse.Namespace) -> int:
     import torch
 
-    from export.onnx_export import export_onnx
+    from rt_engine.onnx_graphs import export_onnx
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -70,7 +70,7 @@ def cmd_torch_trt(a: argparse.Namespace) -> int:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from export.onnx_export import read_manifest
+    from rt_engine.onnx_graphs import read_manifest
 
     if a.onnx:
         man = read_manifest(a.onnx)

@@ -1,7 +1,7 @@
 """torch-tensorrt path for the torch backend (GPU only; ``torch_tensorrt`` imported lazily).
 
 ``compile_torch_trt`` compiles the same four stage wrappers as the ONNX export
-(:mod:`export.onnx_export`) with the dynamo frontend, a dynamic batch axis 1..max_batch and
+(:mod:`rt_engine.onnx_graphs`) with the dynamo frontend, a dynamic batch axis 1..max_batch and
 explicit typing (the precision comes from the module's dtypes: a half copy of the model whose
 demodulation computes in fp32, fp32 inputs/outputs), and saves each as a TensorRT-embedded
 ExportedProgram ``<stage>.ep`` with a JSON sidecar. ``load_torch_trt`` loads them back as callables.
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from export.onnx_export import (
+from rt_engine.models.pcavs import PCAVS
+from rt_engine.onnx_graphs import (
     STAGES,
     AudioStage,
     ExportError,
@@ -32,7 +33,6 @@ from export.onnx_export import (
     stage_io,
     weights_sha256,
 )
-from rt_engine.models.pcavs import PCAVS
 
 log = logging.getLogger(__name__)
 

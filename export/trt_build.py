@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.onnx_export import NOISES, STAGES, ExportError, read_manifest, sha256_file
 from rt_engine.backends.tensorrt_backend import ENGINE_FORMAT, import_trt, sidecar_path, sm_name
+from rt_engine.onnx_graphs import NOISES, STAGES, ExportError, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,9 @@ def verify_engines(onnx_dir: Path, engine_dir: Path, cfg: TrtBuildConfig, stages
 
     import numpy as np
 
-    from export.onnx_export import compare, example_inputs, ort_session, stage_io
     from rt_engine.backends.tensorrt_backend import TensorRTRunner
     from rt_engine.config import ModelConfig
+    from rt_engine.onnx_graphs import compare, example_inputs, ort_session, stage_io
 
     man = read_manifest(onnx_dir)
     mcfg = ModelConfig.from_dict(man["model_config"])

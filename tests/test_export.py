@@ -25,7 +25,11 @@ for _mod in ("onnx", "onnxruntime"):
 import onnx  # noqa: E402
 
 from export.__main__ import main as export_main  # noqa: E402
-from export.onnx_export import (  # noqa: E402
+from rt_engine.config import ModelConfig, model_preset  # noqa: E402
+from rt_engine.models.checkpoint import save_single  # noqa: E402
+from rt_engine.models.modconv import NoiseInjection  # noqa: E402
+from rt_engine.models.pcavs import PCAVS  # noqa: E402
+from rt_engine.onnx_graphs import (  # noqa: E402
     BATCH_AXIS,
     MANIFEST,
     NOISES,
@@ -43,10 +47,6 @@ from export.onnx_export import (  # noqa: E402
     stage_io,
     weights_sha256,
 )
-from rt_engine.config import ModelConfig, model_preset  # noqa: E402
-from rt_engine.models.checkpoint import save_single  # noqa: E402
-from rt_engine.models.modconv import NoiseInjection  # noqa: E402
-from rt_engine.models.pcavs import PCAVS  # noqa: E402
 
 TOL = 1e-4
 

@@ -1,6 +1,6 @@
 """Native fused modulated conv (rt_engine._kernels): CPU twin parity, the custom op, the build.
 
-The module is built on demand from kernels/ with CMake (cached under ~/.cache/rt_engine/kernels or
+The module is built on demand from rt_engine/kernels/ with CMake (cached under ~/.cache/rt_engine/kernels or
 $RT_ENGINE_KERNEL_CACHE); the first run takes ~20 s on one core. GPU checks are marked ``gpu``.
 """
 

@@ -1,4 +1,4 @@
-"""The CUDA kernel source (kernels/modconv.cu) executed on the CPU through kernels/emu/cuda_emu.h.
+"""The CUDA kernel source (rt_engine/kernels/modconv.cu) executed on the CPU through emu/cuda_emu.h.
 
 g++ compiles the unmodified .cu against the emulation header (each CUDA thread a fiber, barriers
 and warp shuffles yield to a per-block scheduler, instrumented __shared__ arrays with a race
@@ -17,8 +17,7 @@ import torch
 from rt_engine.models import fused_modconv as fm
 from rt_engine.models.kernel_emu import EMU_SOURCES, Emu, build_emu, compile_emu, cxx
 
-REPO = Path(__file__).resolve().parents[1]
-KDIR = REPO / "kernels"
+KDIR = fm.KERNEL_DIR  # the kernel sources ship inside the package
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="a C++ compiler (g++) is needed to build the emulator")
 

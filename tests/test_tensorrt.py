@@ -22,7 +22,6 @@ for _mod in ("onnx", "onnxruntime"):
     if importlib.util.find_spec(_mod) is None:
         pytest.skip(f"{_mod} not installed (pip install rt_engine[export])", allow_module_level=True)
 
-from export.onnx_export import MANIFEST, STAGES, ExportError, export_onnx, sha256_file  # noqa: E402
 from export.trt_build import TrtBuildConfig, build_engines  # noqa: E402
 from rt_engine.backends.tensorrt_backend import (  # noqa: E402
     ENGINE_FORMAT,
@@ -36,6 +35,7 @@ from rt_engine.backends.tensorrt_backend import (  # noqa: E402
 from rt_engine.config import model_preset  # noqa: E402
 from rt_engine.errors import RtEngineError  # noqa: E402
 from rt_engine.models.pcavs import PCAVS  # noqa: E402
+from rt_engine.onnx_graphs import MANIFEST, STAGES, ExportError, export_onnx, sha256_file  # noqa: E402
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -1,4 +1,4 @@
-"""``torch-cuda``: the PyTorch-on-CUDA runner with the fused modulated-conv kernel (kernels/modconv.cu).
+"""``torch-cuda``: the PyTorch-on-CUDA runner with the fused modulated-conv kernel (rt_engine/kernels/modconv.cu).
 
 Data flow of one streaming step for B frames of (possibly) B sessions, everything on one CUDA stream::
 

@@ -1,6 +1,6 @@
-"""ONNX Runtime and OpenVINO runners over the stage graphs of ``export/onnx_export.py``.
+"""ONNX Runtime and OpenVINO runners over the stage graphs of ``rt_engine/onnx_graphs.py``.
 
-    PCAVS (torch) --export_onnx(noise="input")--> <cache>/<weights sha>/{identity,pose,audio,generator}.onnx
+    PCAVS (torch) --onnx_graphs.export_onnx(noise="input")--> <cache>/<weights sha>/{identity,pose,audio,generator}.onnx
                   --> onnxruntime.InferenceSession  (OnnxRuntimeRunner, fp32)
                   --> openvino.Core.compile_model   (OpenVINORunner, fp32 or bf16 inference precision)
 
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from rt_engine.backends.base import Runner
 from rt_engine.models.pcavs import PCAVS
+from rt_engine.onnx_graphs import export_onnx, read_manifest, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,8 @@ def onnx_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "rt_engine" / "onnx"
 
 
-def ensure_export(model: PCAVS, out_dir: str | Path | None = None) -> Path:
-    """Stage graphs of ``model`` (noise as inputs), exported on first use; returns their folder."""
-    try:
-        from export.onnx_export import export_onnx, read_manifest, weights_sha256
-    except ImportError as e:
-        raise RuntimeError(f"the ONNX backends need export/onnx_export.py from the repository ({e})") from None
+def ensure_graphs(model: PCAVS, out_dir: str | Path | None = None) -> Path:
+    """Stage graphs of ``model`` (noise as inputs), built on first use and cached; returns their folder."""
     # the graphs depend on the weights and on config switches that hold no weights (pose_mouth_mask)
     key = hashlib.sha256((weights_sha256(model) + model.cfg.to_json()).encode()).hexdigest()[:16]
     d = Path(out_dir) if out_dir else onnx_cache_dir() / key
@@ -68,7 +65,7 @@ class _OnnxRunnerBase(Runner):
 
     def __init__(self, model: PCAVS, onnx_dir: str | Path | None = None, threads: int | None = None):
         self.cfg = model.cfg
-        self.dir = ensure_export(model, onnx_dir)
+        self.dir = ensure_graphs(model, onnx_dir)
         self.threads = threads or torch.get_num_threads()
         gen = model.generator
         self._stored = [getattr(gen.noises, f"noise_{i}").detach().float().numpy()

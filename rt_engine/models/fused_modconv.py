@@ -9,20 +9,21 @@ One call computes, for a batch of samples that each have their own style but sha
 ``impl`` picks the implementation (the pattern of stylegan3's ``torch_utils/ops``):
 
 * ``"ref"``: pure PyTorch (:mod:`rt_engine.models.modconv`), exportable and differentiable;
-* ``"cpu"``: the C++ twin of the CUDA kernel (kernels/modconv_cpu.cpp), a correctness twin;
-* ``"cuda"``: the fused CUDA kernel (kernels/modconv.cu);
+* ``"cpu"``: the C++ twin of the CUDA kernel (rt_engine/kernels/modconv_cpu.cpp), a correctness twin;
+* ``"cuda"``: the fused CUDA kernel (rt_engine/kernels/modconv.cu);
 * ``"auto"``: ``"cuda"`` for CUDA tensors when the kernel is available, else ``"ref"``.
 
 The native paths run through the custom op ``torch.ops.rt_engine.fused_modconv`` (with a fake
 implementation, so torch.compile / torch.export trace it without running it). They are
 inference-only: no autograd formula is registered. The native module ``rt_engine._kernels`` is
 imported lazily on the first native call, never at import: an installed one is used when present,
-otherwise it is built from ``kernels/`` with CMake into ``~/.cache/rt_engine/kernels/<hash>``
-(``RT_ENGINE_KERNEL_CACHE`` overrides the folder; a lock file serialises concurrent builds;
-``RT_ENGINE_KERNELS_CUDA=0`` leaves the CUDA part out of that build; ``RT_ENGINE_CUDA_ARCHS``, e.g.
-``90``, sets ``CMAKE_CUDA_ARCHITECTURES``). The build needs CMake, a C++ compiler and pybind11, not
-a particular torch: the binding takes raw addresses, so any torch >= 2.4 (``torch.library.custom_op``)
-with or without CUDA works, including a preinstalled CUDA build.
+otherwise it is built with CMake from the sources that ship inside the package
+(``rt_engine/kernels/``) into ``~/.cache/rt_engine/kernels/<hash>`` (``RT_ENGINE_KERNEL_CACHE``
+overrides the folder; a lock file serialises concurrent builds; ``RT_ENGINE_KERNELS_CUDA=0``
+leaves the CUDA part out of that build; ``RT_ENGINE_CUDA_ARCHS``, e.g. ``90``, sets
+``CMAKE_CUDA_ARCHITECTURES``). The build needs CMake, a C++ compiler and pybind11, not a particular
+torch: the binding takes raw addresses, so any torch >= 2.4 (``torch.library.custom_op``) with or
+without CUDA works, including a preinstalled CUDA build.
 """
 
 import fcntl
@@ -49,10 +50,9 @@ log = logging.getLogger(__name__)
 
 IMPLS = ("ref", "cpu", "cuda", "auto")
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_KERNEL_DIR = _REPO_ROOT / "kernels"
-_SOURCES = ("CMakeLists.txt", "kernels/binding.cpp", "kernels/modconv_cpu.cpp", "kernels/modconv.cu",
-            "kernels/modconv.h", "kernels/half_convert.h")
+# package data, found through the package (installed wheel or checkout alike), never the repository root
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
+_SOURCES = ("CMakeLists.txt", "binding.cpp", "modconv_cpu.cpp", "modconv.cu", "modconv.h", "half_convert.h")
 
 _native_lock = threading.Lock()
 _native_module: ModuleType | None = None
@@ -85,7 +85,7 @@ def _source_hash() -> str:
     h = hashlib.sha256()
     for rel in _SOURCES:
         h.update(rel.encode())
-        h.update((_REPO_ROOT / rel).read_bytes())
+        h.update((KERNEL_DIR / rel).read_bytes())
     h.update(sys.version.encode())
     h.update(os.environ.get("RT_ENGINE_KERNELS_CUDA", "1").encode())
     h.update(os.environ.get("RT_ENGINE_CUDA_ARCHS", "").encode())
@@ -99,8 +99,8 @@ def kernel_cache_dir() -> Path:
 
 
 def build_native(verbose: bool = False) -> Path:
-    """Build rt_engine._kernels from ``kernels/`` with CMake (once per source hash); return the .so path."""
-    missing = [rel for rel in _SOURCES if not (_REPO_ROOT / rel).is_file()]
+    """Build rt_engine._kernels from ``rt_engine/kernels/`` with CMake (once per source hash); return the .so path."""
+    missing = [rel for rel in _SOURCES if not (KERNEL_DIR / rel).is_file()]
     if missing:
         raise RuntimeError(f"rt_engine._kernels is not installed and its sources are missing: {missing}")
     if shutil.which("cmake") is None:
@@ -120,7 +120,7 @@ def build_native(verbose: bool = False) -> Path:
             if target.is_file():
                 return target
             build_dir = out_dir / "build"
-            cfg = ["cmake", "-S", str(_REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            cfg = ["cmake", "-S", str(KERNEL_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                    f"-DPython_EXECUTABLE={sys.executable}", "-DRT_ENGINE_BUILD_KERNELS=ON"]
             if os.environ.get("RT_ENGINE_KERNELS_CUDA", "1") == "0":
                 cfg.append("-DRT_ENGINE_WITH_CUDA=OFF")

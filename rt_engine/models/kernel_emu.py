@@ -1,10 +1,10 @@
-"""The CUDA kernel source (kernels/modconv.cu) compiled for the CPU against kernels/emu/cuda_emu.h.
+"""The CUDA kernel source (rt_engine/kernels/modconv.cu) compiled for the CPU against emu/cuda_emu.h.
 
-g++ builds ``kernels/emu/emu_shim.cpp`` (which includes the unmodified ``modconv.cu``) into a shared
+g++ builds ``rt_engine/kernels/emu/emu_shim.cpp`` (which includes the unmodified ``modconv.cu``) into a shared
 library, cached per source hash next to the native module builds; :class:`Emu` calls the same
 launchers the CUDA build exports (``rt_demod_cuda``, ``rt_modconv3x3_cuda``) through ctypes on host
 tensors. Used by tests/test_kernels_emu.py and by ``benchmarks/gpu_check.py --dry-run``; details of
-the emulator in kernels/README.md.
+the emulator in rt_engine/kernels/README.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from rt_engine.models import fused_modconv as fm
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+KERNEL_DIR = fm.KERNEL_DIR  # the kernel sources ship inside the package
 EMU_SOURCES = ("modconv.cu", "modconv.h", "half_convert.h", "emu/cuda_emu.h", "emu/emu_shim.cpp")
 _P = ctypes.c_void_p
 

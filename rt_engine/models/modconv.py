@@ -36,8 +36,13 @@ def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, pad: tuple[int, int] = (0,
     """Upsample by zero insertion, pad, and correlate with the flipped FIR ``kernel``.
 
     x: [B,C,H,W]; kernel: [kh,kw]. Returns [B,C,H*up+p0+p1-kh+1, W*up+p0+p1-kw+1].
+
+    The channel count is read as a Python int: the TorchScript tracer (ONNX export) would otherwise
+    record it as a graph value, the blur kernel ``expand(c, 1, kh, kw)`` would lose its static shape
+    and the ONNX Conv symbolic would refuse it. The arithmetic is the same either way.
     """
-    b, c, h, w = x.shape
+    b, h, w = x.shape[0], x.shape[2], x.shape[3]
+    c = int(x.shape[1])
     if up > 1:
         x = x.reshape(b, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))  # [B,C,H,up,W,up]

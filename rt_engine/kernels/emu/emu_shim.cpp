@@ -1,4 +1,4 @@
-// The CUDA source kernels/modconv.cu compiled as plain C++ against cuda_emu.h, plus a C interface
+// The CUDA source rt_engine/kernels/modconv.cu compiled as plain C++ against cuda_emu.h, plus a C interface
 // for ctypes (tests/test_kernels_emu.py builds this file with g++ and loads it). The kernel entry
 // points are the rt_modconv3x3_cuda / rt_demod_cuda functions of modconv.h, taking host pointers.
 #define RT_EMU 1

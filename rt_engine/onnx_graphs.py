@@ -1,4 +1,8 @@
-"""Export the four PC-AVS stages to ONNX and verify every graph against PyTorch.
+"""The four PC-AVS stage graphs in ONNX: build, check, verify against PyTorch, manifest.
+
+Part of the runtime: the ONNX Runtime and OpenVINO backends build their graphs with
+:func:`export_onnx` on first use (``backends/onnx_backend.py``); ``python -m export onnx`` is the
+command line over the same function, and ``export/trt_build.py`` builds TensorRT engines from its output.
 
 The chain (Polygraphy style: loaders ending in runners, every result compared)::
 
@@ -21,7 +25,6 @@ and activations in fp16, inputs/outputs fp32, the demodulation ``rsqrt(s^2 @ W2 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,12 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_engine.config import ModelConfig
 from rt_engine.errors import RtEngineError
-from rt_engine.models import modconv
 from rt_engine.models.modconv import ModulatedConv2d
 from rt_engine.models.pcavs import PCAVS
 
@@ -335,43 +336,13 @@ def verify_graph(model: PCAVS, path: str | Path, stage: str, batches: Sequence[i
 # export
 
 
-def _upfirdn2d_static_channels(x: Tensor, kernel: Tensor, up: int = 1, pad: tuple[int, int] = (0, 0)) -> Tensor:
-    """:func:`rt_engine.models.modconv.upfirdn2d` with the channel count read as a Python int.
-
-    The TorchScript tracer records ``x.shape`` reads as graph values; the blur kernel
-    ``expand(c, 1, 4, 4)`` then has no static shape and the ONNX Conv symbolic refuses it. Reading
-    ``c`` as an int makes the kernel a constant; the arithmetic is unchanged (and every export is
-    compared against the untouched PyTorch model)."""
-    b, h, w = x.shape[0], x.shape[2], x.shape[3]
-    c = int(x.shape[1])
-    if up > 1:
-        x = x.reshape(b, c, h, 1, w, 1)
-        x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))  # [B,C,H,up,W,up]
-        x = x.reshape(b, c, h * up, w * up)
-    p0, p1 = pad
-    x = F.pad(x, (p0, p1, p0, p1))
-    k = torch.flip(kernel, (0, 1)).to(x.dtype)[None, None].expand(c, 1, -1, -1)  # [C,1,kh,kw]
-    return F.conv2d(x, k, groups=c)
-
-
-@contextlib.contextmanager
-def _traceable_blur():
-    """Swap in :func:`_upfirdn2d_static_channels` while the exporter traces."""
-    orig = modconv.upfirdn2d
-    modconv.upfirdn2d = _upfirdn2d_static_channels
-    try:
-        yield
-    finally:
-        modconv.upfirdn2d = orig
-
-
 def _export_one(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec],
                 outs: list[TensorSpec], opset: int) -> None:
     """TorchScript-based ONNX export with axis 0 of every input/output symbolic and constant folding
     (so weight scaling, ``W2`` of the demodulation and stored noise become initializers)."""
     names = [s.name for s in ins] + [s.name for s in outs]
     dynamic = {n: {0: BATCH_AXIS} for n in names}
-    with torch.inference_mode(False), torch.no_grad(), _traceable_blur(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)

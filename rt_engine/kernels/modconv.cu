@@ -1,5 +1,5 @@
 // Fused modulated 3x3 convolution (static form) for a batch of samples with different styles over
-// one shared weight, plus the demodulation-factor kernel. See kernels/README.md for the design.
+// one shared weight, plus the demodulation-factor kernel. See rt_engine/kernels/README.md for the design.
 //
 // The same source compiles
 //   * with nvcc into the CUDA part of rt_engine._kernels (RT_ENGINE_WITH_CUDA), and

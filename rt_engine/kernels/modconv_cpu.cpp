@@ -1,4 +1,4 @@
-// CPU twin of kernels/modconv.cu: the same fused static-form modulated 3x3 convolution (style
+// CPU twin of rt_engine/kernels/modconv.cu: the same fused static-form modulated 3x3 convolution (style
 // scaling of the input, shared-weight conv with fp32 accumulation, demodulation, noise, bias,
 // scaled leaky ReLU) in plain C++. It is the always-built reference for the native code path; on
 // this hardware oneDNN (torch) is faster, so impl="auto" does not pick it.

@@ -1,4 +1,4 @@
-// CPU emulation of the CUDA subset used by kernels/modconv.cu, so that the SAME kernel source
+// CPU emulation of the CUDA subset used by rt_engine/kernels/modconv.cu, so that the SAME kernel source
 // compiles with g++ (-DRT_EMU) and runs on a machine without a GPU, for correctness tests.
 //
 // Model

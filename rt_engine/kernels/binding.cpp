@@ -44,7 +44,7 @@ void check_cuda(int err, const char* what) {
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
-  m.doc() = "Native kernels of rt_engine (fused modulated convolution); see kernels/README.md";
+  m.doc() = "Native kernels of rt_engine (fused modulated convolution); see rt_engine/kernels/README.md";
   m.attr("DTYPE_FP32") = static_cast<int>(RT_FP32);
   m.attr("DTYPE_FP16") = static_cast<int>(RT_FP16);
   m.attr("DTYPE_BF16") = static_cast<int>(RT_BF16);

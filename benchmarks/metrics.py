@@ -4,10 +4,8 @@ Pure functions over numpy arrays; the heavy optional tools are imported lazily:
 
 * SSIM / PSNR: scikit-image.
 * CPBD sharpness: ``cpbd-py312``.
-* 68-point landmarks and a face-identity embedding: ``dlib-bin`` + ``face-recognition-models``
-  (its .dat files are located with importlib; its ``__init__`` imports the removed
-  pkg_resources, so it is never imported). The face box comes from mediapipe
-  (:class:`rt_engine.inputs.face.FaceCropper`), mapped to the box shape dlib's predictor expects.
+* 68-point landmarks, a face-identity embedding and the mouth opening:
+  :mod:`rt_engine.inputs.landmarks` (training labels use them too), re-exported here.
 * Lip sync without SyncNet: mouth-opening curves (inner-lip gap / outer eye-corner distance),
   their correlation and lag, and the audio-to-mouth offset found by cross-correlating speech-band
   energy with mouth opening (z-score against circularly shifted audio).
@@ -19,7 +17,6 @@ Frames are RGB uint8 ``[N,H,W,3]``; landmark arrays ``[N,68,2]`` hold NaN where 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from collections.abc import Sequence
@@ -28,34 +25,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+# re-exported: the evaluation scripts use them as metrics.FaceAnalyzer, metrics.MOUTH, ...
+from rt_engine.inputs.landmarks import JAW, MOUTH, FaceAnalyzer, as_video, mouth_opening  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-MOUTH = list(range(48, 68))  # dlib 68-point mouth
-JAW = list(range(0, 17))  # dlib 68-point jaw contour (pose LMD)
-INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points
-EYE_OUTER = (36, 45)
 FPS = 25
 SAMPLE_RATE = 16000
-
-# mediapipe detector box -> dlib frontal-detector box, measured on 80 demo VoxCeleb2 frames where
-# dlib's HOG detector also finds the face: same centre x, centre y + 1.3% of the height, size x0.885.
-_BOX_SCALE = 0.885
-_BOX_DY = 0.013
-
 
 # ------------------------------------------------------------------ image metrics
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM over frames of two [N,H,W,3] uint8 videos (scikit-image, 7x7 window)."""
     from skimage.metrics import structural_similarity
 
-    a, b = _as_video(a), _as_video(b)
+    a, b = as_video(a), as_video(b)
     vals = [structural_similarity(x, y, channel_axis=2, data_range=255) for x, y in zip(a, b, strict=True)]
     return float(np.mean(vals))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two [N,H,W,3] uint8 videos (MSE over all frames; inf if identical)."""
-    a, b = _as_video(a), _as_video(b)
+    a, b = as_video(a), as_video(b)
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
@@ -66,19 +56,10 @@ def cpbd_sharpness(frames: np.ndarray, max_frames: int = 25) -> float:
         import cpbd
     except ImportError as e:  # pragma: no cover
         raise ImportError("CPBD needs: pip install cpbd-py312") from e
-    frames = _as_video(frames)
+    frames = as_video(frames)
     idx = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
     gray = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames[idx]]  # uint8
     return float(np.mean([cpbd.compute(g) for g in gray]))
-
-
-def _as_video(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected [N,H,W,3] frames, got {x.shape}")
-    return x
 
 
 def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
@@ -96,74 +77,6 @@ def labelled_cell(frame: np.ndarray, text: str, size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ landmarks
-def _dlib_model_path(name: str) -> str:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("landmarks need: pip install dlib-bin face-recognition-models")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
-    if not path.is_file():
-        raise ImportError(f"face-recognition-models lacks {path}")
-    return str(path)
-
-
-class FaceAnalyzer:
-    """68-point landmarks and 128-d identity embeddings: mediapipe boxes + dlib models."""
-
-    def __init__(self, cropper=None) -> None:
-        try:
-            import dlib
-        except ImportError as e:  # pragma: no cover
-            raise ImportError("landmarks need: pip install dlib-bin face-recognition-models") from e
-        self._dlib = dlib
-        self._predictor = dlib.shape_predictor(_dlib_model_path("shape_predictor_68_face_landmarks.dat"))
-        self._encoder = None
-        if cropper is None:
-            from rt_engine.inputs.face import FaceCropper
-
-            cropper = FaceCropper()
-        self.cropper = cropper
-
-    def _rect(self, img: np.ndarray):
-        face = self.cropper.detect(img)
-        if face is None:
-            return None
-        w, h = face.x1 - face.x0, face.y1 - face.y0
-        cx, cy = (face.x0 + face.x1) / 2, (face.y0 + face.y1) / 2 + _BOX_DY * h
-        hw, hh = _BOX_SCALE * w / 2, _BOX_SCALE * h / 2
-        return self._dlib.rectangle(int(round(cx - hw)), int(round(cy - hh)), int(round(cx + hw)),
-                                    int(round(cy + hh)))
-
-    def landmarks(self, frames: np.ndarray) -> np.ndarray:
-        """[N,H,W,3] uint8 RGB -> [N,68,2] float32 (x, y) pixels, NaN rows where no face."""
-        frames = _as_video(frames)
-        out = np.full((len(frames), 68, 2), np.nan, np.float32)
-        for k, img in enumerate(frames):
-            img = np.ascontiguousarray(img)
-            rect = self._rect(img)
-            if rect is None:
-                continue
-            shape = self._predictor(img, rect)
-            out[k] = [(p.x, p.y) for p in shape.parts()]
-        return out
-
-    def embeddings(self, frames: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """dlib ResNet face descriptors [N,128] (NaN rows where landmarks are missing)."""
-        if self._encoder is None:
-            self._encoder = self._dlib.face_recognition_model_v1(
-                _dlib_model_path("dlib_face_recognition_resnet_model_v1.dat"))
-        frames = _as_video(frames)
-        out = np.full((len(frames), 128), np.nan, np.float32)
-        for k, (img, lm) in enumerate(zip(frames, landmarks, strict=True)):
-            if not np.isfinite(lm).all():
-                continue
-            x0, y0 = np.floor(lm.min(0)).astype(int)
-            x1, y1 = np.ceil(lm.max(0)).astype(int)
-            pts = [self._dlib.point(int(round(x)), int(round(y))) for x, y in lm]
-            shape = self._dlib.full_object_detection(self._dlib.rectangle(x0, y0, x1, y1), pts)
-            out[k] = np.asarray(self._encoder.compute_face_descriptor(np.ascontiguousarray(img), shape))
-        return out
-
-
 def lmd(lm_a: np.ndarray, lm_b: np.ndarray, points: Sequence[int] | None = None) -> float:
     """Landmark distance: mean Euclidean distance (pixels) over the given points and the frames
     where both [N,68,2] sets have a face; NaN when no frame has both."""
@@ -174,14 +87,6 @@ def lmd(lm_a: np.ndarray, lm_b: np.ndarray, points: Sequence[int] | None = None)
     if not ok.any():
         return math.nan
     return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean())
-
-
-def mouth_opening(lm: np.ndarray) -> np.ndarray:
-    """Inner-lip gap / outer eye-corner distance per frame; [N,68,2] -> [N] (NaN where no face)."""
-    lm = np.asarray(lm, np.float64)
-    gap = np.mean([np.linalg.norm(lm[:, i] - lm[:, j], axis=-1) for i, j in INNER_LIP_PAIRS], axis=0)
-    eyes = np.linalg.norm(lm[:, EYE_OUTER[0]] - lm[:, EYE_OUTER[1]], axis=-1)
-    return gap / np.maximum(eyes, 1e-6)
 
 
 def opening_span_ratio(gen: np.ndarray, ref: np.ndarray) -> float:
@@ -498,7 +403,7 @@ def lse(net, frames: np.ndarray, wav: np.ndarray, vshift: int = 15, batch: int =
     frames [N,224,224,3] uint8 RGB face crops at 25 fps, wav [samples] float at 16 kHz."""
     import torch
 
-    frames = _as_video(frames)[..., ::-1]  # syncnet_python reads BGR frames
+    frames = as_video(frames)[..., ::-1]  # syncnet_python reads BGR frames
     cc = mfcc_13(wav)  # [13,T]
     last = min(len(frames), len(wav) // 640) - 5
     if last < 1:

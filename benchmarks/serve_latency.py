@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _clients(url: str, seconds: float, n: int, pose: str) -> list:
-    from rt_engine.serve.client import probe_signal, run_client
+    from benchmarks.client import probe_signal, run_client
 
     sig, onsets = probe_signal(seconds + 10)
     return await asyncio.gather(*[run_client(url, seconds, sig, onsets, options={"audio": "mic", "pose": pose,

@@ -36,7 +36,7 @@ def _health(url: str) -> dict:
 
 
 async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> dict:
-    from rt_engine.serve.client import ClientResult, probe_signal, run_client
+    from benchmarks.client import ClientResult, probe_signal, run_client
 
     period_s = 20.0
     sig, base = probe_signal(period_s)
@@ -97,7 +97,7 @@ async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> d
 
 
 async def churn(server: ServerProcess, cycles: int, out) -> dict:
-    from rt_engine.serve.client import run_client
+    from benchmarks.client import run_client
 
     opts = {"audio": "file", "pose": "still"}
     await run_client(server.url, 1.0, options=opts)  # warm-up: first-use allocations

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rt_engine.backends import make_runner
 from rt_engine.backends.base import MouthGain, Runner
 from rt_engine.config import FPS, RenderConfig
 from rt_engine.errors import InputError, RtEngineError
@@ -42,18 +43,6 @@ class RenderResult:
     wav: np.ndarray  # [S] 16 kHz mono input audio (before RMS normalisation)
     seconds: float  # wall time of the model part
     runner: str
-
-
-def make_runner(checkpoint: str | Path | None = None, precision: str = "fp32", backend: str = "torch") -> Runner:
-    """Load a checkpoint (None: the bundled default) into a runner."""
-    from rt_engine.backends.torch_backend import TorchRunner
-    from rt_engine.models.checkpoint import load_checkpoint
-
-    if backend != "torch":
-        from rt_engine.backends import make_backend
-
-        return make_backend(backend, checkpoint=checkpoint, precision=None if precision == "auto" else precision)
-    return TorchRunner(load_checkpoint(checkpoint), precision="fp32" if precision == "auto" else precision)
 
 
 def load_identity(identity: str | Path | np.ndarray, aligned: bool) -> np.ndarray:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from rt_engine.backends import Probe, available_backends, make_backend, psnr, run_frame, select_backend
 from rt_engine.backends.base import Runner
-from rt_engine.backends.fast import FastGenerator, dense_upsample_weight
 from rt_engine.backends.torch_backend import FastTorchRunner, TorchRunner, resolve_precision
 from rt_engine.config import model_preset
 from rt_engine.errors import ConfigError
+from rt_engine.models.fast_generator import FastGenerator, dense_upsample_weight
 from rt_engine.models.modconv import blur_kernel, upfirdn2d
 from rt_engine.models.pcavs import PCAVS
 

@@ -22,8 +22,8 @@ import aiohttp
 import numpy as np
 import pytest
 
+from benchmarks.client import probe_signal, run_client
 from rt_engine.serve.app import STATE, Peer
-from rt_engine.serve.client import probe_signal, run_client
 from rt_engine.stream.session import Session
 from tests.conftest import served
 
@@ -222,7 +222,7 @@ def test_bad_inputs_each_fail_clearly_and_other_sessions_run_on(tiny_engine, tmp
                 status, _ = await post("/upload?kind=identity", data=form("me.jpg", ok_img))
                 results["good upload"] = (status, "")
             # a client that vanishes mid-stream: a separate process, killed without closing anything
-            code = ("import asyncio,sys;from rt_engine.serve.client import run_client;"
+            code = ("import asyncio,sys;from benchmarks.client import run_client;"
                     f"asyncio.run(run_client({url!r}, 60.0, options={{'audio':'file','pose':'still'}}))")
             env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
             proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,

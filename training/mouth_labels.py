@@ -2,7 +2,7 @@
 
 For every clip of the cache, writes ``clips/<id>/mouth.npy``: [N] float32, the inner-lip gap over
 the outer eye-corner distance from dlib's 68 landmarks (the same measure as the evaluation's mouth
-correlation, ``benchmarks.metrics.mouth_opening``), NaN where no face was found. Resumable: clips
+correlation, ``rt_engine.inputs.landmarks.mouth_opening``), NaN where no face was found. Resumable: clips
 that already have the file are skipped.
 
     python -m training.mouth_labels runs/data/train
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def label_clip(frames: np.ndarray, analyzer) -> np.ndarray:
     """[N,224,224,3] u8 aligned crops -> [N] mouth opening (NaN where no face)."""
-    from benchmarks.metrics import mouth_opening
+    from rt_engine.inputs.landmarks import mouth_opening
 
     return mouth_opening(analyzer.landmarks(frames)).astype(np.float32)
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="label video-only clips too (training needs labels of the clips with speech only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from benchmarks.metrics import FaceAnalyzer
+    from rt_engine.inputs.landmarks import FaceAnalyzer
 
     root = Path(args.cache)
     clips = [e for e in read_index(root) if args.all or e.get("has_audio", True)]

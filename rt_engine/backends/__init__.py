@@ -1,6 +1,7 @@
 """Backends: one :class:`~rt_engine.backends.base.Runner` interface, several implementations.
 
     make_backend(name, checkpoint=None, precision=None, model=None, **options) -> Runner
+    make_runner(checkpoint=None, precision="fp32", backend="torch") -> Runner   (the CLIs' entry)
 
 =================  ==========================================================================
 name               what runs
@@ -134,6 +135,16 @@ def make_backend(name: str, checkpoint: str | Path | None = None, precision: str
 
         return OpenVINORunner(m, precision=precision or "auto", **options)
     return select_backend(m, precision=precision, **options).runner
+
+
+def make_runner(checkpoint: str | Path | None = None, precision: str = "fp32", backend: str = "torch") -> Runner:
+    """The command lines' runner: a checkpoint (None: the bundled default) in backend ``backend``;
+    ``precision="auto"`` means the backend's default (fp32 for ``torch``)."""
+    if backend == "torch":
+        from rt_engine.backends.torch_backend import TorchRunner
+
+        return TorchRunner(_load(checkpoint, None), precision="fp32" if precision == "auto" else precision)
+    return make_backend(backend, checkpoint=checkpoint, precision=None if precision == "auto" else precision)
 
 
 # ------------------------------------------------------------------------------------------ auto

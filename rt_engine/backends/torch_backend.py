@@ -4,7 +4,7 @@
 * ``torch-bf16``: the same networks under CPU bf16 autocast, static-weight modulated conv and
   channels-last memory (AMX on recent Intel CPUs). Demodulation stays fp32.
 * ``torch-fast`` (:class:`FastTorchRunner`): the product CPU path. Generator replaced by
-  :class:`~rt_engine.backends.fast.FastGenerator` (modulation of the identity part precomputed once
+  :class:`~rt_engine.models.fast_generator.FastGenerator` (modulation of the identity part precomputed once
   per identity, static weights, dense-conv upsampling on AMX CPUs, channels-last); bf16 where the CPU has
   native bf16 (AVX512-BF16 / AMX), else fp32; optional ``torch.compile`` with frozen weights.
 """
@@ -117,7 +117,7 @@ class FastTorchRunner(Runner):
 
     def __init__(self, model: PCAVS, precision: str = "auto", compile: bool = False, upsample: str = "auto",
                  channels_last: bool = True):
-        from rt_engine.backends.fast import FastGenerator
+        from rt_engine.models.fast_generator import FastGenerator
 
         self.precision = resolve_precision(precision)
         if upsample == "auto":

@@ -1,7 +1,7 @@
 """WebRTC server of the streaming engine: ``python -m rt_engine.serve``.
 
 :mod:`.app` (aiohttp routes, session negotiation), :mod:`.tracks` (paced outgoing tracks),
-:mod:`.client` (an aiortc client used by tests and benchmarks), ``static/`` (the page).
+``static/`` (the page). The aiortc test client lives in ``benchmarks/client.py``.
 """
 
 from rt_engine.serve.app import ServerConfig, create_app, enable_loopback_candidates

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from aiohttp import web
 
-        from rt_engine.render import make_runner
+        from rt_engine.backends import make_runner
         from rt_engine.serve.app import ServerConfig, create_app
         from rt_engine.stream.clock import ClockConfig
         from rt_engine.stream.scheduler import SchedulerConfig

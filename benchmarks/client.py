@@ -1,4 +1,4 @@
-"""An aiortc client of the server, for tests, benchmarks and the soak run.
+"""An aiortc client of the server, for tests, benchmarks and the soak run (not part of the runtime).
 
 It sends a known signal as its microphone (48 kHz mono, paced like a real microphone: each 20 ms
 chunk leaves when its last sample has "happened") and optionally webcam frames, receives the video

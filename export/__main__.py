@@ -19,8 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from rt_engine.cli import cli_main
 from rt_engine.config import model_preset
-from rt_engine.errors import RtEngineError
 
 
 def _load_model(checkpoint: str | None, preset: str | None):
@@ -87,6 +87,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        return a.func(a)
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return a.func(a)
 
 
 if __name__ == "__main__":

@@ -268,9 +268,10 @@ def verify_engines(onnx_dir: Path, engine_dir: Path, cfg: TrtBuildConfig, stages
 
     import numpy as np
 
+    from rt_engine.backends.base import compare
     from rt_engine.backends.tensorrt_backend import TensorRTRunner
     from rt_engine.config import ModelConfig
-    from rt_engine.onnx_graphs import compare, example_inputs, ort_session, stage_io
+    from rt_engine.onnx_graphs import example_inputs, ort_session, stage_io
 
     man = read_manifest(onnx_dir)
     mcfg = ModelConfig.from_dict(man["model_config"])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from rt_engine.errors import ConfigError
@@ -176,7 +177,25 @@ def model_preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
 
 
-NOISE_MODES = ("stored", "random", "zero")
+class NoiseMode(StrEnum):
+    """Where the generator's per-layer noise maps come from. A ``str``: ``NoiseMode.STORED == "stored"``."""
+
+    STORED = "stored"  # the checkpoint's fixed maps: the same frame for the same inputs (default)
+    RANDOM = "random"  # fresh normal draws per layer and call (upstream inference.py)
+    ZERO = "zero"  # no noise
+
+
+NOISE_MODES = tuple(m.value for m in NoiseMode)
+
+
+def noise_mode(value: str, what: str = "noise", error: type[Exception] = ConfigError) -> NoiseMode:
+    """``value`` as a :class:`NoiseMode`; anything else raises ``error`` naming ``what``."""
+    try:
+        return NoiseMode(value)
+    except ValueError:
+        raise error(f"{what} must be one of {NOISE_MODES}, got {value!r}") from None
+
+
 PRECISIONS = ("fp32", "bf16")
 MAX_MOUTH_GAIN = 3.0
 
@@ -196,23 +215,18 @@ def check_mouth_gain(gain: float, what: str = "mouth_gain") -> float:
 class RenderConfig:
     """Options of ``python -m rt_engine.render``."""
 
-    noise: str = "stored"
+    noise: str = NoiseMode.STORED
     precision: str = "fp32"
     batch_size: int = 8
     aligned: bool = False
     frontalize: bool = False  # zero pose code (paper Fig. 6)
-    threads: int = 0  # 0: leave torch's default
     mouth_gain: float = 1.0  # how far the mouth moves, 1 = as trained (backends.base.MouthGain)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RenderConfig:
-        if self.noise not in NOISE_MODES:
-            raise ConfigError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        noise_mode(self.noise)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0, got {self.threads}")
         check_mouth_gain(self.mouth_gain)
         return self

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import platform
 import warnings
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rt_engine.backends.base import compare
 from rt_engine.config import ModelConfig
 from rt_engine.errors import RtEngineError
 from rt_engine.models.modconv import ModulatedConv2d
@@ -271,22 +271,6 @@ def check_graph(path: str | Path, stage: str, cfg: ModelConfig, noise: str = "st
 # comparison
 
 
-def compare(ref: np.ndarray, out: np.ndarray, value_range: float | None = None) -> dict[str, float]:
-    """Max abs error, max error relative to max|ref|, and PSNR (peak = ``value_range``, default the
-    reference's max - min; 2 for [-1,1] images)."""
-    ref = ref.astype(np.float64)
-    out = out.astype(np.float64)
-    if ref.shape != out.shape:
-        raise ExportError(f"shape mismatch: reference {list(ref.shape)} vs graph {list(out.shape)}")
-    err = np.abs(ref - out)
-    peak = value_range if value_range is not None else float(ref.max() - ref.min()) or 1.0
-    mse = float(np.mean(err**2))
-    psnr = float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
-    scale = max(float(np.abs(ref).max()), 1.0)
-    return {"max_abs": float(err.max()), "max_rel": float(err.max()) / scale, "psnr_db": psnr,
-            "ref_max_abs": float(np.abs(ref).max()), "finite": bool(np.isfinite(out).all())}
-
-
 def ort_session(path: str | Path, threads: int = 1):
     import onnxruntime as ort
 
@@ -325,7 +309,10 @@ def verify_graph(model: PCAVS, path: str | Path, stage: str, batches: Sequence[i
         got = sess.run([o.name for o in outs], {k: v.numpy() for k, v in inputs.items()})
         for spec, r, o in zip(outs, ref, got, strict=True):
             is_image = spec.name == "image"
-            c = compare(r.float().numpy(), o, value_range=2.0 if is_image else None)
+            try:
+                c = compare(r, o, value_range=2.0 if is_image else None)
+            except ValueError as e:  # shape mismatch
+                raise ExportError(f"{Path(path).name}, output {spec.name}: {e}") from None
             err = c["max_abs"] if is_image else c["max_rel"]
             ok = c["finite"] and err <= tol and (min_psnr is None or c["psnr_db"] >= min_psnr)
             records.append({"batch": b, "output": spec.name, **c, "tol": tol, "passed": bool(ok)})

@@ -25,8 +25,9 @@ import torch
 
 from rt_engine.backends import make_runner
 from rt_engine.backends.base import MouthGain, Runner
-from rt_engine.config import FPS, RenderConfig
-from rt_engine.errors import InputError, RtEngineError
+from rt_engine.cli import cli_main
+from rt_engine.config import FPS, NOISE_MODES, NoiseMode, RenderConfig
+from rt_engine.errors import InputError
 from rt_engine.inputs import audio as audio_in
 from rt_engine.inputs import pose as pose_in
 from rt_engine.inputs.image import IMAGE_EXTS, official_crop, pingpong_index, read_image, to_tensor, to_uint8
@@ -94,7 +95,7 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: in
 
 def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndarray,
                   pose: str | Path | np.ndarray = "still", checkpoint: str | Path | None = None,
-                  aligned: bool = False, noise: str = "stored", precision: str = "fp32",
+                  aligned: bool = False, noise: str = NoiseMode.STORED, precision: str = "fp32",
                   frontalize: bool = False, batch_size: int = 8, max_frames: int | None = None,
                   pose_length: int | None = None, runner: Runner | None = None,
                   progress: bool = False, backend: str = "torch", mouth_gain: float = 1.0) -> RenderResult:
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output .mp4")
     ap.add_argument("--save-raw", default=None, help="also save float32 frames [N,3,H,W] + indices (.npz)")
     ap.add_argument("--aligned", action="store_true", help="inputs are aligned 224x224 crops: no detection")
-    ap.add_argument("--noise", default="stored", choices=["stored", "random", "zero"])
+    ap.add_argument("--noise", default=NoiseMode.STORED.value, choices=NOISE_MODES,
+                    help="generator noise maps: the checkpoint's stored ones (the same frames every run), "
+                         "fresh random draws per frame, or none")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--backend", default="torch",
                     help="torch (reference, default), torch-fast, torch-cuda, onnxruntime, openvino or auto")
@@ -229,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
@@ -238,32 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    try:
-        pose = args.pose if args.pose in POSE_MODES else Path(args.pose)
-        if not isinstance(pose, str) and not pose.exists():
-            raise InputError(f"pose source not found: {pose} (or use 'idle' / 'still')")
-        res = render_arrays(args.identity, args.audio, pose, args.checkpoint, aligned=args.aligned,
-                            noise=args.noise, precision=args.precision, frontalize=args.frontalize,
-                            batch_size=args.batch_size, max_frames=args.max_frames,
-                            pose_length=args.pose_length, progress=not args.quiet, backend=args.backend,
-                            mouth_gain=args.mouth_gain)
-        n = len(res.frames)
-        log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
-                 res.runner)
-        if args.save_raw:
-            Path(args.save_raw).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(args.save_raw, frames=res.frames, frame_inds=res.frame_inds, pose_inds=res.pose_inds)
-            log.info("wrote %s", args.save_raw)
-        if args.out:
-            write_mp4(args.out, to_uint8(torch.from_numpy(res.frames)), res.frame_inds, res.wav)
-            log.info("wrote %s", args.out)
-        return 0
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    pose = args.pose if args.pose in POSE_MODES else Path(args.pose)
+    if not isinstance(pose, str) and not pose.exists():
+        raise InputError(f"pose source not found: {pose} (or use 'idle' / 'still')")
+    res = render_arrays(args.identity, args.audio, pose, args.checkpoint, aligned=args.aligned,
+                        noise=args.noise, precision=args.precision, frontalize=args.frontalize,
+                        batch_size=args.batch_size, max_frames=args.max_frames,
+                        pose_length=args.pose_length, progress=not args.quiet, backend=args.backend,
+                        mouth_gain=args.mouth_gain)
+    n = len(res.frames)
+    log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
+             res.runner)
+    if args.save_raw:
+        Path(args.save_raw).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.save_raw, frames=res.frames, frame_inds=res.frame_inds, pose_inds=res.pose_inds)
+        log.info("wrote %s", args.save_raw)
+    if args.out:
+        write_mp4(args.out, to_uint8(torch.from_numpy(res.frames)), res.frame_inds, res.wav)
+        log.info("wrote %s", args.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from rt_engine.cli import cli_main
 from rt_engine.config import ModelConfig
-from rt_engine.errors import CheckpointError, RtEngineError
+from rt_engine.errors import CheckpointError
 from rt_engine.models.checkpoint import save_single
 from rt_engine.models.pcavs import PCAVS
 
@@ -96,6 +97,7 @@ def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = 
     return path
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
-               raw=args.raw)
-        return 0
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
+           raw=args.raw)
+    return 0
 
 
 if __name__ == "__main__":

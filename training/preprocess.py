@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rt_engine.cli import cli_main
 from rt_engine.config import FPS
 from rt_engine.errors import InputError, NoFaceError, RtEngineError
 from rt_engine.inputs.image import VIDEO_EXTS
@@ -238,6 +239,7 @@ def run(sources: list[Source], out: str | Path, workers: int = 1, pre_skipped: l
     return report
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.preprocess", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,28 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="process at most this many clips")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        pre: list[dict] = []
-        if args.csv:
-            sources, pre = index_csv(args.csv, args.keep_silent)
-        elif args.voxceleb2:
-            sources = index_voxceleb2(args.voxceleb2)
-        elif args.lrw:
-            sources = index_lrw(args.lrw)
-        else:
-            sources = index_folder(args.folder)
-        if args.only:
-            want = set(args.only.split(","))
-            sources = [s for s in sources if s.id in want or s.id.split("_")[0] in want]
-        if args.limit is not None:
-            sources = sources[: args.limit]
-        if not sources:
-            raise InputError("no input videos found")
-        run(sources, args.out, args.workers, pre)
-        return 0
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    pre: list[dict] = []
+    if args.csv:
+        sources, pre = index_csv(args.csv, args.keep_silent)
+    elif args.voxceleb2:
+        sources = index_voxceleb2(args.voxceleb2)
+    elif args.lrw:
+        sources = index_lrw(args.lrw)
+    else:
+        sources = index_folder(args.folder)
+    if args.only:
+        want = set(args.only.split(","))
+        sources = [s for s in sources if s.id in want or s.id.split("_")[0] in want]
+    if args.limit is not None:
+        sources = sources[: args.limit]
+    if not sources:
+        raise InputError("no input videos found")
+    run(sources, args.out, args.workers, pre)
+    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rt_engine.cli import cli_main
 from rt_engine.config import mouth_box
 from rt_engine.errors import ConfigError, RtEngineError
 from rt_engine.models.pcavs import PCAVS
@@ -672,12 +673,9 @@ class Trainer:
         self.stop_requested = True
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = resolve(argv)
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve(argv)
     rank, world, device = setup_distributed(cfg)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
@@ -692,9 +690,6 @@ def main(argv: list[str] | None = None) -> int:
             log.info("done: step %d, %.0f s of training, last losses %s", trainer.step, trainer.elapsed,
                      {k: round(v, 4) for k, v in logs.items()})
         return 0
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         torch.set_num_threads(old_threads)  # main() may run inside another program (tests)
         if world > 1:

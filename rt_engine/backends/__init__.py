@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rt_engine.backends.base import Runner
+from rt_engine.backends.base import Runner, compare
+from rt_engine.config import NoiseMode
 from rt_engine.errors import ConfigError
 from rt_engine.models.pcavs import PCAVS
 
@@ -149,9 +150,8 @@ def make_runner(checkpoint: str | Path | None = None, precision: str = "fp32", b
 
 # ------------------------------------------------------------------------------------------ auto
 def psnr(a: Tensor, b: Tensor, peak_to_peak: float = 2.0) -> float:
-    """PSNR in dB of images in [-1,1] (peak-to-peak 2); inf when equal."""
-    mse = float((a.float() - b.float()).square().mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak**2 / mse)
+    """PSNR in dB of images in [-1,1] (peak-to-peak 2); inf when equal (:func:`compare`)."""
+    return compare(a, b, value_range=peak_to_peak)["psnr_db"]
 
 
 @dataclass
@@ -172,7 +172,8 @@ class Probe:
 def run_frame(runner: Runner, probe: Probe) -> Tensor:
     """Full pipeline for one frame: identity, pose, audio, generator (stored noise). -> [1,3,H,W]"""
     id0, id1 = runner.encode_identity(probe.id_img)
-    return runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img), "stored")
+    return runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img),
+                           NoiseMode.STORED)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def _time_frame(runner: Runner, probe: Probe, repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):  # steady-state per-frame work: pose + audio + generator
         t = time.perf_counter()
-        runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img), "stored")
+        runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img),
+                        NoiseMode.STORED)
         best = min(best, time.perf_counter() - t)
     return best * 1e3
 

@@ -13,14 +13,36 @@ Between the last two, ``MouthGain`` can scale how far the mouth moves (render an
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rt_engine.config import ModelConfig, check_mouth_gain
+from rt_engine.config import ModelConfig, NoiseMode, check_mouth_gain
 from rt_engine.inputs import audio as audio_in
+from rt_engine.models.pcavs import make_style
+
+
+def compare(ref: np.ndarray | Tensor, out: np.ndarray | Tensor, value_range: float | None = None) -> dict[str, float]:
+    """How far ``out`` is from the reference ``ref`` (one function for the ``auto`` backend choice,
+    the ONNX export verification and the TensorRT engine checks).
+
+    Returns the max abs error, that error relative to max|ref| (at least 1), the PSNR in dB (peak =
+    ``value_range``, default the reference's max - min; 2 for [-1,1] images; inf when equal), the
+    reference's max|ref| and whether ``out`` is all finite. Shapes must match (ValueError).
+    """
+    ref, out = (np.asarray(x.detach().float().cpu() if isinstance(x, Tensor) else x, np.float64) for x in (ref, out))
+    if ref.shape != out.shape:
+        raise ValueError(f"shape mismatch: reference {list(ref.shape)} vs output {list(out.shape)}")
+    err = np.abs(ref - out)
+    peak = value_range if value_range is not None else float(ref.max() - ref.min()) or 1.0
+    mse = float(np.mean(err**2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+    scale = max(float(np.abs(ref).max()), 1.0)
+    return {"max_abs": float(err.max()), "max_rel": float(err.max()) / scale, "psnr_db": psnr,
+            "ref_max_abs": float(np.abs(ref).max()), "finite": bool(np.isfinite(out).all())}
 
 
 class Runner(ABC):
@@ -38,7 +60,8 @@ class Runner(ABC):
     def encode_audio(self, mel: Tensor) -> Tensor: ...
 
     @abstractmethod
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor: ...
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                 noise: str = NoiseMode.STORED) -> Tensor: ...
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
                        noise: str = "stored") -> np.ndarray:
@@ -51,11 +74,7 @@ class Runner(ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, model '{self.cfg.name}')"
 
-    @staticmethod
-    def style(id0: Tensor, mouth: Tensor, pose: Tensor) -> Tensor:
-        """[B|1,2048], [B|1,500], [B|1,12] -> [B,2560] (identity | mouth | pose)."""
-        b = max(id0.shape[0], mouth.shape[0], pose.shape[0])
-        return torch.cat([id0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
+    style = staticmethod(make_style)  # [B|1,2048], [B|1,500], [B|1,12] -> [B,2560]
 
 
 class MouthGain:

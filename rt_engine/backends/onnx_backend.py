@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from rt_engine.backends.base import Runner
+from rt_engine.config import NoiseMode
+from rt_engine.models.generator import noise_maps
 from rt_engine.models.pcavs import PCAVS
 from rt_engine.onnx_graphs import export_onnx, read_manifest, weights_sha256
 
@@ -68,26 +70,14 @@ class _OnnxRunnerBase(Runner):
         self.dir = ensure_graphs(model, onnx_dir)
         self.threads = threads or torch.get_num_threads()
         gen = model.generator
-        self._stored = [getattr(gen.noises, f"noise_{i}").detach().float().numpy()
-                        for i in range(self.cfg.num_noises)]  # [1,1,r,r] each
+        self._stored = [n.detach().float() for n in gen.stored_noise()]  # [1,1,r,r] each
         self._sessions: dict[Any, Any] = {}
 
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
     def _noise_feeds(self, b: int, noise: str) -> dict[str, np.ndarray]:
-        out = {}
-        for i, buf in enumerate(self._stored):
-            if noise == "stored":
-                n = np.broadcast_to(buf, (b, *buf.shape[1:]))
-            elif noise == "zero":
-                n = np.zeros((b, *buf.shape[1:]), np.float32)
-            elif noise == "random":
-                n = torch.randn(b, *buf.shape[1:]).numpy()
-            else:
-                raise ValueError(f"noise must be 'stored', 'zero' or 'random', got {noise!r}")
-            out[f"noise_{i}"] = np.ascontiguousarray(n, dtype=np.float32)
-        return out
+        return {f"noise_{i}": self._np(n) for i, n in enumerate(noise_maps(noise, self._stored, b))}
 
     @staticmethod
     def _np(x: Tensor) -> np.ndarray:
@@ -103,7 +93,7 @@ class _OnnxRunnerBase(Runner):
     def encode_audio(self, mel: Tensor) -> Tensor:
         return torch.from_numpy(self._run("audio", {"mel": self._np(mel)})[0])
 
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = self.style(id0, mouth, pose)  # [B,S]
         b = style.shape[0]
         feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)),

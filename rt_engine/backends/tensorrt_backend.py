@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from rt_engine.backends.base import Runner
-from rt_engine.config import ModelConfig
+from rt_engine.config import ModelConfig, NoiseMode, noise_mode
 from rt_engine.errors import RtEngineError
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ class TensorRTRunner(Runner):
         self.runtime = runtime
         main = self.sides.get("generator") or next(iter(self.sides.values()))
         self.precision = main["precision"]
-        self.noise_mode = main.get("noise", "stored")
+        self.noise_mode = main.get("noise", NoiseMode.STORED.value)
         self.cuda_graphs = cuda_graphs
         if not torch.cuda.is_available():
             raise EngineError("the TensorRT runner needs an NVIDIA GPU with a working driver; none is visible "
@@ -354,7 +354,8 @@ class TensorRTRunner(Runner):
         """[B,1,80,20] (device) -> [B,500] (device)."""
         return torch.cat([self.stage("audio").run({"mel": mel[s]})["mouth"].clone() for s in self._chunks(len(mel))])
 
-    def generate_device(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate_device(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
+                        noise: str = NoiseMode.STORED) -> Tensor:
         """Device tensors: id0 [B|1,2048], id1 [B|1,C,7,7], mouth [B,500], pose [B,12] -> [B,3,H,W] (device)."""
         style = self.style(id0, mouth, pose)  # [B,S]
         b = style.shape[0]
@@ -373,17 +374,16 @@ class TensorRTRunner(Runner):
                 raise EngineError(f"generator engine has noise '{self.noise_mode}' built in; noise={noise!r} needs "
                                   "an export with `--noise input`")
             return {}
-        if noise not in ("stored", "random", "zero"):
-            raise EngineError(f"noise must be 'stored', 'random' or 'zero', got {noise!r}")
+        noise = noise_mode(noise, error=EngineError)
         feeds = {}
         for spec in self.sides["generator"]["inputs"]:
             name = spec["name"]
             if not name.startswith("noise_"):
                 continue
             shape = [b] + [int(d) for d in spec["shape"][1:]]  # [B,1,r,r]
-            if noise == "random":
+            if noise == NoiseMode.RANDOM:
                 feeds[name] = torch.randn(shape, device=self.device)
-            elif noise == "zero":
+            elif noise == NoiseMode.ZERO:
                 feeds[name] = torch.zeros(shape, device=self.device)
             else:
                 feeds[name] = self._stored_noise()[name].expand(shape)
@@ -402,7 +402,7 @@ class TensorRTRunner(Runner):
                 self._noises = {k: torch.from_numpy(z[k]).to(self.device) for k in z.files}
         return self._noises
 
-    def step(self, pose_img: Tensor, mel: Tensor, id0: Tensor, id1: Tensor, noise: str = "stored") -> Tensor:
+    def step(self, pose_img: Tensor, mel: Tensor, id0: Tensor, id1: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         """One streaming step for B frames of (possibly) B different sessions, host in -> host out:
         pose + audio + generator on the device, one upload of the inputs and one download of the frames."""
         with torch.cuda.stream(self.stream):
@@ -431,7 +431,7 @@ class TensorRTRunner(Runner):
         with torch.cuda.stream(self.stream):
             return self.audio_device(self._dev(mel)).float().cpu()
 
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         with torch.cuda.stream(self.stream):
             out = self.generate_device(self._dev(id0), self._dev(id1), self._dev(mouth), self._dev(pose), noise)
             return out.float().cpu()

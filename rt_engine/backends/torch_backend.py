@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rt_engine.backends.base import Runner
+from rt_engine.config import NoiseMode
 from rt_engine.inputs.image import to_uint8
 from rt_engine.models.pcavs import PCAVS
 
@@ -76,7 +77,7 @@ class TorchRunner(Runner):
             return self._out(self.model.encode_mouth(self._in(mel)))
 
     @torch.inference_mode()
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = self.style(id0, mouth, pose).to(self.device)
         with self._ctx():
             out = self.model.generate(style, self._in(id1), noise)
@@ -212,7 +213,7 @@ class FastTorchRunner(Runner):
         return self._id_base, self._id_map
 
     @torch.inference_mode()
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         base, id_map = self.identity_state(id0, id1)
         b = max(id0.shape[0], id1.shape[0], mouth.shape[0], pose.shape[0])
         var = torch.cat([mouth.expand(b, -1), pose.expand(b, -1)], dim=1).float()  # [B,mouth+pose]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rt_engine.cli import cli_main
 from rt_engine.config import ModelConfig, model_preset
 from rt_engine.errors import CheckpointError, ConfigError
 from rt_engine.models.modconv import blur_kernel
@@ -264,6 +265,7 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rt_engine.models.checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,21 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("src")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.cmd == "info":
-            m = load_checkpoint(args.src)
-            print(json.dumps({"config": m.cfg.to_dict(), "params": count_params(m)}, indent=1))
-            return 0
-        if str(args.dst).endswith(".safetensors"):
-            m = load_checkpoint(args.src, model_preset(args.preset) if Path(args.src).is_dir() else None)
-            save_single(m, args.dst, half=args.half, provenance={"converted_from": str(args.src)})
-        else:
-            save_official(load_checkpoint(args.src), args.dst, legacy=args.legacy)
-        print(f"wrote {args.dst}")
+    if args.cmd == "info":
+        m = load_checkpoint(args.src)
+        print(json.dumps({"config": m.cfg.to_dict(), "params": count_params(m)}, indent=1))
         return 0
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if str(args.dst).endswith(".safetensors"):
+        m = load_checkpoint(args.src, model_preset(args.preset) if Path(args.src).is_dir() else None)
+        save_single(m, args.dst, half=args.half, provenance={"converted_from": str(args.src)})
+    else:
+        save_official(load_checkpoint(args.src), args.dst, legacy=args.legacy)
+    print(f"wrote {args.dst}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rt_engine.config import NoiseMode, noise_mode
 from rt_engine.models.generator import Generator
 from rt_engine.models.modconv import DEMOD_EPS, LRELU_GAIN, LRELU_SLOPE, ModulatedConv2d, blur_kernel
 
@@ -165,14 +166,13 @@ class FastGenerator(nn.Module):
         return scales, demods
 
     def _noise(self, k: int, mode: str, like: Tensor) -> Tensor | None:
-        if mode == "stored":
-            return getattr(self, f"noise_{k}")
-        if mode == "zero":
+        mode = noise_mode(mode, error=ValueError)
+        if mode == NoiseMode.STORED:
+            return getattr(self, f"noise_{k}")  # pre-scaled by its noise weight
+        if mode == NoiseMode.ZERO:
             return None
-        if mode == "random":
-            b, _, h, w = like.shape
-            return torch.randn(b, 1, h, w, dtype=like.dtype, device=like.device) * self.noise_w[k]
-        raise ValueError(f"noise must be 'stored', 'zero' or 'random', got {mode!r}")
+        b, _, h, w = like.shape
+        return torch.randn(b, 1, h, w, dtype=like.dtype, device=like.device) * self.noise_w[k]
 
     def _styled(self, i: int, x: Tensor, s: Tensor, d: Tensor, noise: Tensor | None) -> Tensor:
         """StyledConv i: modulated conv (upsampling or not) -> noise -> lrelu(x + b) (gain folded away)."""
@@ -200,7 +200,7 @@ class FastGenerator(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = "stored") -> Tensor:
+    def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         scales, demods = self.styles(base, var)
         b = var.shape[0]
         x = self._mem(id_map.to(self.dtype).expand(b, -1, -1, -1))  # [B,C,7,7]

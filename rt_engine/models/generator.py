@@ -11,8 +11,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rt_engine.config import NOISE_MODES, ModelConfig
+from rt_engine.config import ModelConfig, NoiseMode, noise_mode
 from rt_engine.models.modconv import FORMS, ModulatedConv2d, StyledConv, ToRGB
+
+
+def noise_maps(mode: str, stored: list[Tensor], batch: int | None = None) -> list[Tensor]:
+    """The noise maps of one generator call from the stored ``[1,1,r,r]`` maps (every runner uses this).
+
+    ``batch``: None keeps the stored/zero maps at batch 1 (they broadcast, and a traced graph keeps
+    them as constants); an int gives ``[batch,1,r,r]`` maps (runtimes that feed noise as inputs).
+    ``random`` needs ``batch`` and draws fp32 normal noise on the stored maps' device.
+    """
+    mode = noise_mode(mode, error=ValueError)
+    if mode == NoiseMode.STORED:
+        return list(stored) if batch is None else [n.expand(batch, -1, -1, -1) for n in stored]
+    if mode == NoiseMode.ZERO:
+        return [torch.zeros_like(n) if batch is None else n.new_zeros(batch, *n.shape[1:]) for n in stored]
+    if batch is None:
+        raise ValueError("random noise needs the batch size")
+    return [torch.randn(batch, *n.shape[1:], device=n.device) for n in stored]
 
 
 class Generator(nn.Module):
@@ -43,18 +60,14 @@ class Generator(nn.Module):
                 m.form = form
         return self
 
-    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
-        bufs = [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
-        if mode == "stored":
-            return bufs
-        if mode == "zero":
-            return [torch.zeros_like(b) for b in bufs]
-        if mode == "random":
-            b = like.shape[0]
-            return [torch.randn(b, 1, n.shape[2], n.shape[3], device=like.device) for n in bufs]
-        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+    def stored_noise(self) -> list[Tensor]:
+        """The checkpoint's noise maps, [1,1,r,r] each."""
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
 
-    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = "stored",
+    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
+        return noise_maps(mode, self.stored_noise(), like.shape[0] if mode == NoiseMode.RANDOM else None)
+
+    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
                 taps: dict[str, Tensor] | None = None) -> Tensor:
         """style [B,S], id_map [B,C,7,7] -> image [B,3,size,size]. ``taps`` collects intermediates."""
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise

@@ -12,12 +12,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rt_engine.config import ModelConfig
+from rt_engine.config import ModelConfig, NoiseMode
 from rt_engine.models.audio import AudioEncoder
 from rt_engine.models.generator import Generator
 from rt_engine.models.identity import IdentityEncoder
 from rt_engine.models.pose import PoseEncoder
 from rt_engine.models.warp import WarpGenerator
+
+
+def make_style(id_feature0: Tensor, mouth: Tensor, pose: Tensor) -> Tensor:
+    """The generator's style vector (every runner and the model use this one function).
+
+    [B|1,2048], [B|1,500], [B|1,12] -> [B,2560] in the order identity | mouth | pose.
+    """
+    b = max(id_feature0.shape[0], mouth.shape[0], pose.shape[0])
+    return torch.cat([id_feature0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
 
 
 class PCAVS(nn.Module):
@@ -45,17 +54,13 @@ class PCAVS(nn.Module):
         """mel windows [B,1,80,20] -> mouth code [B,500]."""
         return self.pose_encoder.mouth(self.audio_encoder(mel))
 
-    @staticmethod
-    def make_style(id_feature0: Tensor, mouth: Tensor, pose: Tensor) -> Tensor:
-        """[B|1,2048], [B|1,500], [B|1,12] -> [B,2560] in the order identity | mouth | pose."""
-        b = max(id_feature0.shape[0], mouth.shape[0], pose.shape[0])
-        return torch.cat([id_feature0.expand(b, -1), mouth.expand(b, -1), pose.expand(b, -1)], dim=1)
+    make_style = staticmethod(make_style)
 
-    def generate(self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = "stored") -> Tensor:
+    def generate(self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = NoiseMode.STORED) -> Tensor:
         """style [B,2560], id map [B|1,*cfg.id_map_shape] -> [B,3,224,224]."""
         return self.generator(style, id_feature1.expand(style.shape[0], -1, -1, -1), noise)
 
-    def forward(self, id_img: Tensor, pose_img: Tensor, mel: Tensor, noise: str = "stored") -> Tensor:
+    def forward(self, id_img: Tensor, pose_img: Tensor, mel: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         id0, id1 = self.encode_identity(id_img)
         style = self.make_style(id0, self.encode_mouth(mel), self.encode_pose(pose_img))
         return self.generate(style, id1, noise)

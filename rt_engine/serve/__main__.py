@@ -14,29 +14,29 @@ import logging
 import os
 import sys
 
-from rt_engine.errors import CheckpointError, RtEngineError
+from rt_engine.cli import HelpFormatter, cli_main
+from rt_engine.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("rt_engine.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m rt_engine.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="model (.safetensors or official folder); default: bundled")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=8080)
+    ap = argparse.ArgumentParser(prog="python -m rt_engine.serve", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="model (.safetensors or official folder); None: the bundled one")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address")
+    ap.add_argument("--port", type=int, default=8080, help="HTTP port of the page and the API")
     ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
     ap.add_argument("--max-sessions", type=int, default=4,
                     help="upper bound on sessions; within it a session is admitted only while the measured "
-                         "model time serves it at the full fresh rate (default 4)")
+                         "model time serves it at the full fresh rate")
     ap.add_argument("--no-capacity-admission", action="store_true",
                     help="admit by --max-sessions alone (benchmarks that look for the real limit)")
     ap.add_argument("--max-pending", type=int, default=4,
-                    help="answered offers not yet connected (they hold no session slot; default 4)")
+                    help="answered offers not yet connected (they hold no session slot)")
     ap.add_argument("--connect-timeout", type=float, default=5.0,
-                    help="an answered offer must connect within this many seconds (default 5)")
+                    help="an answered offer must connect within this many seconds")
     ap.add_argument("--ice-any-address", action="store_true",
-                    help="let WebRTC media bind every local address (default: only where --host binds)")
+                    help="let WebRTC media bind every local address (otherwise only where --host binds)")
     ap.add_argument("--backend", default="auto",
                     help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, torch-cuda, "
                          "onnxruntime, openvino, tensorrt")
@@ -50,12 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "faces are cropped (0: one per core)")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
     ap.add_argument("--mouth-gain", type=float, default=1.0,
-                    help="how far the mouth moves: 1 as trained (default), 0 closed, up to 3 wider")
+                    help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider")
     ap.add_argument("--margin-ms", type=float, default=80.0,
                     help="budget after the 120 ms audio lookahead for audio packet arrival (Opus: 20 ms packets) "
-                         "and compute; frames not ready by then are held (default 80 ms, two frames)")
+                         "and compute; frames not ready by then are held (80 ms: two frames)")
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
 
@@ -94,47 +94,44 @@ async def _process_setup(app, codec_threads: int) -> None:
     app[FREEZE_TASK] = asyncio.ensure_future(freeze())
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aioice", "aiortc", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from aiohttp import web
+
+    from rt_engine.backends import make_runner
+    from rt_engine.serve.app import ServerConfig, create_app
+    from rt_engine.stream.clock import ClockConfig
+    from rt_engine.stream.scheduler import SchedulerConfig
+    from rt_engine.stream.session import Engine
+
+    cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+                       peer_timeout_s=args.peer_timeout, max_pending=args.max_pending,
+                       connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address,
+                       admit_by_capacity=not args.no_capacity_admission).validate()
+    sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
+    model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
     try:
-        from aiohttp import web
-
-        from rt_engine.backends import make_runner
-        from rt_engine.serve.app import ServerConfig, create_app
-        from rt_engine.stream.clock import ClockConfig
-        from rt_engine.stream.scheduler import SchedulerConfig
-        from rt_engine.stream.session import Engine
-
-        cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-                           peer_timeout_s=args.peer_timeout, max_pending=args.max_pending,
-                           connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address,
-                           admit_by_capacity=not args.no_capacity_admission).validate()
-        sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
-        model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
-        try:
-            runner = make_runner(args.checkpoint, args.precision, args.backend)
-        except CheckpointError as e:
-            if args.checkpoint is None:
-                raise CheckpointError(f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
-                                      f"checkpoint folder) until the bundled model ships") from None
-            raise
-        engine = Engine(runner, sched_cfg,
-                        ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
-        app = create_app(engine, cfg, warm_default=True)
-        app.on_startup.append(lambda app: _process_setup(app, codec_threads))
-        log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)
+        runner = make_runner(args.checkpoint, args.precision, args.backend)
+    except CheckpointError as e:
+        if args.checkpoint is None:
+            raise CheckpointError(f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
+                                  f"checkpoint folder) until the bundled model ships") from None
+        raise
+    engine = Engine(runner, sched_cfg,
+                    ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
+    app = create_app(engine, cfg, warm_default=True)
+    app.on_startup.append(lambda app: _process_setup(app, codec_threads))
+    log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)
+    try:
         web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=5.0)
-        return 0
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ class ServerConfig:
     connect_timeout_s: float = 5.0  # an answered offer must connect within this, or it is closed
     audio_jitter_frames: int = 1  # server-side audio jitter buffer (aiortc default: 4 = +60 ms)
     max_uploads: int = 64
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> ServerConfig:
         if self.host not in LOOPBACK_HOSTS and not self.token:

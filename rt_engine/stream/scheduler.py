@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from rt_engine.backends.base import MouthGain, Runner
-from rt_engine.config import MEL_WINDOW, check_mouth_gain
+from rt_engine.config import MEL_WINDOW, NoiseMode, check_mouth_gain, noise_mode
 from rt_engine.errors import ConfigError
 from rt_engine.inputs.audio import N_MELS
 from rt_engine.inputs.image import to_uint8
@@ -163,15 +163,14 @@ class FrameJob:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 8
-    noise: str = "stored"
+    noise: str = NoiseMode.STORED
     late_grace_s: float = 0.0  # a job may still run this long after its due time
     mouth_gain: float = 1.0  # how far the mouth moves, 1 = as trained (backends.base.MouthGain)
 
     def validate(self) -> SchedulerConfig:
         if not 1 <= self.max_batch <= 64:
             raise ConfigError(f"scheduler.max_batch must be in [1, 64], got {self.max_batch}")
-        if self.noise not in ("stored", "zero", "random"):
-            raise ConfigError(f"scheduler.noise must be stored, zero or random, got {self.noise!r}")
+        noise_mode(self.noise, "scheduler.noise")
         check_mouth_gain(self.mouth_gain, "scheduler.mouth_gain")
         return self
 

@@ -256,7 +256,7 @@ def test_preprocess_folder_skips_a_clip_without_face_and_caches_a_real_one(tmp_p
 
 # ------------------------------------------------------------------------------------ training runs
 def test_three_stages_end_to_end_and_render(cache, tmp_path):
-    from training.export import export
+    from training.release import release
     from training.train import main
 
     runs = tmp_path / "runs"
@@ -271,7 +271,7 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     assert {"g_gan", "fm", "d", "content", "id", "l1"} <= set(joint)
     assert (runs / "joint/config.yaml").is_file() and "git_revision" in (runs / "joint/config.yaml").read_text()
     assert (runs / "joint/loss.png").is_file() and list((runs / "joint/samples").glob("step_*.png"))
-    model_file = export(runs / "joint/last.pt", tmp_path / "m.safetensors", half=True, command="pytest")
+    model_file = release(runs / "joint/last.pt", tmp_path / "m.safetensors", half=True, command="pytest")
     from rt_engine.models.checkpoint import load_single, read_single_meta
 
     prov = read_single_meta(model_file)["provenance"]
@@ -285,17 +285,17 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     params = dict(released.named_parameters())
     drift = max((tuned["model"][k].float() - params[k].float()).abs().max().item() for k in moved if k in params)
     assert drift < 0.05  # one Adam step from the released weights, not a fresh initialisation
-    tuned_file = export(runs / "tune/last.pt", tmp_path / "t.safetensors", half=True, command="pytest")
+    tuned_file = release(runs / "tune/last.pt", tmp_path / "t.safetensors", half=True, command="pytest")
     assert [s["stage"] for s in read_single_meta(tuned_file)["provenance"]["stages"]] == [
         "identity", "content", "joint", "joint"]
     # the bundled model is re-exported in place: the init file now already holds the tune run;
     # exporting again must not count that run twice (the checkpoint kept the history it started from)
-    export(runs / "tune/last.pt", model_file, half=True, command="pytest")
-    again = export(runs / "tune/last.pt", tmp_path / "t2.safetensors", half=True, command="pytest")
+    release(runs / "tune/last.pt", model_file, half=True, command="pytest")
+    again = release(runs / "tune/last.pt", tmp_path / "t2.safetensors", half=True, command="pytest")
     prov2 = read_single_meta(again)["provenance"]
     assert [s["stage"] for s in prov2["stages"]] == ["identity", "content", "joint", "joint"]
     assert prov2["total_steps"] == 7
-    from training.export import _released_before  # older checkpoints without that record
+    from training.release import _released_before  # older checkpoints without that record
 
     chain = [{"run": "runs/b"}]
     assert _released_before([{"run": "runs/a"}, {"run": "runs/b"}, {"run": "runs/c"}], chain) == [{"run": "runs/a"}]
@@ -615,10 +615,10 @@ def test_joint_run_with_video_only_clips(mixed_cache, tmp_path):
 # ------------------------------------------------------------------------------------ weight average
 def test_weight_average_update_resume_and_export(cache, tmp_path):
     """--ema d: after each step ema = d * ema + (1 - d) * weights, starting at the initial weights;
-    resume restores it bit for bit; training.export ships it (--raw: the last step's weights)."""
+    resume restores it bit for bit; training.release ships it (--raw: the last step's weights)."""
     from rt_engine.config import ModelConfig
     from rt_engine.models.checkpoint import load_single
-    from training.export import export
+    from training.release import release
     from training.train import Trainer, main
 
     tr = Trainer(resolve(ci_args(cache, tmp_path / "t", "joint", 2, "--ema", "0.9")))
@@ -646,7 +646,7 @@ def test_weight_average_update_resume_and_export(cache, tmp_path):
 
     mc = ModelConfig.from_dict(ca["model_config"])
     for raw, want in ((False, ca["model_ema"]), (True, ca["model"])):
-        f = export(a / "last.pt", tmp_path / f"m{raw}.safetensors", half=False, raw=raw)
+        f = release(a / "last.pt", tmp_path / f"m{raw}.safetensors", half=False, raw=raw)
         got = load_single(f, mc).state_dict()
         keys = [k for k, v in want.items() if v.is_floating_point()]
         assert all(torch.equal(got[k].float(), want[k].float()) for k in keys)

@@ -44,7 +44,7 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     ema: float = 0.0  # keep an exponential moving average of the model weights with this decay
-    # (e.g. 0.999; 0 = off). training.export ships the average: GAN weights swing from step to step
+    # (e.g. 0.999; 0 = off). training.release ships the average: GAN weights swing from step to step
     seed: int = 0
     bf16: bool = False  # bf16 autocast for the forward passes
     threads: int = 0  # torch threads (0: leave torch's default)

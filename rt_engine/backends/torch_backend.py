@@ -123,8 +123,8 @@ class FastTorchRunner(Runner):
         self.precision = resolve_precision(precision)
         if upsample == "auto":
             # The dense rewrite does 4x the multiply-adds of the transposed conv: it pays off where oneDNN's
-            # dense convs are much faster per FLOP (AMX / AVX512-BF16, NOTES.md); on an AVX2-only CPU the
-            # official-size benchmark measured the transposed form faster (benchmarks/results/latency_official).
+            # dense convs are much faster per FLOP (AMX / AVX512-BF16: benchmarks/latency.py); on an AVX2-only CPU
+            # the official-size benchmark measured the transposed form faster (benchmarks/results/latency_official_*).
             upsample = "dense" if native_bf16() else "transpose"
         if precision == "auto":
             log.info("torch-fast: precision %s (native bf16 on this CPU: %s)", self.precision, native_bf16())

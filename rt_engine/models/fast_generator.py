@@ -21,7 +21,7 @@ recomputed per frame that does not change per frame:
   by the 4x4 blur equals, per output phase (row parity, column parity), a 3x3 conv of the input.
   The four phases become one 3x3 conv to ``4*Cout`` channels and a pixel shuffle. That is 4x the
   multiply-adds of the transposed conv, but oneDNN runs dense 3x3 convs ~5x faster per FLOP than
-  stride-2 transposed convs here (NOTES.md), so it can win; ``"transpose"`` keeps the original
+  stride-2 transposed convs on bf16 CPUs, so it can win; ``"transpose"`` keeps the original
   two-op form. ``benchmarks/latency.py`` measures both.
 
 Data flow of one frame (official size)::

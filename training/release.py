@@ -1,6 +1,6 @@
 """Training checkpoint (.pt) -> the engine's single-file model (.safetensors) with provenance.
 
-    python -m training.export runs/default/joint/last.pt rt_engine/assets/default.safetensors --half \
+    python -m training.release runs/default/joint/last.pt rt_engine/assets/default.safetensors --half \
         --command "bash training/train_default.sh"
 
 The provenance stored in the file (and printed) holds the data, the stage configs, the steps,
@@ -75,7 +75,7 @@ def _released_before(stages: list[dict[str, Any]], chain: list[dict[str, Any]]) 
     return stages
 
 
-def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",
+def release(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",
            extra: dict[str, Any] | None = None, raw: bool = False) -> Path:
     """Write the model of a training checkpoint; its weight average (``--ema``) when it has one,
     unless ``raw``."""
@@ -99,7 +99,7 @@ def export(ckpt: str | Path, out: str | Path, half: bool = True, command: str = 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m training.release", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="last.pt of a training run")
     ap.add_argument("out", help="output .safetensors")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    export(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
+    release(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
            raw=args.raw)
     return 0
 

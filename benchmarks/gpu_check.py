@@ -565,11 +565,11 @@ def step_onnxruntime_cuda(ctx: Ctx) -> dict:
         return {"skipped": "dry run"}
     import numpy as np
 
-    from rt_engine.backends.onnx_backend import ensure_export
+    from rt_engine.backends.onnx_backend import ensure_graphs
 
     model = _model(ctx)
     t = time.perf_counter()
-    d = ensure_export(model, ctx.out_dir / "onnx")
+    d = ensure_graphs(model, ctx.out_dir / "onnx")
     info: dict[str, Any] = {
         "export_s": round(time.perf_counter() - t, 1),
         "graphs": "fp32, noise as inputs",

@@ -7,7 +7,7 @@ Data flow of one streaming step for B frames of (possibly) B sessions, everythin
     id0 [B,2048] (fp32, once per session) --> modulation base [B,N] ------------v
     id1 [B,C,7,7] ----------------------------------------------> KernelGenerator --> [B,3,H,W] --> pinned host
 
-:class:`KernelGenerator` is :class:`~rt_engine.backends.fast.FastGenerator` (static weights, stacked
+:class:`KernelGenerator` is :class:`~rt_engine.models.fast_generator.FastGenerator` (static weights, stacked
 modulation, fp32 demodulation and RGB skip chain) with one change of op per layer:
 
 =====================  ============================================================================
@@ -50,10 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from rt_engine.backends.base import Runner
-from rt_engine.backends.fast import FastGenerator
 from rt_engine.backends.tensorrt_backend import buckets_for
+from rt_engine.config import NOISE_MODES, NoiseMode, noise_mode
 from rt_engine.errors import ConfigError
 from rt_engine.models import fused_modconv as fm
+from rt_engine.models.fast_generator import FastGenerator
 from rt_engine.models.generator import Generator
 from rt_engine.models.modconv import DEMOD_EPS, LRELU_GAIN
 from rt_engine.models.pcavs import PCAVS
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_PRECISION = "fp16"  # 10 mantissa bits against bf16's 7; gpu_check measures both against fp32
 DEFAULT_MAX_BATCH = 64
-NOISE_MODES = ("stored", "zero", "random")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -300,7 +300,8 @@ class TorchCudaRunner(Runner):
         self._audio = stage(self._audio_fn, "audio")
         # random noise is drawn eagerly (a graph would replay one draw); stored and zero are captured
         self._gen = {
-            mode: stage(self._gen_fn(mode), f"generator[{mode}]", graphs and mode != "random") for mode in NOISE_MODES
+            mode: stage(self._gen_fn(mode), f"generator[{mode}]", graphs and mode != NoiseMode.RANDOM)
+            for mode in NOISE_MODES
         }
         size = self.cfg.size
         self._host = torch.empty((max_batch, 3, size, size), pin_memory=on_cuda)  # [max_batch,3,H,W] fp32
@@ -369,10 +370,11 @@ class TorchCudaRunner(Runner):
         """[B,1,80,20] -> [B,500], device tensors (a view of the bucket output)."""
         return self._chunked(self._audio, mel)
 
-    def generate_device(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate_device(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> Tensor:
         """id0 [B|1,2048], id1 [B|1,C,7,7], mouth [B|1,500], pose [B|1,12] (device) -> [B,3,H,W] (device)."""
-        if noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        noise = noise_mode(noise, error=ValueError)
         b = max(id0.shape[0], id1.shape[0], mouth.shape[0], pose.shape[0])
         var = torch.cat([mouth.expand(b, -1), pose.expand(b, -1)], dim=1)  # [B,512]
         return self._chunked(self._gen[noise], id0.expand(b, -1), var, id1.expand(b, -1, -1, -1))
@@ -390,7 +392,7 @@ class TorchCudaRunner(Runner):
         return out[0] if len(out) == 1 else torch.cat(out)
 
     @torch.inference_mode()
-    def step(self, pose_img: Tensor, mel: Tensor, id0: Tensor, id1: Tensor, noise: str = "stored") -> Tensor:
+    def step(self, pose_img: Tensor, mel: Tensor, id0: Tensor, id1: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         """One streaming step (host in, host out): pose + audio + generator on the device, one
         upload of the inputs, one download of the frames. -> [B,3,H,W] fp32 CPU."""
         with self._on_stream():
@@ -417,7 +419,7 @@ class TorchCudaRunner(Runner):
             return self.audio_device(self._dev(mel)).cpu()
 
     @torch.inference_mode()
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = "stored") -> Tensor:
+    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         with self._on_stream():
             frames = self.generate_device(self._dev(id0), self._dev(id1), self._dev(mouth), self._dev(pose), noise)
             return self._to_host(frames)

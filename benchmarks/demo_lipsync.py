@@ -1,6 +1,6 @@
 """Do the lips of a rendered demo open and close with the speech? (No ground truth needed.)
 
-    python -m rt_engine.render --identity rt_engine/assets/identity.jpg --audio rt_engine/assets/speech.flac \
+    python -m rt_engine.render --identity rt_engine/assets/identity.jpg --audio rt_engine/assets/speech.flac \\
         --aligned --pose still --save-raw runs/demo.npz
     python -m benchmarks.demo_lipsync runs/demo.npz rt_engine/assets/speech.flac --out benchmarks/results/demo_lipsync
 

@@ -1,6 +1,6 @@
 """Latency, throughput, FLOPs and memory of every backend, with the fp32 reference in the same run.
 
-    python -m benchmarks.latency --preset official [--backends torch,torch-fast:bf16,openvino:bf16] \
+    python -m benchmarks.latency --preset official [--backends torch,torch-fast:bf16,openvino:bf16] \\
         [--frames 20] [--batch 4] [--quick] [--memory-frames 10000] [--demo PATH] [--kernels] [--serve]
 
 What one run measures (random weights are fine for speed; ``--checkpoint`` loads real ones):

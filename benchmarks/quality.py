@@ -231,7 +231,7 @@ def load_clip(spec: ClipSpec, cropper, max_frames: int | None) -> Clip:
     first = next(src, None)
     if first is None:
         raise SkipClip("no frames")
-    aligned = first.shape[:2] == (224, 224) and looks_aligned(first)
+    aligned = first.shape[:2] == (224, 224) and looks_aligned(first, cropper)
 
     def chain() -> Iterator[np.ndarray]:
         yield first

@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from rt_engine.backends.base import compare
 from rt_engine.config import ModelConfig
 from rt_engine.errors import RtEngineError
-from rt_engine.models.modconv import ModulatedConv2d
 from rt_engine.models.pcavs import PCAVS
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,8 @@ class GeneratorStage(_Stage):
 
     def forward(self, style: Tensor, id_map: Tensor, *noises: Tensor) -> Tensor:  # -> [B,3,H,W]
         noise: str | list[Tensor] = [self._in(n) for n in noises] if self.noise == "input" else self.noise
-        return self.model.generator(self._in(style), self._in(id_map), noise).float()
+        # static form, chosen for this call: every weight becomes a graph constant
+        return self.model.generator(self._in(style), self._in(id_map), noise, form="static").float()
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def _reference(model: PCAVS, stage: str, inputs: dict[str, Tensor], noise: str) 
         if stage == "audio":
             return [model.encode_mouth(inputs["mel"])]
         noises = [v for k, v in inputs.items() if k.startswith("noise_")] if noise == "input" else noise
-        return [model.generator(inputs["style"], inputs["id_map"], noises)]
+        return [model.generator(inputs["style"], inputs["id_map"], noises, form="ref")]
 
 
 def verify_graph(model: PCAVS, path: str | Path, stage: str, batches: Sequence[int], noise: str = "stored",
@@ -438,7 +438,6 @@ def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
-    forms = {m: m.form for m in model.modules() if isinstance(m, ModulatedConv2d)}
     wsha = weights_sha256(model)
     meta = {"format": EXPORT_FORMAT, "rt_engine_version": rt_engine_version(), "model_config": cfg.to_json(),
             "weights_sha256": wsha, "noise": noise}
@@ -453,34 +452,27 @@ def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = 
     verification: dict[str, Any] = {"tol": tol, "reference": "torch fp32, per-sample-weight modulated conv",
                                     "runtime": "onnxruntime CPUExecutionProvider", "graphs": {}}
     variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if half else [])
-    try:
-        for prec, dtype in variants:
-            for stage in stages:
-                name = f"{stage}.onnx" if prec == "fp32" else f"{stage}.{prec}.onnx"
-                path = out / name
-                ins, outs = stage_io(cfg, stage, noise)
-                # trace a copy in the compute dtype; static form so weights are constants
-                m = model if dtype == torch.float32 else _half_copy(model)
-                m.generator.set_form("static")
-                wrapper = (GeneratorStage(m, dtype, noise) if stage == "generator" else
-                           {"identity": IdentityStage, "pose": PoseStage, "audio": AudioStage}[stage](m, dtype))
-                args = tuple(example_inputs(cfg, stage, batch, noise).values())
-                log.info("exporting %s (%s)", name, prec)
-                _export_one(wrapper.eval(), args, path, ins, outs, opset)
-                _set_metadata(path, {**meta, "stage": stage, "precision": prec})
-                checks = check_graph(path, stage, cfg, noise)
-                entry = {"file": name, "sha256": sha256_file(path), "precision": prec, **checks}
-                manifest["graphs"][f"{stage}.{prec}" if prec != "fp32" else stage] = entry
-                if prec == "fp32":
-                    paths[stage] = path
-                for mod, f in forms.items():  # restore the caller's forms before the reference run
-                    mod.form = f
-                if verify:
-                    key = name[: -len(".onnx")]
-                    verification["graphs"][key] = _verify_variant(model, path, stage, batch, noise, tol, prec)
-    finally:
-        for mod, f in forms.items():
-            mod.form = f
+    for prec, dtype in variants:
+        for stage in stages:
+            name = f"{stage}.onnx" if prec == "fp32" else f"{stage}.{prec}.onnx"
+            path = out / name
+            ins, outs = stage_io(cfg, stage, noise)
+            # fp16 variants trace a copy in that dtype; the generator stage uses the static form
+            m = model if dtype == torch.float32 else _half_copy(model)
+            wrapper = (GeneratorStage(m, dtype, noise) if stage == "generator" else
+                       {"identity": IdentityStage, "pose": PoseStage, "audio": AudioStage}[stage](m, dtype))
+            args = tuple(example_inputs(cfg, stage, batch, noise).values())
+            log.info("exporting %s (%s)", name, prec)
+            _export_one(wrapper.eval(), args, path, ins, outs, opset)
+            _set_metadata(path, {**meta, "stage": stage, "precision": prec})
+            checks = check_graph(path, stage, cfg, noise)
+            entry = {"file": name, "sha256": sha256_file(path), "precision": prec, **checks}
+            manifest["graphs"][f"{stage}.{prec}" if prec != "fp32" else stage] = entry
+            if prec == "fp32":
+                paths[stage] = path
+            if verify:
+                key = name[: -len(".onnx")]
+                verification["graphs"][key] = _verify_variant(model, path, stage, batch, noise, tol, prec)
     if noise == "input" and "generator" in stages:
         # runtimes feed these for noise="stored" (the graph has no noise constants of its own)
         gen = model.generator

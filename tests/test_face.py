@@ -86,12 +86,12 @@ def test_recrop_of_padded_aligned_crop(cropper, demo_crop):
 
 
 @needs_demo
-def test_looks_aligned(demo_crop):
-    assert looks_aligned(demo_crop)
+def test_looks_aligned(demo_crop, cropper):
+    assert looks_aligned(demo_crop, cropper)
     small = np.full_like(demo_crop, 90)
     small[56:168, 56:168] = cv2.resize(demo_crop, (112, 112), interpolation=cv2.INTER_AREA)
-    assert not looks_aligned(small)
-    assert not looks_aligned(np.zeros((100, 100, 3), np.uint8))
+    assert not looks_aligned(small, cropper)
+    assert not looks_aligned(np.zeros((100, 100, 3), np.uint8), cropper)
 
 
 @pytest.mark.parametrize("kind", ["noise", "flat"])

@@ -701,7 +701,7 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     """The appearance-preserving generator (models/warp.py) starts from another variant's encoders,
     trains with them frozen, exports and renders through the engine."""
     from rt_engine.models.checkpoint import load_single
-    from training.export import export
+    from training.release import release
     from training.train import main
 
     runs = tmp_path / "runs"
@@ -716,7 +716,7 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     enc = [k for k in init if k.startswith(("pose_encoder.", "audio_encoder.", "identity_encoder.model."))]
     assert enc and all(torch.equal(init[k], got[k]) for k in enc)  # taken over, then frozen
     assert not any(k.startswith("identity_encoder.conv1x1") for k in got)
-    fresh = PCAVS(load_single(export(runs / "warp/last.pt", tmp_path / "w.safetensors", command="pytest")).cfg)
+    fresh = PCAVS(load_single(release(runs / "warp/last.pt", tmp_path / "w.safetensors", command="pytest")).cfg)
     moved = [k for k, v in fresh.generator.state_dict().items() if k.startswith("decoder")
              and not torch.equal(v, got["generator." + k])]
     assert moved  # the generator trained

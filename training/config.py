@@ -1,6 +1,6 @@
 """Training configuration: one frozen dataclass, layered defaults <- yaml <- command line.
 
-    python -m training.train --config training/configs/default_common.yaml \
+    python -m training.train --config training/configs/default_common.yaml \\
         --config training/configs/default_joint.yaml --steps 500 --lr 2e-4
 
 Every field of :class:`TrainConfig` is a command-line flag (``batch_size`` -> ``--batch-size``).
@@ -26,75 +26,81 @@ from rt_engine.errors import ConfigError
 STAGES = ("identity", "content", "joint")
 
 
+def opt(default: Any, help: str) -> Any:
+    """A TrainConfig field with its ``--help`` text (``dict`` defaults become a factory)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    stage: str = "joint"  # identity | content | joint (paper Sec. 3-4, in this order)
-    preset: str = "tiny"  # rt_engine ModelConfig preset
-    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
-    data: str = ""  # preprocessed cache folder (python -m training.preprocess)
-    holdout: str = ""  # file of identity labels to leave out ('' = use every clip)
-    out: str = "runs/debug"  # run folder (config, checkpoints, stats, plots)
-    init: str = ""  # checkpoint (.pt of an earlier stage) to start the networks from
+    stage: str = opt("joint", "identity | content | joint (paper Sec. 3-4, in this order)")
+    preset: str = opt("tiny", "rt_engine ModelConfig preset: tiny, small or official")
+    model: dict[str, Any] = opt({}, "overrides of the preset's ModelConfig fields (yaml mapping)")
+    data: str = opt("", "preprocessed cache folder (python -m training.preprocess); required")
+    holdout: str = opt("", "file of identity labels to leave out ('': use every clip)")
+    out: str = opt("runs/debug", "run folder (config, checkpoints, stats, plots); rerunning resumes it")
+    init: str = opt("", "checkpoint (.pt of an earlier stage or a .safetensors model) to start the networks from")
     # optimisation
-    steps: int = 100
-    batch_size: int = 4
-    lr: float = 1e-4
-    lr_d: float = 1e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    ema: float = 0.0  # keep an exponential moving average of the model weights with this decay
-    # (e.g. 0.999; 0 = off). training.release ships the average: GAN weights swing from step to step
-    seed: int = 0
-    bf16: bool = False  # bf16 autocast for the forward passes
-    threads: int = 0  # torch threads (0: leave torch's default)
-    device: str = "auto"  # auto | cpu | cuda
+    steps: int = opt(100, "train until this step (a resumed run continues to it)")
+    batch_size: int = opt(4, "samples per step (per process with DDP)")
+    lr: float = opt(1e-4, "Adam learning rate of the networks (constant)")
+    lr_d: float = opt(1e-4, "Adam learning rate of the discriminator")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.999, "Adam beta2")
+    ema: float = opt(0.0, "keep a moving average of the weights with this decay per step (e.g. 0.999; 0: off); "
+                          "training.release ships the average, steadier than GAN weights")
+    seed: int = opt(0, "seed: the batches and noise of step k depend only on seed, k and rank")
+    bf16: bool = opt(False, "bf16 autocast for the forward passes")
+    threads: int = opt(0, "torch threads (0: torch's own choice)")
+    device: str = opt("auto", "auto | cpu | cuda")
     # contrastive speech-content space
-    num_negatives: int = 4  # N negatives per sample (other clips + time shifts of the same clip)
-    min_shift: int = 5  # same-clip negatives are at least this many frames away
-    same_clip_negatives: float = 0.5  # fraction of the N negatives drawn from the positive's own clip
-    # (time shifts: only these force lip content; other clips can be told apart by voice and face)
-    temperature: float = 0.07  # InfoNCE softmax temperature on cosine similarities
+    num_negatives: int = opt(4, "InfoNCE negatives per sample (other clips + time shifts of the same clip)")
+    min_shift: int = opt(5, "same-clip negatives lie at least this many frames away")
+    same_clip_negatives: float = opt(0.5, "share of the negatives taken from the positive's own clip (time "
+                                          "shifts: only these force lip content; other clips differ by voice and face)")
+    temperature: float = opt(0.07, "InfoNCE softmax temperature on cosine similarities")
     # loss weights of the joint stage (paper: all 1)
-    w_gan: float = 1.0
-    w_fm: float = 1.0
-    w_vgg: float = 1.0
-    w_l1: float = 1.0  # pixel L1 between generated and target frame
-    w_mouth: float = 0.0  # extra pixel L1 on the mouth box of the aligned crop (MOUTH_BOX), lip-sync signal
-    gan_start: int = 0  # GAN and feature-matching losses (and D updates) start at this step: L1 warm-up
-    w_content: float = 1.0
-    w_open: float = 0.0  # audio content -> mouth opening regression (labels: python -m training.mouth_labels)
-    w_open_img: float = 0.0  # generated frame's mouth opening (judged by a head that learns it on real
-    # targets in the same step, frozen for the generated frame) against the label; needs w_open's labels
-    open_img_warmup: int = 0  # before step 0 of a fresh run: train the w_open_img head alone for this many
-    # steps (batch 32 of real frames), so it judges the generator sensibly from the start
-    w_sync: float = 0.0  # lip-sync loss: InfoNCE of the *generated* frame's content against its audio,
-    # scored by a frozen copy of the content encoders taken at the start of the run (Wav2Lip-style expert)
-    w_id: float = 1.0
-    freeze_encoders: bool = False  # joint: train the generator (and the warp variant's appearance encoder)
-    # and the heads only; V, E and A keep their weights and run without backward (about half the step)
-    video_only_frac: float = 0.0  # joint: this fraction of each batch from video-only clips (more faces for
-    # identity and pose; their mouth box is left out of the pixel losses, as are their feature matching
-    # and opening losses, since their mel is someone else's speech). Cache: preprocess --keep-silent
-    vgg_weights: str = ""  # ImageNet VGG19 state_dict: path or URL ('' disables the VGG loss, with a warning)
-    d_scales: int = 2  # multi-scale discriminator: number of image scales
-    d_channels: int = 64
-    d_layers: int = 3
+    w_gan: float = opt(1.0, "weight of the GAN loss (hinge)")
+    w_fm: float = opt(1.0, "weight of discriminator feature matching")
+    w_vgg: float = opt(1.0, "weight of the VGG19 perceptual loss (needs --vgg-weights)")
+    w_l1: float = opt(1.0, "weight of the pixel L1 between generated and target frame")
+    w_mouth: float = opt(0.0, "extra pixel L1 on the mouth box of the aligned crop (a lip-sync signal)")
+    gan_start: int = opt(0, "GAN and feature-matching losses, and D updates, start at this step (L1 warm-up)")
+    w_content: float = opt(1.0, "weight of the audio-visual content InfoNCE")
+    w_open: float = opt(0.0, "audio content -> mouth opening regression (labels: python -m training.mouth_labels)")
+    w_open_img: float = opt(0.0, "the generated frame's mouth opening, judged by a head that learns it on real "
+                                 "targets in the same step (frozen for the generated frame), against the label")
+    open_img_warmup: int = opt(0, "before step 0 of a fresh run, train the w_open_img head alone for this many "
+                                  "steps (batch 32 of real frames)")
+    w_sync: float = opt(0.0, "lip-sync loss: InfoNCE of the generated frame's content against its audio, scored "
+                             "by a frozen copy of the content encoders from --init (Wav2Lip-style expert)")
+    w_id: float = opt(1.0, "weight of the identity classification loss")
+    freeze_encoders: bool = opt(False, "joint: train the generator (and the warp variant's appearance encoder) "
+                                       "and the heads only; V, E and A keep their weights and run without "
+                                       "backward (about half the step)")
+    video_only_frac: float = opt(0.0, "joint: this share of each batch from video-only clips (more faces; their "
+                                      "mouth is not judged). Cache: preprocess --keep-silent")
+    vgg_weights: str = opt("", "ImageNet VGG19 state_dict, path or URL ('': the VGG loss is off, with a warning)")
+    d_scales: int = opt(2, "multi-scale discriminator: number of image scales")
+    d_channels: int = opt(64, "discriminator channels of the first layer")
+    d_layers: int = opt(3, "discriminator layers per scale")
     # augmentation of the non-identity branch
-    color_strength: float = 0.2  # per-channel gain/bias range
-    persp_margin: float = 0.1  # source points outside the image by up to this fraction of the size
-    persp_shift: float = 0.06  # target points moved symmetrically along x by up to this fraction
-    crop_min: float = 0.85  # centred random crop keeps at least this fraction of the side
-    # joint stage: this share of samples gets a new look (training.augment.Look: mirrored and/or
-    # recoloured, target, reference and pose frame alike), so few identities look like more
-    look_p: float = 0.0
-    look_strength: float = 0.3  # per-channel gain/bias range of a new look
+    color_strength: float = opt(0.2, "pose-branch augmentation: per-channel gain/bias range")
+    persp_margin: float = opt(0.1, "pose-branch augmentation: source points up to this fraction outside the image")
+    persp_shift: float = opt(0.06, "pose-branch augmentation: target points moved along x by up to this fraction")
+    crop_min: float = opt(0.85, "pose-branch augmentation: a centred random crop keeps at least this share")
+    look_p: float = opt(0.0, "joint: this share of samples gets a new look (mirrored and/or recoloured; target, "
+                             "reference and pose frame alike), so few identities look like more")
+    look_strength: float = opt(0.3, "per-channel gain/bias range of a new look")
     # bookkeeping
-    log_every: int = 10
-    sample_every: int = 100
-    ckpt_every: int = 200  # steps
-    ckpt_minutes: float = 5.0  # also checkpoint after this many minutes of wall time
-    overfit_one_batch: bool = False  # always train on the batch of step 0 (debugging, tests)
+    log_every: int = opt(10, "log the losses every this many steps")
+    sample_every: int = opt(100, "write a sample grid every this many steps")
+    ckpt_every: int = opt(200, "checkpoint every this many steps")
+    ckpt_minutes: float = opt(5.0, "also checkpoint after this many minutes of wall time")
+    overfit_one_batch: bool = opt(False, "always train on the batch of step 0 (debugging, tests)")
 
     def model_config(self) -> ModelConfig:
         base = model_preset(self.preset)
@@ -175,17 +181,20 @@ def _bool(s: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the parser's own defaults stay None (a flag given overrides the yaml files); --help shows the
+    # dataclass default
     ap.add_argument("--config", action="append", default=[],
                     help="yaml file of TrainConfig fields; repeat to layer several (later ones win)")
     for f in dataclasses.fields(TrainConfig):
-        default = TrainConfig.__dataclass_fields__[f.name]
-        kind = type(default.default) if default.default is not dataclasses.MISSING else dict
+        kind = type(f.default) if f.default is not dataclasses.MISSING else dict
+        shown = f.default if f.default is not dataclasses.MISSING else {}
+        help = f"{f.metadata['help']} (default: {shown!r})"
         if kind is bool:
-            ap.add_argument(_flag(f.name), type=_bool, default=None, metavar="BOOL")
+            ap.add_argument(_flag(f.name), type=_bool, default=None, metavar="BOOL", help=help)
         elif kind is dict:
-            ap.add_argument(_flag(f.name), type=yaml.safe_load, default=None, metavar="YAML")
+            ap.add_argument(_flag(f.name), type=yaml.safe_load, default=None, metavar="YAML", help=help)
         else:
-            ap.add_argument(_flag(f.name), type=kind, default=None)
+            ap.add_argument(_flag(f.name), type=kind, default=None, help=help)
     return ap
 
 

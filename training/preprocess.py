@@ -178,7 +178,7 @@ def process_clip(src: Source, out_root: str) -> dict:
                 return {**base, "status": "skipped", "reason": "no audio (silent track)"}
             _, mel = audio_in.audio_features(wav)
         frames = read_video(src.video)  # [N,H,W,3] at 25 fps
-        if frames.shape[1:3] == (224, 224) and looks_aligned(frames[0]):
+        if frames.shape[1:3] == (224, 224) and looks_aligned(frames[0], _cropper()):
             crops, how = frames, "already aligned"
         else:
             crops, how = _cropper().crop_video(frames, name=src.id), "face-tracked"

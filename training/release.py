@@ -1,6 +1,6 @@
 """Training checkpoint (.pt) -> the engine's single-file model (.safetensors) with provenance.
 
-    python -m training.release runs/default/joint/last.pt rt_engine/assets/default.safetensors --half \
+    python -m training.release runs/default/joint/last.pt rt_engine/assets/default.safetensors --half \\
         --command "bash training/train_default.sh"
 
 The provenance stored in the file (and printed) holds the data, the stage configs, the steps,

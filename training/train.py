@@ -1,9 +1,9 @@
 """Train PC-AVS (paper Sec. 3-4) in three stages; one small loop for all of them.
 
     python -m training.train --stage identity --data runs/data/train --out runs/x/identity --steps 500
-    python -m training.train --stage content  --data runs/data/train --out runs/x/content \
+    python -m training.train --stage content  --data runs/data/train --out runs/x/content \\
         --init runs/x/identity/last.pt
-    python -m training.train --stage joint    --data runs/data/train --out runs/x/joint \
+    python -m training.train --stage joint    --data runs/data/train --out runs/x/joint \\
         --init runs/x/content/last.pt
     torchrun --nproc_per_node 8 -m training.train --config my.yaml     # DDP (nccl on GPU, gloo on CPU)
 

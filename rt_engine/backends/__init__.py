@@ -115,12 +115,13 @@ def make_backend(name: str, checkpoint: str | Path | None = None, precision: str
         return TorchCudaRunner(_load(checkpoint, model), precision=precision, **options)
     m = _load(checkpoint, model)
     if name == "torch":
-        import copy
-
         from rt_engine.backends.torch_backend import TorchRunner
 
-        # TorchRunner switches the generator form / memory format in place: keep the caller's model as is
-        return TorchRunner(copy.deepcopy(m) if model is not None else m, precision=precision or "fp32", **options)
+        # the runner picks the generator's form per call; a caller's model is shared, not copied, so
+        # its encoders keep their memory format (channels-last weights only for a model loaded here)
+        if model is not None:
+            options.setdefault("channels_last", False)
+        return TorchRunner(m, precision=precision or "fp32", **options)
     if name in ("torch-fast", "torch-compile"):
         from rt_engine.backends.torch_backend import FastTorchRunner
 

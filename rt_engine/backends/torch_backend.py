@@ -38,7 +38,7 @@ class TorchRunner(Runner):
         self.precision = precision
         self.device = torch.device(device)
         fast = precision == "bf16"
-        self.model.generator.set_form(form or ("static" if fast else "ref"))
+        self.form = form or ("static" if fast else "ref")  # passed per call: the model itself is not flipped
         self.channels_last = fast if channels_last is None else channels_last
         if self.channels_last:  # the encoders' 4-D conv weights; G's weights are 5-D [1,Cout,Cin,k,k]
             for enc in (self.model.identity_encoder, self.model.pose_encoder, self.model.audio_encoder):
@@ -80,7 +80,7 @@ class TorchRunner(Runner):
     def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = self.style(id0, mouth, pose).to(self.device)
         with self._ctx():
-            out = self.model.generate(style, self._in(id1), noise)
+            out = self.model.generate(style, self._in(id1), noise, form=self.form)
         return self._out(out)
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,

@@ -344,24 +344,15 @@ class FaceCropper:
         return np.stack(crops)
 
 
-_SHARED: FaceCropper | None = None
-
-
-def _shared_cropper() -> FaceCropper:
-    global _SHARED
-    if _SHARED is None:
-        _SHARED = FaceCropper()
-    return _SHARED
-
-
 def alignment_error(face: FaceBox, size: int = 224) -> tuple[float, float]:
     """(|log scale|, shift in pixels) of the transform that would re-crop ``face`` to the template."""
     s, tx, ty = fit_scale_translation(face.keypoints, TEMPLATE_224 * (size / TEMPLATE_SIZE))
     return abs(math.log(max(s, 1e-6))), math.hypot(tx, ty)
 
 
-def looks_aligned(img_rgb_u8: np.ndarray, max_log_scale: float = 0.12, max_shift: float = 12.0) -> bool:
-    """True for a 224x224 image whose face already sits at the template framing.
+def looks_aligned(img_rgb_u8: np.ndarray, cropper: FaceCropper, max_log_scale: float = 0.12,
+                  max_shift: float = 12.0) -> bool:
+    """True for a 224x224 image whose face already sits at the template framing (``cropper`` detects it).
 
     The bounds (12% scale, 12 px shift) cover the spread of the aligned VoxCeleb2 demo crops
     themselves (head pose moves the landmarks within a fixed crop).
@@ -369,7 +360,7 @@ def looks_aligned(img_rgb_u8: np.ndarray, max_log_scale: float = 0.12, max_shift
     img = np.asarray(img_rgb_u8)
     if img.ndim != 3 or img.shape[:2] != (TEMPLATE_SIZE, TEMPLATE_SIZE):
         return False
-    face = _shared_cropper().detect(img)
+    face = cropper.detect(img)
     if face is None:
         return False
     dlog, shift = alignment_error(face)

@@ -76,7 +76,8 @@ def align_frames(frames: np.ndarray, aligned: bool, name: str = "video") -> np.n
         return frames
     from rt_engine.inputs.face import FaceCropper
 
-    return FaceCropper().crop_video(frames, name=name)
+    with FaceCropper() as fc:  # its own instance: video smoothing keeps per-call state
+        return fc.crop_video(frames, name=name)
 
 
 def align_image(img: np.ndarray, aligned: bool, name: str = "image") -> np.ndarray:
@@ -87,7 +88,8 @@ def align_image(img: np.ndarray, aligned: bool, name: str = "image") -> np.ndarr
 def _crop_one(img: np.ndarray, name: str) -> np.ndarray:
     from rt_engine.inputs.face import FaceCropper
 
-    return FaceCropper().crop_image(img)
+    with FaceCropper() as fc:
+        return fc.crop_image(img, name=name)
 
 
 # ------------------------------------------------------------------------------------ idle motion

@@ -68,21 +68,26 @@ class Generator(nn.Module):
         return noise_maps(mode, self.stored_noise(), like.shape[0] if mode == NoiseMode.RANDOM else None)
 
     def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
-                taps: dict[str, Tensor] | None = None) -> Tensor:
-        """style [B,S], id_map [B,C,7,7] -> image [B,3,size,size]. ``taps`` collects intermediates."""
+                taps: dict[str, Tensor] | None = None, form: str | None = None) -> Tensor:
+        """style [B,S], id_map [B,C,7,7] -> image [B,3,size,size]. ``taps`` collects intermediates.
+
+        ``form``: the modulated-conv form of this call ("ref" or "static"; None: each layer's own,
+        set by :meth:`set_form`). Runners pass it per call, so a shared model is never flipped."""
+        if form is not None and form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
-        x = self.conv1(id_map, style, noises[0])  # [B,512,7,7]
-        skip = self.to_rgb1(x, style)  # [B,3,7,7]
+        x = self.conv1(id_map, style, noises[0], form)  # [B,512,7,7]
+        skip = self.to_rgb1(x, style, form=form)  # [B,3,7,7]
         if taps is not None:
             taps["conv1"], taps[f"skip{x.shape[-1]}"] = x, skip
         for j in range(self.cfg.n_up):
-            x = self.convs[2 * j](x, style, noises[2 * j + 1])  # [B,C,2H,2W]
+            x = self.convs[2 * j](x, style, noises[2 * j + 1], form)  # [B,C,2H,2W]
             if taps is not None:
                 taps[f"convs{2 * j}"] = x
-            x = self.convs[2 * j + 1](x, style, noises[2 * j + 2])
+            x = self.convs[2 * j + 1](x, style, noises[2 * j + 2], form)
             if taps is not None:
                 taps[f"convs{2 * j + 1}"] = x
-            skip = self.to_rgbs[j](x, style, skip)
+            skip = self.to_rgbs[j](x, style, skip, form)
             if taps is not None:
                 taps[f"skip{x.shape[-1]}"] = skip
         return torch.tanh(skip)

@@ -149,9 +149,10 @@ class ModulatedConv2d(nn.Module):
     def scaled_weight(self) -> Tensor:  # [Cout,Cin,k,k]
         return self.weight[0] * self.scale
 
-    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+    def forward(self, x: Tensor, style: Tensor, form: str | None = None) -> Tensor:
+        """``form``: this call's form (None: the module's ``form``), so a runner never flips a shared model."""
         s = self.modulation(style)  # [B,Cin]
-        return modulated_conv2d(x, s, self.scaled_weight(), self.demodulate, self.upsample, self.form)
+        return modulated_conv2d(x, s, self.scaled_weight(), self.demodulate, self.upsample, form or self.form)
 
 
 class NoiseInjection(nn.Module):
@@ -181,8 +182,8 @@ class StyledConv(nn.Module):
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(cout)
 
-    def forward(self, x: Tensor, style: Tensor, noise: Tensor) -> Tensor:
-        return self.activate(self.noise(self.conv(x, style), noise))
+    def forward(self, x: Tensor, style: Tensor, noise: Tensor, form: str | None = None) -> Tensor:
+        return self.activate(self.noise(self.conv(x, style, form), noise))
 
 
 class ToRGB(nn.Module):
@@ -193,10 +194,10 @@ class ToRGB(nn.Module):
         self.conv = ModulatedConv2d(cin, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
-    def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None, form: str | None = None) -> Tensor:
         # 1x1 conv to 3 channels and the skip sum are cheap; fp32 keeps the image precise under autocast.
         with torch.autocast(x.device.type, enabled=False):
-            out = self.conv(x.float(), style) + self.bias.float()  # [B,3,H,W]
+            out = self.conv(x.float(), style, form) + self.bias.float()  # [B,3,H,W]
             if skip is not None:
                 out = out + upfirdn2d(skip.float(), blur_kernel(x.device), up=2, pad=(2, 1))
         return out

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import NOISE_MODES, ModelConfig
+from rt_engine.config import ModelConfig, NoiseMode
+from rt_engine.models.generator import noise_maps
 from rt_engine.models.modconv import FORMS, LRELU_SLOPE, ModulatedConv2d, StyledConv, ToRGB
 
 PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
@@ -116,28 +117,27 @@ class WarpGenerator(nn.Module):
                 mod.form = form
         return self
 
-    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
-        bufs = [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
-        if mode == "stored":
-            return bufs
-        if mode == "zero":
-            return [torch.zeros_like(b) for b in bufs]
-        if mode == "random":
-            return [torch.randn(like.shape[0], 1, n.shape[2], n.shape[3], device=like.device) for n in bufs]
-        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+    def stored_noise(self) -> list[Tensor]:
+        """The checkpoint's noise maps, [1,1,r,r] each."""
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
 
-    def motion_field(self, style: Tensor, feat: Tensor, noises: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
+        return noise_maps(mode, self.stored_noise(), like.shape[0] if mode == NoiseMode.RANDOM else None)
+
+    def motion_field(self, style: Tensor, feat: Tensor, noises: list[Tensor],
+                     form: str | None = None) -> tuple[Tensor, Tensor]:
         """-> flow [B,2,S/4,S/4] (normalised units), occlusion [B,1,S/4,S/4] in (0,1)."""
         h1 = F.leaky_relu(self.down1(feat), LRELU_SLOPE)  # [B,M,S/8,S/8]
         h = F.leaky_relu(self.down2(h1), LRELU_SLOPE)  # [B,M,S/16,S/16]
-        h = self.motion[0](h, style, noises[0])  # [B,M,S/16,S/16]
-        h = self.motion[1](h, style, noises[1]) + h1  # [B,M,S/8,S/8]
-        h = self.motion[2](h, style, noises[2])  # [B,M,S/4,S/4]
+        h = self.motion[0](h, style, noises[0], form)  # [B,M,S/16,S/16]
+        h = self.motion[1](h, style, noises[1], form) + h1  # [B,M,S/8,S/8]
+        h = self.motion[2](h, style, noises[2], form)  # [B,M,S/4,S/4]
         out = self.flow_head(h).float()  # [B,3,S/4,S/4]
         return out[:, :2], torch.sigmoid(out[:, 2:])
 
-    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = "stored",
-                taps: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
+                taps: dict[str, Tensor] | None = None, form: str | None = None) -> Tensor:
+        """``form``: the modulated-conv form of this call (None: each layer's own), as Generator.forward."""
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
         f = self.cfg.warp_feat
         feat = id_map[:, :f]  # [B,F,S/4,S/4]
@@ -145,13 +145,13 @@ class WarpGenerator(nn.Module):
         b = style.shape[0]
         if feat.shape[0] != b:
             feat, photo = feat.expand(b, -1, -1, -1), photo.expand(b, -1, -1, -1)
-        flow, occ = self.motion_field(style, feat, noises)
+        flow, occ = self.motion_field(style, feat, noises, form)
         x = warp(feat, flow, self.grid_q) * occ.to(feat.dtype)  # [B,F,S/4,S/4]
         skip = None
         for j in range(3):
-            x = self.decoder[2 * j](x, style, noises[3 + 2 * j])  # level j: [B,D_j,S/4*2^j,...]
-            x = self.decoder[2 * j + 1](x, style, noises[4 + 2 * j])
-            skip = self.to_rgbs[j](x, style, skip)  # [B,3,...]
+            x = self.decoder[2 * j](x, style, noises[3 + 2 * j], form)  # level j: [B,D_j,S/4*2^j,...]
+            x = self.decoder[2 * j + 1](x, style, noises[4 + 2 * j], form)
+            skip = self.to_rgbs[j](x, style, skip, form)  # [B,3,...]
         drawn = torch.tanh(skip.float())  # [B,3,S,S]
         big = F.interpolate(flow, scale_factor=PACK, mode="bilinear", align_corners=False)  # [B,2,S,S]
         warped = warp(photo, big, self.grid_s)  # [B,3,S,S]
@@ -180,7 +180,7 @@ class FastWarpGenerator(nn.Module):
     def identity_base(self, id0: Tensor) -> Tensor:  # [1|B,id_dim]: the identity part of the style
         return id0.float()
 
-    def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = "stored") -> Tensor:
+    def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = torch.cat([base.float(), var.float()], dim=1)  # [B, id | mouth | pose]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             return self.gen(style, id_map, noise).float()  # [B,3,S,S]

@@ -168,7 +168,8 @@ def write_mp4(path: str | Path, frames_u8: np.ndarray, frame_inds: np.ndarray, w
     import av
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.parent.is_dir():
+        raise InputError(f"output folder does not exist: {p.parent}")
     if len(frames_u8) == 0:
         raise InputError("nothing to write: no frames were generated")
     h, w = frames_u8.shape[1:3]
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out and not args.save_raw:
         print("error: give --out out.mp4 and/or --save-raw frames.npz", file=sys.stderr)
         return 2
+    for out in (args.out, args.save_raw):  # checked before rendering; never created (a typo could write to /)
+        if out and not Path(out).resolve().parent.is_dir():
+            raise InputError(f"output folder does not exist: {Path(out).resolve().parent} (create it first)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -256,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
              res.runner)
     if args.save_raw:
-        Path(args.save_raw).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_raw, frames=res.frames, frame_inds=res.frame_inds, pose_inds=res.pose_inds)
         log.info("wrote %s", args.save_raw)
     if args.out:

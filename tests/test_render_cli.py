@@ -133,6 +133,14 @@ def test_bad_inputs(assets, tmp_path):
     assert "0.2 s" in _err(run("--identity", a["id"], "--audio", tmp_path / "short.wav", *base))
     (tmp_path / "junk.wav").write_bytes(b"junk" * 100)
     assert "junk.wav" in _err(run("--identity", a["id"], "--audio", tmp_path / "junk.wav", *base))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    assert "empty (0 bytes)" in _err(run("--identity", a["id"], "--audio", tmp_path / "empty.wav", *base))
+    (tmp_path / "bad.mp3").write_bytes(bytes(range(256)) * 12)  # _err: one line, no decoder "Note:" lines
+    msg = _err(run("--identity", a["id"], "--audio", tmp_path / "bad.mp3", *base))
+    assert "bad.mp3" in msg and "Errno" not in msg
+    missing = ["--pose", "still", "--aligned", "--checkpoint", a["ckpt"], "--out", tmp_path / "no" / "x.mp4"]
+    assert "output folder does not exist" in _err(run("--identity", a["id"], "--audio", a["audio"], *missing))
+    assert not (tmp_path / "no").exists()
     assert "pose source not found" in _err(run("--identity", a["id"], "--audio", a["audio"], "--pose",
                                                tmp_path / "nope", "--checkpoint", a["ckpt"], "--out", "x.mp4"))
 
@@ -167,7 +175,7 @@ def test_image_without_face(assets, tmp_path):
     cv2.imwrite(str(tmp_path / "flat.png"), np.full((300, 300, 3), 128, np.uint8))
     msg = _err(run("--identity", tmp_path / "flat.png", "--audio", a["audio"], "--checkpoint", a["ckpt"],
                    "--out", tmp_path / "x.mp4"))
-    assert "no face" in msg
+    assert "no face" in msg and "flat.png" in msg
 
 
 def test_raw_photo_is_detected_and_cropped(assets, tmp_path):

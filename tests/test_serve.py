@@ -352,3 +352,17 @@ def test_session_churn_leaks_nothing(tiny_engine):
     assert alive == 0
     assert d_threads <= 1
     assert d_rss < 80
+
+
+def test_page_has_an_inline_favicon_and_names_the_audio_file():
+    static = ROOT / "rt_engine" / "serve" / "static"
+    html = (static / "index.html").read_text()
+    assert '<link rel="icon" href="data:image/svg+xml,' in html  # no request, so no 404 for /favicon.ico
+    assert "choose a audio" not in (static / "app.js").read_text()
+
+
+def test_file_audio_describes_itself_for_the_page():
+    from rt_engine.stream.sources import DEFAULT_SPEECH, FileAudio
+
+    desc = FileAudio(DEFAULT_SPEECH).describe()
+    assert desc.startswith(f"file {DEFAULT_SPEECH.name}, ") and desc.endswith(" s, looped")

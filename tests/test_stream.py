@@ -52,12 +52,12 @@ def test_streaming_mel_equals_offline_for_random_chunks(seed):
         n = int(rng.choice([0, 1, 7, 160, 333, 641, 1280, 4000]))
         sm.accept(x[pos:pos + n])
         pos += n
-        rows.append(sm.get_frames())
+        rows.append(sm.get_rows())
         i, w = sm.get_windows()
         got_idx.append(i)
         got_win.append(w)
     sm.finish()
-    rows.append(sm.get_frames())
+    rows.append(sm.get_rows())
     i, w = sm.get_windows()
     got_idx.append(i)
     got_win.append(w)
@@ -79,10 +79,10 @@ def test_live_audio_input_holds_bounded_mel_history():
     assert taken >= 60 * 25 - 5
     assert ai.mel.rows_held <= audio_in.MEL_WINDOW + 8  # one window of history, not a minute of rows
     with pytest.raises(RuntimeError, match="outputs='windows'"):
-        ai.mel.get_frames()
+        ai.mel.get_rows()
     rows_only = audio_in.StreamingMel(outputs="rows")
     rows_only.accept(x)
-    assert rows_only.rows_held == rows_only.frames_ready() == len(rows_only.get_frames())
+    assert rows_only.rows_held == rows_only.rows_ready() == len(rows_only.get_rows())
     assert rows_only.rows_held == 0
     with pytest.raises(ValueError, match="outputs"):
         audio_in.StreamingMel(outputs="all")

@@ -40,6 +40,13 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"audio file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: the file is empty (0 bytes)")
+    if p.suffix.lower() == ".mp3":
+        # libsndfile's mp3 decoder prints "Note: ..." lines on stderr for a damaged file before it fails;
+        # FFmpeg's probe rejects such a file quietly first (a readable mp3 is still decoded by
+        # libsndfile below, the decoder of upstream's librosa.load, so its samples are unchanged)
+        _probe_with_av(p)
     try:
         import soundfile as sf
 
@@ -49,6 +56,26 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     if data.size == 0:
         raise InputError(f"{p}: contains no audio samples")
     return resample_mono(data, file_sr, sr)
+
+
+def _av_error(p: Path, e: Exception) -> InputError:
+    """One readable line for an FFmpeg error (its message, not its raw error number)."""
+    why = getattr(e, "strerror", None) or str(e)
+    return InputError(f"{p}: not a readable audio file ({why})")
+
+
+def _probe_with_av(p: Path) -> None:
+    """Raise InputError unless FFmpeg finds an audio stream in ``p`` (reads the header only)."""
+    import av
+
+    try:
+        with av.open(str(p)) as c:
+            if not c.streams.audio:
+                raise InputError(f"{p}: has no audio track")
+    except InputError:
+        raise
+    except Exception as e:
+        raise _av_error(p, e) from None
 
 
 def _decode_with_av(p: Path) -> tuple[np.ndarray, int]:
@@ -72,7 +99,7 @@ def _decode_with_av(p: Path) -> tuple[np.ndarray, int]:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{p}: unreadable audio ({type(e).__name__}: {e})") from None
+        raise _av_error(p, e) from None
     if not chunks:
         raise InputError(f"{p}: contains no audio samples")
     return np.concatenate(chunks).astype(np.float32)[:, None], int(rate)
@@ -220,13 +247,13 @@ def samples_needed(frame: int) -> int:
 
 # ------------------------------------------------------------------------------------ streaming
 class StreamingMel:
-    """Chunked mel front end: ``accept(samples)`` / ``frames_ready()`` / ``get_frames()``.
+    """Chunked mel front end: ``accept(samples)`` / ``rows_ready()`` / ``get_rows()``.
 
     ``gain`` multiplies every input sample (use :func:`rms_gain` of the whole file for file input,
-    which makes the result equal to :func:`log_mel` of :func:`normalize`). "Frames" here are
-    mel rows (100/s); :meth:`get_windows` hands out the 20-row windows of video frames.
+    which makes the result equal to :func:`log_mel` of :func:`normalize`). :meth:`get_rows` hands
+    out mel rows (100/s); :meth:`get_windows` hands out the 20-row windows of video frames.
 
-    ``outputs`` says which of the two a caller takes: "rows" (:meth:`get_frames`), "windows"
+    ``outputs`` says which of the two a caller takes: "rows" (:meth:`get_rows`), "windows"
     (:meth:`get_windows`) or "both". Rows are held until they are taken, so an output nobody takes
     would grow without bound on a long stream: a live session asks for "windows" only.
     """
@@ -289,12 +316,12 @@ class StreamingMel:
         if self.outputs not in (output, "both"):
             raise RuntimeError(f"this StreamingMel was made with outputs={self.outputs!r}; it does not keep {output}")
 
-    def frames_ready(self) -> int:
-        """Mel rows computed and not yet taken by :meth:`get_frames`."""
+    def rows_ready(self) -> int:
+        """Mel rows computed and not yet taken by :meth:`get_rows`."""
         self._check("rows")
         return len(self._rows)
 
-    def get_frames(self) -> np.ndarray:
+    def get_rows(self) -> np.ndarray:
         """Take the computed mel rows. -> [n,80] f32"""
         self._check("rows")
         out = np.stack(self._rows) if self._rows else np.zeros((0, N_MELS), np.float32)

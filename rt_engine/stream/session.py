@@ -547,7 +547,7 @@ class Session:
             "session": self.sid,
             "age_s": round(age, 2),
             "audio": self.opts.audio,
-            "audio_input": self.audio.input_format,
+            "audio_input": self.file_audio.describe() if self.file_audio is not None else self.audio.input_format,
             "pose": self.pose.kind,
             "pose_updates": getattr(self.pose, "updates", None),
             "frames_sent": s.frames_sent,

@@ -323,6 +323,10 @@ class FileAudio:
         self.gain = audio_in.rms_gain(self.wav16)  # whole-file RMS normalisation (offline semantics)
         self.loop = loop
 
+    def describe(self) -> str:
+        """What the page shows as the audio input, e.g. ``file speech.flac, 7.1 s, looped``."""
+        return f"file {self.path.name}, {self.wav16.size / SAMPLE_RATE:.1f} s" + (", looped" if self.loop else "")
+
     def chunk(self, start16: int, n16: int) -> tuple[np.ndarray, np.ndarray]:
         """16 kHz samples [start16, start16+n16) (looping or zero past the end) and the 48 kHz match."""
         n = self.wav16.size

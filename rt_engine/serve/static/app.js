@@ -21,7 +21,7 @@ function authHeaders() {
 
 async function upload(kind, input) {
   const file = input.files[0];
-  if (!file) throw new Error(`choose a ${kind} file first`);
+  if (!file) throw new Error(`choose ${kind === "audio" ? "an" : "a"} ${kind} file first`);
   const form = new FormData();
   form.append("file", file, file.name);
   const r = await fetch(`/upload?kind=${kind}`, { method: "POST", body: form, headers: authHeaders() });

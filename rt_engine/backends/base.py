@@ -64,7 +64,7 @@ class Runner(ABC):
                  noise: str = NoiseMode.STORED) -> Tensor: ...
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = "stored") -> np.ndarray:
+                       noise: str = NoiseMode.STORED) -> np.ndarray:
         """Like :meth:`generate`, but the frames come out as [B,H,W,3] uint8 (what a stream sends).
         Backends that can fold the conversion into their model call override this."""
         from rt_engine.inputs.image import to_uint8

@@ -149,7 +149,7 @@ class OpenVINORunner(_OnnxRunnerBase):
         return f"{self.name} ({self.precision}, plugin runs {self.effective_precision}, model '{self.cfg.name}')"
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = "stored") -> np.ndarray:
+                       noise: str = NoiseMode.STORED) -> np.ndarray:
         """The generator graph with the [-1,1] -> uint8 NHWC conversion compiled into it (an OpenVINO
         post-processing step: scale, clamp, truncate, convert, transpose) -> [B,H,W,3] uint8."""
         style = self.style(id0, mouth, pose)  # [B,S]

@@ -84,7 +84,7 @@ class TorchRunner(Runner):
         return self._out(out)
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = "stored") -> np.ndarray:  # -> [B,H,W,3] u8
+                       noise: str = NoiseMode.STORED) -> np.ndarray:  # -> [B,H,W,3] u8
         return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place
 
 
@@ -222,5 +222,5 @@ class FastTorchRunner(Runner):
         return self._out(self._gen(base.expand(b, -1), var, id_map, noise))
 
     def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = "stored") -> np.ndarray:  # -> [B,H,W,3] u8
+                       noise: str = NoiseMode.STORED) -> np.ndarray:  # -> [B,H,W,3] u8
         return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place

@@ -135,31 +135,15 @@ def clips_from_dir(path: Path) -> list[ClipSpec]:
 
 # ------------------------------------------------------------------ loading
 def _video_frames_25fps(path: Path, max_frames: int | None) -> Iterator[np.ndarray]:
-    """Decodes a video and resamples it to 25 fps (nearest frame in time); yields [H,W,3] RGB."""
-    import av
+    """A video at 25 fps, decoded by the inference code (:func:`rt_engine.inputs.pose.iter_video`:
+    nearest earlier frame); yields [H,W,3] RGB. Unreadable videos are skipped with the reason."""
+    from rt_engine.errors import InputError
+    from rt_engine.inputs.pose import iter_video
 
-    k = 0
-    prev = None  # (time, frame)
-    with av.open(str(path)) as c:
-        if not c.streams.video:
-            raise SkipClip("no video stream")
-        for fr in c.decode(video=0):
-            t = float(fr.time) if fr.time is not None else (prev[0] + 1 / FPS if prev else 0.0)
-            img = fr.to_ndarray(format="rgb24")
-            if prev is None:
-                prev = (t, img)
-                continue
-            mid = (prev[0] + t) / 2
-            while k / FPS < mid:
-                if max_frames is not None and k >= max_frames:
-                    return
-                yield prev[1]
-                k += 1
-            prev = (t, img)
-        if prev is not None:
-            while k / FPS <= prev[0] + 0.5 / FPS and (max_frames is None or k < max_frames):
-                yield prev[1]
-                k += 1
+    try:
+        yield from iter_video(path, FPS, max_frames)
+    except InputError as e:
+        raise SkipClip(str(e)) from None
 
 
 def _dir_frames(path: Path, max_frames: int | None) -> Iterator[np.ndarray]:
@@ -171,46 +155,19 @@ def _dir_frames(path: Path, max_frames: int | None) -> Iterator[np.ndarray]:
         yield cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _resample(x: np.ndarray, sr: int) -> np.ndarray:
-    if sr == SR:
-        return x.astype(np.float32)
-    import soxr
-
-    return soxr.resample(x, sr, SR, quality="HQ").astype(np.float32)
-
-
 def load_audio(spec: ClipSpec) -> np.ndarray:
-    """[S] float32 mono 16 kHz from the companion file or the video's audio track."""
-    if spec.audio is not None:
-        import soundfile as sf
+    """[S] float32 mono 16 kHz from the companion file or the video's audio track, decoded by the
+    inference code (:func:`rt_engine.inputs.audio.load_audio`)."""
+    from rt_engine.errors import InputError
+    from rt_engine.inputs import audio as audio_in
 
-        try:
-            x, sr = sf.read(str(spec.audio), dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a skip reason
-            raise SkipClip(f"unreadable audio {spec.audio.name}: {e}") from e
-        return _resample(x.mean(1), sr)
-    if spec.video is None:
+    src = spec.audio if spec.audio is not None else spec.video
+    if src is None:
         raise SkipClip("no audio")
-    import av
-
-    with av.open(str(spec.video)) as c:
-        if not c.streams.audio:
-            raise SkipClip("no audio track")
-        stream = c.streams.audio[0]
-        sr = stream.rate
-        chunks = []
-        for fr in c.decode(audio=0):
-            a = fr.to_ndarray()  # [C,S] (planar) or [1,S*C] (packed)
-            if fr.format.is_planar:
-                a = a.mean(0)
-            else:
-                a = a.reshape(-1, len(fr.layout.channels)).mean(1)
-            if a.dtype.kind == "i":
-                a = a / float(np.iinfo(a.dtype).max)
-            chunks.append(a.astype(np.float32))
-    if not chunks:
-        raise SkipClip("empty audio track")
-    return _resample(np.concatenate(chunks), sr)
+    try:
+        return audio_in.load_audio(src, SR)
+    except InputError as e:
+        raise SkipClip(f"unreadable audio: {e}") from None
 
 
 def load_clip(spec: ClipSpec, cropper, max_frames: int | None) -> Clip:

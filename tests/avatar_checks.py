@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rt_engine.assets import DEFAULT_SPEECH
 from rt_engine.inputs import audio as audio_in
 from rt_engine.inputs.image import to_uint8
 from rt_engine.stream.clock import OUT_RATE
-from rt_engine.stream.sources import DEFAULT_SPEECH
 
 FRAME_AUDIO = OUT_RATE // 25  # 1920 samples of 48 kHz audio per video frame
 

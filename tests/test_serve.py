@@ -362,7 +362,8 @@ def test_page_has_an_inline_favicon_and_names_the_audio_file():
 
 
 def test_file_audio_describes_itself_for_the_page():
-    from rt_engine.stream.sources import DEFAULT_SPEECH, FileAudio
+    from rt_engine.assets import DEFAULT_SPEECH
+    from rt_engine.stream.sources import FileAudio
 
     desc = FileAudio(DEFAULT_SPEECH).describe()
     assert desc.startswith(f"file {DEFAULT_SPEECH.name}, ") and desc.endswith(" s, looped")

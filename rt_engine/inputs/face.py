@@ -25,11 +25,11 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from rt_engine.assets import DEFAULT_IDENTITY
 from rt_engine.errors import InputError, NoFaceError
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class FaceCropper:
             warm = np.zeros((64, 64, 3), np.uint8)  # first inference logs too
             for g in (self._det_full, self._det_short, self._mesh):
                 g.process(warm)
-            face = cv2.imread(str(Path(__file__).resolve().parents[1] / "assets" / "identity.jpg"))
+            face = cv2.imread(str(DEFAULT_IDENTITY))
             if face is not None:  # the mesh's landmark stage logs once, on its first real face
                 self._mesh.process(np.ascontiguousarray(cv2.resize(face, (256, 256))[..., ::-1]))
 

@@ -1,14 +1,15 @@
 """Pose sources: video files, frame folders, built-in idle motion, a still pose.
 
 All of them end as aligned 224x224 RGB crops that the pose encoder turns into pose codes.
-Videos are resampled to 25 fps by nearest timestamp; the official semantics play a pose clip
-forward then backward (:func:`rt_engine.inputs.image.pingpong_index`).
+Videos are resampled to 25 fps by the nearest earlier frame (:func:`iter_video`); the official
+semantics play a pose clip forward then backward (:func:`rt_engine.inputs.image.pingpong_index`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -21,37 +22,50 @@ from rt_engine.inputs.image import IMAGE_EXTS, VIDEO_EXTS, list_frames, read_ima
 log = logging.getLogger(__name__)
 
 
-def read_video(path: str | Path, fps: float = FPS, max_frames: int | None = None) -> np.ndarray:
-    """Decode a video to RGB uint8 frames resampled to ``fps`` (nearest earlier frame). -> [N,H,W,3]"""
+def iter_video(path: str | Path, fps: float = FPS, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Decode a video lazily, resampled to ``fps``: output frame k (time k/fps from the first frame)
+    is the last decoded frame at or before that time. Yields [H,W,3] RGB uint8.
+
+    The one 25 fps rule of the project: inference (:func:`read_video`) and the evaluation
+    (``benchmarks.quality``) both use it."""
     import av
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"video file not found: {p}")
+    k = 0
+    t0 = prev = None  # time of the first frame; the last decoded frame
+    t_prev = 0.0
     try:
         with av.open(str(p)) as c:
             if not c.streams.video:
                 raise InputError(f"{p}: has no video track")
             vs = c.streams.video[0]
-            frames, times = [], []
-            for f in c.decode(vs):
-                t = float(f.time) if f.time is not None else len(frames) / float(vs.average_rate or fps)
-                frames.append(f.to_ndarray(format="rgb24"))
-                times.append(t)
-                if max_frames is not None and len(frames) >= max_frames * 3:
-                    break
+            for n, f in enumerate(c.decode(vs)):
+                t = float(f.time) if f.time is not None else n / float(vs.average_rate or fps)
+                t0 = t if t0 is None else t0
+                t -= t0
+                while prev is not None and k / fps + 1e-6 < t:  # frames before this one's time
+                    if max_frames is not None and k >= max_frames:
+                        return
+                    yield prev
+                    k += 1
+                prev, t_prev = f.to_ndarray(format="rgb24"), t
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{p}: unreadable video ({type(e).__name__}: {e})") from None
-    if not frames:
+    if prev is None:
         raise InputError(f"{p}: no video frames")
-    t = np.asarray(times) - times[0]
-    n_out = max(1, int(math.floor(t[-1] * fps + 1e-6)) + 1)
-    if max_frames is not None:
-        n_out = min(n_out, max_frames)
-    idx = np.searchsorted(t, np.arange(n_out) / fps + 1e-6, side="right") - 1
-    return np.stack([frames[max(0, i)] for i in idx])
+    n_out = max(1, int(math.floor(t_prev * fps + 1e-6)) + 1)  # up to the last frame's time
+    while k < n_out and (max_frames is None or k < max_frames):
+        yield prev
+        k += 1
+
+
+def read_video(path: str | Path, fps: float = FPS, max_frames: int | None = None) -> np.ndarray:
+    """Decode a video to RGB uint8 frames resampled to ``fps`` (:func:`iter_video`). -> [N,H,W,3]"""
+    return np.stack(list(iter_video(path, fps, max_frames)))
 
 
 def read_frames(source: str | Path, max_frames: int | None = None) -> np.ndarray:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rt_engine.assets import DEFAULT_MODEL
 from rt_engine.cli import cli_main
 from rt_engine.config import ModelConfig, model_preset
 from rt_engine.errors import CheckpointError, ConfigError
@@ -54,7 +55,7 @@ UNUSED_PREFIXES = {
     "V": ("model.fc.", "fc."),  # torchvision head; identity classifier
 }
 N_CLASSES = 5830  # VoxCeleb2 identities of the official heads
-BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
+BUNDLED = DEFAULT_MODEL
 
 
 def _is_unused(net: str, key: str) -> bool:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rt_engine.assets import DEFAULT_SPEECH
 from rt_engine.backends.base import Runner
 from rt_engine.config import FIRST_FRAME, FPS, SAMPLE_RATE
 from rt_engine.errors import ConfigError, InputError
@@ -664,7 +665,7 @@ class Engine:
             pose = sources.CodesPose(codes, "file")
         file_audio = None
         if opts.audio == "file":
-            path = opts.audio_file or str(sources.DEFAULT_SPEECH)
+            path = opts.audio_file or str(DEFAULT_SPEECH)
             file_audio = await loop.run_in_executor(None, lambda: sources.FileAudio(path, loop=opts.loop_audio))
         return Session(self, opts, id0, id1, pose, file_audio, loop)
 

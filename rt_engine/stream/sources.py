@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rt_engine.assets import DEFAULT_IDENTITY
 from rt_engine.config import SAMPLE_RATE
 from rt_engine.errors import InputError, NoFaceError
 from rt_engine.inputs import audio as audio_in
@@ -39,9 +40,6 @@ from rt_engine.stream.clock import OUT_RATE, MediaClock
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_IDENTITY = ASSETS / "identity.jpg"
-DEFAULT_SPEECH = ASSETS / "speech.flac"
 RATIO = OUT_RATE // SAMPLE_RATE  # 3 outgoing samples per mel-rate sample
 
 

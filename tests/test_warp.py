@@ -9,7 +9,6 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rt_engine.backends import Probe, available_backends, make_backend, psnr, run_frame
 from rt_engine.config import ModelConfig, model_preset
@@ -129,7 +128,7 @@ def test_backends_match_reference(model, name, precision, min_psnr, onnx_cache):
 
 def test_onnx_graph_has_grid_sample_and_dynamic_batch(model, tmp_path):
     onnx = pytest.importorskip("onnx")
-    from export.onnx_export import export_onnx
+    from rt_engine.onnx_graphs import export_onnx
 
     export_onnx(model, tmp_path, stages=("generator",), verify=False)
     g = onnx.load(str(next(tmp_path.glob("generator*.onnx"))))
@@ -143,9 +142,9 @@ def test_onnx_graph_has_grid_sample_and_dynamic_batch(model, tmp_path):
 def test_tensorrt_rtx_builds_warp_graphs(model, tmp_path):
     """GridSample, DepthToSpace and SpaceToDepth parse and build in TensorRT (the RTX builder is the
     CPU stand-in; engines run only on a GPU), fp16 with the dynamic batch profile."""
-    from export.onnx_export import export_onnx
     from export.trt_build import TrtBuildConfig, build_engines
     from rt_engine.backends.tensorrt_backend import read_sidecar
+    from rt_engine.onnx_graphs import export_onnx
 
     export_onnx(model, tmp_path / "onnx", stages=("identity", "generator"), half=True, verify=False)
     cfg = TrtBuildConfig(runtime="rtx", precision="fp16", max_batch=4, opt_batch=2, compute_capability="SM89")

@@ -23,7 +23,7 @@ def load_engine(
     threads: int = 0,
 ) -> Engine:
     """An engine with the runner that ``serve`` would pick (bundled model unless ``checkpoint``)."""
-    from rt_engine.render import make_runner
+    from rt_engine.backends import make_runner
 
     runner = make_runner(checkpoint, precision, backend)
     return Engine(

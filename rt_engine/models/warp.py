@@ -162,7 +162,7 @@ class WarpGenerator(nn.Module):
 
 
 class FastWarpGenerator(nn.Module):
-    """Inference twin of :class:`WarpGenerator` with the interface of ``backends.fast.FastGenerator``:
+    """Inference twin of :class:`WarpGenerator` with the interface of ``models.fast_generator.FastGenerator``:
     ``identity_base(id0)`` once per identity, ``forward(base, var, id_map, noise)`` per batch.
 
     Static-weight modulated convs (shared weights, pre-packable), bf16 autocast when ``dtype`` is

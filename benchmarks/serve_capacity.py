@@ -86,7 +86,7 @@ def _health(url: str) -> dict:
 
 
 async def _stage(url: str, k: int, seconds: float) -> list:
-    from rt_engine.serve.client import probe_signal, run_client
+    from benchmarks.client import probe_signal, run_client
 
     sig, onsets = probe_signal(seconds + 15)
 

@@ -385,7 +385,7 @@ class Session:
         silence = silence_window()  # [1,80,20]
         jobs = []
         for k, i in enumerate(idx):
-            if i != FIRST_FRAME and not wants_frame(i, plan.fraction):
+            if i not in (FIRST_FRAME, self._cut) and not wants_frame(i, plan.fraction):  # the cut: see barge_in
                 if wins is not None:
                     self.stats.frames_thinned += 1  # held by plan: the model cannot make every frame
                 continue

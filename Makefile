@@ -20,11 +20,12 @@ install: $(STAMP)
 # and jax, which this project does not use (its face models run with numpy 2 and protobuf 6, tested);
 # pipecat-ai pins older soundfile/soxr than ours (its other requirements: extra [pipecat]). Both go in
 # last and with --no-deps: pip then skips its dependency check, and the install prints no
-# "dependency resolver" error about their declared requirements.
+# "dependency resolver" error about their declared requirements. pipecat-ai-small-webrtc-prebuilt (the
+# page of examples/pipecat_echo_avatar.py) declares fastapi[all] for one StaticFiles line: --no-deps too.
 $(STAMP): pyproject.toml Makefile CMakeLists.txt
 	$(PIP) install -q --no-index $(TORCH) 2>/dev/null || $(PIP) install -q $(TORCH) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[dev,face,pipecat,livekit]"
-	$(PIP) install -q --no-deps mediapipe==0.10.21 pipecat-ai==1.14.0
+	$(PIP) install -q --no-deps mediapipe==0.10.21 pipecat-ai==1.14.0 pipecat-ai-small-webrtc-prebuilt==2.5.0
 	mkdir -p .cache && touch $(STAMP)
 
 serve: install

@@ -71,7 +71,11 @@ def check_rate_and_sync(shown: list[Shown], audio_total: int) -> None:
     """25 images per second of audio, and every image within one frame of its audio."""
     assert len(shown) >= 10
     n_expected = audio_total / FRAME_AUDIO
-    assert abs(len(shown) - n_expected) <= 2, (len(shown), n_expected)
+    idx = [s.index for s in shown]
+    # frames the sender skipped because it was late (a busy machine) leave their audio to the next image
+    skipped = 0 if None in idx else sum(b - a - 1 for a, b in zip(idx, idx[1:], strict=False))
+    assert abs(len(shown) + skipped - n_expected) <= 2, (len(shown), skipped, n_expected)
+    assert skipped <= max(3, 0.15 * len(shown)), skipped
     first, i0 = shown[0].audio_before, shown[0].index
     for k, s in enumerate(shown):
         # an image should appear when the audio of its frame starts (frame index when the carrier

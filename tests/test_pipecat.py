@@ -130,3 +130,46 @@ def test_pipecat_pipeline_speech_interruption_and_end(avatar_engine):
     check_barge_in(sink.shown, audio, sink.cleared_at, held_after=held)
     idx = [s.index for s in sink.shown]
     assert all(b > a for a, b in zip(idx, idx[1:], strict=False))  # one clock, no jump back
+
+
+def test_echo_example_serves_pages_and_sessions(avatar_engine):
+    """examples/pipecat_echo_avatar.py: its pages and the session handshake (the WebRTC part was run
+    against headless Chromium by hand, see docs/agents.md)."""
+    import importlib.util
+    from pathlib import Path
+
+    import aiohttp
+    from aiohttp import web
+
+    pytest.importorskip("pipecat_ai_small_webrtc_prebuilt", reason="pipecat-ai-small-webrtc-prebuilt not installed")
+    path = Path(__file__).resolve().parents[1] / "examples" / "pipecat_echo_avatar.py"
+    spec = importlib.util.spec_from_file_location("pipecat_echo_avatar", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    async def run():
+        app = mod.create_app(avatar_engine)
+        app.on_shutdown.clear()  # the shared test engine stays open
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/local") as r:
+                    local = (r.status, await r.text())
+                async with http.get(f"{url}/client/") as r:
+                    client = (r.status, await r.text())
+                async with http.post(f"{url}/start", json={}) as r:
+                    sid = (await r.json())["sessionId"]
+                async with http.post(f"{url}/sessions/nope/api/offer", json={"sdp": "", "type": "offer"}) as r:
+                    bad = r.status
+        finally:
+            await runner.cleanup()
+        return local, client, sid, bad
+
+    local, client, sid, bad = asyncio.run(run())
+    assert local[0] == 200 and "/api/offer" in local[1] and "RTCPeerConnection" in local[1]
+    assert client[0] == 200 and "<div id=\"root\">" in client[1]
+    assert len(sid) == 36 and bad == 404

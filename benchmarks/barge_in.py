@@ -45,9 +45,9 @@ def closed_image(avatar) -> np.ndarray:
 
 
 async def run_trials(engine, trials: int, seed: int) -> dict:
+    from rt_engine.assets import DEFAULT_SPEECH
     from rt_engine.inputs.audio import load_audio
     from rt_engine.stream.avatar import AvatarStream
-    from rt_engine.stream.sources import DEFAULT_SPEECH
 
     rng = np.random.default_rng(seed)
     pcm = (load_audio(DEFAULT_SPEECH, 24000)[: 24000 * 3] * 32767 * 0.8).astype(np.int16)

@@ -13,8 +13,9 @@ as the mouth code) as the style of every modulated convolution, but starts from 
   show (mouth interior, teeth, disoccluded background). The photo's pixels are warped at full
   resolution by the upsampled flow, and a predicted mask blends them with the drawn image.
 
-At initialisation the flow is zero and the mask keeps the warped photo, so an untrained model
-already returns the photo; training (self-reconstruction: another frame of the same clip is the
+At initialisation the flow is zero and the mask keeps the warped photo except over the mouth box,
+where a fixed prior blends in the drawn image evenly, so an untrained model returns the photo
+around a half-drawn mouth; training (self-reconstruction: another frame of the same clip is the
 source) learns motion and mouth. Every op exports to ONNX (GridSample needs opset >= 16).
 
 Noise maps (``ModelConfig.noise_sizes``): one per styled conv, in order motion 14, 28, 56, decoder
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import ModelConfig, NoiseMode
+from rt_engine.config import ModelConfig, NoiseMode, mouth_box
 from rt_engine.models.generator import noise_maps
 from rt_engine.models.modconv import FORMS, LRELU_SLOPE, ModulatedConv2d, StyledConv, ToRGB
 
@@ -74,6 +75,18 @@ def warp(x: Tensor, flow: Tensor, grid0: Tensor | None = None) -> Tensor:
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
+def mouth_prior(size: int) -> Tensor:
+    """Blend-logit prior [1,1,S,S]: 0 over the mouth box of the aligned crop (an even blend of warped
+    photo and drawn image at start, so the drawn branch learns the mouth at once), -MASK_INIT far from
+    it (the mask head's bias then keeps the warped photo), with a smooth edge (no seam)."""
+    y0, y1, x0, x1 = mouth_box(size)
+    box = torch.zeros(1, 1, size, size)
+    box[..., y0:y1, x0:x1] = 1.0
+    k = max(3, size // 16) | 1  # box blur of about size/16: the edge ramps over ~14 px at 224
+    soft = F.avg_pool2d(F.pad(box, (k // 2,) * 4, mode="replicate"), k, stride=1)
+    return -MASK_INIT * soft
+
+
 class WarpGenerator(nn.Module):
     """style [B,S] (identity | mouth | pose), id_map [B,F+48,S/4,S/4] -> image [B,3,S,S] in [-1,1]."""
 
@@ -105,6 +118,7 @@ class WarpGenerator(nn.Module):
         for i, r in enumerate(cfg.noise_sizes):
             self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
         s, q = cfg.size, cfg.size // PACK
+        self.register_buffer("mask_prior", mouth_prior(s), persistent=False)  # [1,1,S,S]
         self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
         self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
 
@@ -155,7 +169,7 @@ class WarpGenerator(nn.Module):
         drawn = torch.tanh(skip.float())  # [B,3,S,S]
         big = F.interpolate(flow, scale_factor=PACK, mode="bilinear", align_corners=False)  # [B,2,S,S]
         warped = warp(photo, big, self.grid_s)  # [B,3,S,S]
-        mask = torch.sigmoid(self.mask_head(x).float())  # [B,1,S,S]
+        mask = torch.sigmoid(self.mask_head(x).float() + self.mask_prior)  # [B,1,S,S]
         if taps is not None:
             taps.update(flow=flow, occlusion=occ, drawn=drawn, warped=warped, mask=mask)
         return mask * warped + (1 - mask) * drawn

@@ -32,6 +32,7 @@ def test_video_generator_with_rtc_audio_frames(avatar_engine):
             await gen.push_audio(f)
         await gen.push_audio(AudioSegmentEnd())
         shown, audio, received, cleared_at, ends_before, ends_after = [], [], 0, None, 0, 0
+        pushed2 = False
         async for item in gen:
             if isinstance(item, rtc.VideoFrame):
                 assert item.type == rtc.VideoBufferType.RGB24
@@ -50,11 +51,12 @@ def test_video_generator_with_rtc_audio_frames(avatar_engine):
                 gen.clear_buffer()
                 cleared_at = received
                 # a new short utterance after the barge-in, at another rate: it plays, then ends
-            if len(shown) == 30 + 25 and not ends_after:
+            if len(shown) == 30 + 25 and not pushed2:
+                pushed2 = True
                 for f in _frames(speech(16000, 0.4), 16000):
                     await gen.push_audio(f)
                 await gen.push_audio(AudioSegmentEnd())
-            if len(shown) >= 30 + 25 + 25:
+            if len(shown) >= 30 + 25 + 25 and isinstance(item, rtc.AudioFrame):
                 break
         await gen.aclose()
         return shown, np.concatenate(audio), received, cleared_at, ends_before, ends_after

@@ -2,7 +2,7 @@
 
     python -m rt_engine.render --identity rt_engine/assets/identity.jpg --audio rt_engine/assets/speech.flac \\
         --aligned --pose still --save-raw runs/demo.npz
-    python -m benchmarks.demo_lipsync runs/demo.npz rt_engine/assets/speech.flac --out benchmarks/results/demo_lipsync
+    python -m benchmarks.demo_lipsync runs/demo.npz rt_engine/assets/speech.flac --out benchmarks/out/demo_lipsync
 
 From the raw frames of ``render --save-raw``: 68-point landmarks (benchmarks.metrics), the
 mouth-opening curve (inner-lip gap / eye width), its range, and the audio-to-mouth offset found by

@@ -1,6 +1,6 @@
 """Talking-face quality in the PC-AVS self-driven setting (paper Tables 1 and 3), offline.
 
-    python -m benchmarks.quality --clips ../shared/data/demo.csv --checkpoint PATH --out benchmarks/results/q
+    python -m benchmarks.quality --clips ../shared/data/demo.csv --checkpoint PATH --out benchmarks/out/q
 
 For every clip (a ``talking_video`` / ``frames_dir`` row of a data CSV, or a video / frames folder
 in a directory): face-crop to the VoxCeleb2 framing (rt_engine.inputs.face), 25 fps, 16 kHz; then

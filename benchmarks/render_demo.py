@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.latency import recipe_checkpoint
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from rt_engine.backends import make_backend
+    from rt_engine.backends.base import compare
 
     identity = DEMO / "Input_unz/Input/517600055/000000.jpg"
     pose = DEMO / "Pose_Source_unz/Pose_Source/517600078"
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.ref_frames:
             ref = make_backend("torch", checkpoint=ckpt, precision="fp32")
             r = render_arrays(identity, audio, pose, runner=ref, max_frames=args.ref_frames, **common)
-            mse = np.mean((r.frames - res.frames[:args.ref_frames]) ** 2)
+            c = compare(r.frames, res.frames[:args.ref_frames], value_range=2.0)  # images in [-1,1]
             result.update(ref_frames=args.ref_frames, ref_fps=args.ref_frames / r.seconds,
                           speedup=result["fps"] / (args.ref_frames / r.seconds),
-                          psnr_vs_ref_db=float(10 * np.log10(4 / mse)))
+                          psnr_vs_ref_db=c["psnr_db"], max_abs_vs_ref=c["max_abs"])
     result["loadavg_1min_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

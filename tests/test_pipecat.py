@@ -173,3 +173,88 @@ def test_echo_example_serves_pages_and_sessions(avatar_engine):
     assert local[0] == 200 and "/api/offer" in local[1] and "RTCPeerConnection" in local[1]
     assert client[0] == 200 and "<div id=\"root\">" in client[1]
     assert len(sid) == 36 and bad == 404
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(240)
+def test_echo_example_streams_to_headless_chromium(avatar_engine, tmp_path):
+    """examples/pipecat_echo_avatar.py's offline page in headless Chromium with a fake microphone
+    playing the bundled speech: the avatar's video plays (frames decoded, time advancing)."""
+    import importlib.util
+    import os
+    import shutil
+    import threading
+    import time
+    from pathlib import Path
+
+    import soundfile as sf
+    from aiohttp import web
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if chromium is None or driver_bin is None:
+        pytest.skip("needs Debian chromium + chromium-driver (apt-get install -y chromium chromium-driver)")
+    pytest.importorskip("selenium", reason="selenium not installed")
+    pytest.importorskip("pipecat_ai_small_webrtc_prebuilt", reason="pipecat-ai-small-webrtc-prebuilt not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "pipecat_echo_avatar.py"
+    spec = importlib.util.spec_from_file_location("pipecat_echo_avatar", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sf.write(tmp_path / "mic.wav", speech(48000, 10.0), 48000, subtype="PCM_16")
+
+    loop = asyncio.new_event_loop()
+    ready, stop = threading.Event(), []
+
+    async def serve() -> None:
+        app = mod.create_app(avatar_engine)
+        app.on_shutdown.clear()  # the shared test engine stays open
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        stop.append(asyncio.Event())
+        stop.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+        ready.set()
+        await stop[0].wait()
+        await runner.cleanup()
+
+    th = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    th.start()
+    assert ready.wait(30)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path)
+    try:
+        driver = webdriver.Chrome(options=opts, service=Service(driver_bin))
+        try:
+            driver.get(stop[1] + "/local")
+            driver.find_element(By.ID, "start").click()
+            got, t = {}, time.monotonic()
+            while time.monotonic() - t < 60 and got.get("frames", 0) < 75:
+                time.sleep(1.0)
+                got = driver.execute_script(
+                    "const v = document.getElementById('video');"
+                    "return {w: v.videoWidth, t: v.currentTime, frames: v.getVideoPlaybackQuality().totalVideoFrames,"
+                    " state: document.getElementById('state').textContent};")
+        finally:
+            driver.quit()
+    finally:
+        if old_home is not None:
+            os.environ["HOME"] = old_home
+        loop.call_soon_threadsafe(stop[0].set)
+        th.join(30)
+        loop.close()
+    print(got)
+    assert got["state"] == "connected" and got["w"] == avatar_engine.runner.cfg.size
+    assert got["frames"] >= 75 and got["t"] > 2.0, got

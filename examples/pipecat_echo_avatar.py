@@ -89,7 +89,8 @@ async def run_bot(connection, engine, identity: str | None) -> None:
     await runner.run()
 
 
-def create_app(engine, identity: str | None = None) -> web.Application:
+def create_app(engine, identity: str | None = None, own_engine: bool = True) -> web.Application:
+    """The page and the session handshake; ``own_engine``: close the engine on shutdown."""
     from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 
     dist = Path(__import__("pipecat_ai_small_webrtc_prebuilt").__file__).parent / "client" / "dist"
@@ -135,9 +136,12 @@ def create_app(engine, identity: str | None = None) -> web.Application:
         return web.json_response(answer)
 
     async def on_shutdown(app: web.Application) -> None:
-        for t in list(tasks):
+        pending = list(tasks)
+        for t in pending:
             t.cancel()
-        engine.close()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if own_engine:
+            engine.close()
 
     app.router.add_get("/", index)
     app.router.add_get("/local", lambda _r: web.FileResponse(Path(__file__).parent / "static" / "echo.html"))

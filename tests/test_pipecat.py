@@ -148,8 +148,7 @@ def test_echo_example_serves_pages_and_sessions(avatar_engine):
     spec.loader.exec_module(mod)
 
     async def run():
-        app = mod.create_app(avatar_engine)
-        app.on_shutdown.clear()  # the shared test engine stays open
+        app = mod.create_app(avatar_engine, own_engine=False)  # the shared test engine stays open
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -210,8 +209,7 @@ def test_echo_example_streams_to_headless_chromium(avatar_engine, tmp_path):
     ready, stop = threading.Event(), []
 
     async def serve() -> None:
-        app = mod.create_app(avatar_engine)
-        app.on_shutdown.clear()  # the shared test engine stays open
+        app = mod.create_app(avatar_engine, own_engine=False)  # the shared test engine stays open
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -106,6 +106,10 @@ def test_push_audio_rejects_bad_input(avatar_engine):
         s = await avatar_engine.create_session(SessionOptions(audio="file", pose="still"))
         with pytest.raises(ConfigError, match="audio='push'"):
             s.push_speech(np.zeros(10, np.float32), 16000)
+        av2 = await AvatarStream.open(avatar_engine, pose="still")
+        with pytest.raises(ConfigError, match="push_speech"):
+            av2.session.accept_audio(np.zeros(10, np.float32), 16000)
+        await av2.close()
         with pytest.raises(ValueError, match="audio='push'"):
             AvatarStream(s)
         await s.close()

@@ -19,6 +19,8 @@ Threads (each with a fixed budget; see docs/serving.md): the asyncio loop (HTTP,
 one input thread for all sessions (resampling, gain, mel, job submission: per-packet work kept off
 the loop, in arrival order), the model thread (``threads`` torch intra-op threads; OpenVINO's own
 pool is sized by its backend) and the loop's default executor (face crops, file decoding).
+Pushed speech (``audio='push'``, :mod:`rt_engine.stream.avatar`) is the exception: its 20 ms feeder
+and :meth:`Session.barge_in` both run on the loop, so a barge-in never interleaves with a feed.
 """
 
 from __future__ import annotations
@@ -336,6 +338,8 @@ class Session:
         time ``arrival`` (default now; it drives the media clock). ``start_s``: the chunk's media time,
         if the source knows it (gaps become silence). ``fmt`` describes the source (stats only).
         Call on the event loop's thread."""
+        if self.speech is not None:
+            raise ConfigError("accept_audio is for live input; a session with audio='push' takes push_speech")
         now = time.monotonic() if arrival is None else arrival
         self.last_input = now
         if fmt is not None and fmt != self.audio.input_format:

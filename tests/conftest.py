@@ -82,3 +82,12 @@ def avatar_engine(tiny_checkpoint):
     engine = Engine(runner, clock_cfg=ClockConfig(margin_s=0.2), threads=1)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """A fresh ONNX graph cache per test module (exports are shared within it, never the user's cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RT_ENGINE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
+    yield
+    mp.undo()

@@ -40,15 +40,6 @@ def model() -> PCAVS:
 
 
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    """One ONNX export of the tiny model for all tests of this module (never the user's cache)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RT_ENGINE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def probe() -> Probe:
     return Probe.random(seed=1)
 

@@ -38,14 +38,6 @@ def model() -> PCAVS:
     return m
 
 
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RT_ENGINE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
-    yield
-    mp.undo()
-
-
 def test_config_shapes_and_validation():
     off = model_preset("official")
     assert off.generator == "pcavs" and off.id_map_shape == (512, 7, 7)

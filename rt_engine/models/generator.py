@@ -32,26 +32,18 @@ def noise_maps(mode: str, stored: list[Tensor], batch: int | None = None) -> lis
     return [torch.randn(batch, *n.shape[1:], device=n.device) for n in stored]
 
 
-class Generator(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        ch = cfg.gen_channels
-        sd = cfg.style_dim
-        self.cfg = cfg
-        self.conv1 = StyledConv(ch[0], ch[0], sd)
-        self.to_rgb1 = ToRGB(ch[0], sd)
-        self.convs = nn.ModuleList()
-        self.to_rgbs = nn.ModuleList()
-        for j in range(cfg.n_up):
-            self.convs.append(StyledConv(ch[j], ch[j + 1], sd, upsample=True))
-            self.convs.append(StyledConv(ch[j + 1], ch[j + 1], sd))
-            self.to_rgbs.append(ToRGB(ch[j + 1], sd))
+class StyledGenerator(nn.Module):
+    """What both generator variants share: noise buffers ``noises.noise_i`` of ``cfg.noise_sizes``,
+    the modulated-conv form switch and the noise modes."""
+
+    cfg: ModelConfig
+
+    def _register_noises(self, cfg: ModelConfig) -> None:
         self.noises = nn.Module()
-        for i in range(cfg.num_noises):
-            r = cfg.start * 2 ** ((i + 1) // 2)
+        for i, r in enumerate(cfg.noise_sizes):
             self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
 
-    def set_form(self, form: str) -> Generator:
+    def set_form(self, form: str) -> StyledGenerator:
         """Choose the modulated-conv form ('ref' per-sample weights, 'static' shared weights)."""
         if form not in FORMS:
             raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
@@ -66,6 +58,23 @@ class Generator(nn.Module):
 
     def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
         return noise_maps(mode, self.stored_noise(), like.shape[0] if mode == NoiseMode.RANDOM else None)
+
+
+class Generator(StyledGenerator):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.gen_channels
+        sd = cfg.style_dim
+        self.cfg = cfg
+        self.conv1 = StyledConv(ch[0], ch[0], sd)
+        self.to_rgb1 = ToRGB(ch[0], sd)
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        for j in range(cfg.n_up):
+            self.convs.append(StyledConv(ch[j], ch[j + 1], sd, upsample=True))
+            self.convs.append(StyledConv(ch[j + 1], ch[j + 1], sd))
+            self.to_rgbs.append(ToRGB(ch[j + 1], sd))
+        self._register_noises(cfg)
 
     def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
                 taps: dict[str, Tensor] | None = None, form: str | None = None) -> Tensor:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_engine.config import ModelConfig, NoiseMode, mouth_box
-from rt_engine.models.generator import noise_maps
-from rt_engine.models.modconv import FORMS, LRELU_SLOPE, ModulatedConv2d, StyledConv, ToRGB
+from rt_engine.models.generator import StyledGenerator
+from rt_engine.models.modconv import LRELU_SLOPE, StyledConv, ToRGB
 
 PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
 MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
@@ -87,7 +87,7 @@ def mouth_prior(size: int) -> Tensor:
     return -MASK_INIT * soft
 
 
-class WarpGenerator(nn.Module):
+class WarpGenerator(StyledGenerator):
     """style [B,S] (identity | mouth | pose), id_map [B,F+48,S/4,S/4] -> image [B,3,S,S] in [-1,1]."""
 
     def __init__(self, cfg: ModelConfig):
@@ -114,29 +114,11 @@ class WarpGenerator(nn.Module):
         self.mask_head = nn.Conv2d(d2, 1, 3, padding=1)  # blend logit: warped photo vs drawn image
         nn.init.zeros_(self.mask_head.weight)
         nn.init.constant_(self.mask_head.bias, MASK_INIT)
-        self.noises = nn.Module()
-        for i, r in enumerate(cfg.noise_sizes):
-            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
+        self._register_noises(cfg)
         s, q = cfg.size, cfg.size // PACK
         self.register_buffer("mask_prior", mouth_prior(s), persistent=False)  # [1,1,S,S]
         self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
         self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
-
-    def set_form(self, form: str) -> WarpGenerator:
-        """Choose the modulated-conv form ('ref' per-sample weights, 'static' shared weights)."""
-        if form not in FORMS:
-            raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
-        for mod in self.modules():
-            if isinstance(mod, ModulatedConv2d):
-                mod.form = form
-        return self
-
-    def stored_noise(self) -> list[Tensor]:
-        """The checkpoint's noise maps, [1,1,r,r] each."""
-        return [getattr(self.noises, f"noise_{i}") for i in range(self.cfg.num_noises)]
-
-    def noise_list(self, mode: str, like: Tensor) -> list[Tensor]:
-        return noise_maps(mode, self.stored_noise(), like.shape[0] if mode == NoiseMode.RANDOM else None)
 
     def motion_field(self, style: Tensor, feat: Tensor, noises: list[Tensor],
                      form: str | None = None) -> tuple[Tensor, Tensor]:

@@ -288,7 +288,13 @@ class TorchCudaRunner(Runner):
         self.identity_encoder = self._prep(model.identity_encoder)
         self.pose_encoder = self._prep(model.pose_encoder)
         self.audio_encoder = self._prep(model.audio_encoder)
-        self.generator = KernelGenerator(model.generator, self.dtype, self.impl).to(self.device).eval()
+        if self.cfg.generator == "warp":  # the appearance-preserving variant: fused op on its plain 3x3 convs
+            from rt_engine.models.warp import FastWarpGenerator
+
+            self.generator = FastWarpGenerator(model.generator, self.dtype, form=f"fused-{self.impl}")
+            self.generator = self.generator.to(self.device).eval()
+        else:
+            self.generator = KernelGenerator(model.generator, self.dtype, self.impl).to(self.device).eval()
         self.stream = torch.cuda.Stream(self.device) if on_cuda else None
         graphs = cuda_graphs and on_cuda
         self.cuda_graphs = graphs

@@ -24,6 +24,14 @@ DEMOD_EPS = 1e-8
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
 FORMS = ("ref", "static")
+# Per-call forms that send every demodulated, non-upsampling 3x3 StyledConv through the fused op
+# (models/fused_modconv.py, impl after the dash); every other modulated conv runs the static form.
+FUSED_FORMS = ("fused-ref", "fused-cpu", "fused-cuda")
+
+
+def library_form(form: str) -> str:
+    """The plain form a modulated conv runs under ``form`` (a fused form falls back to "static")."""
+    return "static" if form in FUSED_FORMS else form
 
 
 def blur_kernel(device: torch.device | None = None) -> Tensor:
@@ -152,7 +160,8 @@ class ModulatedConv2d(nn.Module):
     def forward(self, x: Tensor, style: Tensor, form: str | None = None) -> Tensor:
         """``form``: this call's form (None: the module's ``form``), so a runner never flips a shared model."""
         s = self.modulation(style)  # [B,Cin]
-        return modulated_conv2d(x, s, self.scaled_weight(), self.demodulate, self.upsample, form or self.form)
+        return modulated_conv2d(x, s, self.scaled_weight(), self.demodulate, self.upsample,
+                                library_form(form or self.form))
 
 
 class NoiseInjection(nn.Module):
@@ -183,7 +192,16 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(cout)
 
     def forward(self, x: Tensor, style: Tensor, noise: Tensor, form: str | None = None) -> Tensor:
-        return self.activate(self.noise(self.conv(x, style, form), noise))
+        c = self.conv
+        if form in FUSED_FORMS and c.k == 3 and c.demodulate and not c.upsample:
+            from rt_engine.models import fused_modconv as fm  # it imports this module
+
+            # x [B,Cin,H,W] -> [B,Cout,H,W]: conv, demodulation, noise, bias and scaled leaky ReLU in one op;
+            # the noise is pre-scaled by its weight here (a tensor op: CUDA-graph safe)
+            nz = self.noise.weight.to(x.dtype) * noise.to(x.dtype)
+            return fm.modulated_conv2d(x, c.modulation(style), c.scaled_weight().to(x.dtype), nz, 1.0,
+                                       self.activate.bias.reshape(-1).float(), impl=form.split("-", 1)[1])
+        return self.activate(self.noise(c(x, style, form), noise))
 
 
 class ToRGB(nn.Module):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from rt_engine.config import ModelConfig, NoiseMode, mouth_box
 from rt_engine.models.generator import StyledGenerator
-from rt_engine.models.modconv import LRELU_SLOPE, StyledConv, ToRGB
+from rt_engine.models.modconv import FUSED_FORMS, LRELU_SLOPE, StyledConv, ToRGB
 
 PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
 MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
@@ -161,22 +161,38 @@ class FastWarpGenerator(nn.Module):
     """Inference twin of :class:`WarpGenerator` with the interface of ``models.fast_generator.FastGenerator``:
     ``identity_base(id0)`` once per identity, ``forward(base, var, id_map, noise)`` per batch.
 
-    Static-weight modulated convs (shared weights, pre-packable), bf16 autocast when ``dtype`` is
-    bf16 (modulation, demodulation, flow, warps and the blend stay fp32). A copy: the caller's model
-    is left in its own form.
+    ``form``: "static" (shared weights, pre-packable; torch-fast) or a fused form of
+    ``modconv.FUSED_FORMS`` (the fused modulated-conv op on every plain 3x3 StyledConv; torch-cuda).
+    ``dtype`` bf16/fp16: autocast storage (modulation, demodulation, flow, warps and the blend stay
+    fp32). A copy: the caller's model is left as it is.
     """
 
-    def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True):
+    def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
+                 form: str = "static"):
         super().__init__()
         import copy
 
-        self.gen = copy.deepcopy(gen).set_form("static").eval().requires_grad_(False)
+        self.gen = copy.deepcopy(gen).eval().requires_grad_(False)
         self.dtype = dtype  # channels_last: the inputs arrive so; the 5-D modconv weights stay as they are
+        self.form = form
 
     def identity_base(self, id0: Tensor) -> Tensor:  # [1|B,id_dim]: the identity part of the style
         return id0.float()
 
+    def ops(self) -> list[str]:
+        """Which op runs each modulated conv, in execution order (for tests and reports)."""
+        impl = self.form.split("-", 1)[1] if self.form in FUSED_FORMS else None
+        out = []
+        for m in self.gen.modules():
+            if isinstance(m, StyledConv):
+                fused = impl is not None and not m.conv.upsample
+                out.append(f"fused_modconv[{impl}]" if fused else ("conv_transpose2d+blur" if m.conv.upsample
+                                                                   else "conv2d"))
+            elif isinstance(m, ToRGB):
+                out.append("conv2d_1x1")
+        return out
+
     def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
-        style = torch.cat([base.float(), var.float()], dim=1)  # [B, id | mouth | pose]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            return self.gen(style, id_map, noise).float()  # [B,3,S,S]
+        style = torch.cat([base.float().expand(var.shape[0], -1), var.float()], dim=1)  # [B, id | mouth | pose]
+        with torch.autocast(id_map.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.gen(style, id_map, noise, form=self.form).float()  # [B,3,S,S]

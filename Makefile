@@ -42,7 +42,9 @@ test: install
 test-all: install
 	$(PY) -m pytest -m "not gpu"
 
-lint:
+# formatting and lint rules: pyproject.toml [tool.ruff]
+lint: install
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
 kernels:

@@ -73,6 +73,9 @@ class ModelConfig:
     warp_feat: int = 32  # appearance feature channels at size/4 ("warp")
     warp_motion: int = 64  # motion-net channels at size/16 .. size/4 ("warp")
     warp_dec: tuple[int, int, int] = (64, 32, 16)  # decoder channels at size/4, size/2, size ("warp")
+    # "warp": blank the photo's mouth box before the appearance encoder, so the output cannot copy the
+    # photo's mouth and the generator must draw it from the mouth code (the speech)
+    warp_mouth_mask: bool = False
 
     @property
     def n_up(self) -> int:

@@ -192,3 +192,22 @@ def test_fused_modconv_runs_the_warp_generator(model, impl, monkeypatch):
     runner = cb.TorchCudaRunner(model, "fp32", device="cpu", impl=impl, max_batch=4)
     probe = Probe.random(seed=5)
     assert psnr(run_frame(runner, probe), run_frame(make_backend("torch", model=model), probe)) > 60
+
+
+def test_mouth_mask_keeps_the_photos_mouth_out():
+    """warp_mouth_mask: whatever the photo's mouth shows, the frame is the same (the box is blanked
+    before the appearance encoder), and the drawn image owns the box from the start."""
+    torch.manual_seed(2)
+    m = PCAVS(dataclasses.replace(warp_config(), size=224, warp_mouth_mask=True)).eval()
+    y0, y1, x0, x1 = mouth_box(224)
+    a = torch.rand(1, 3, 224, 224) * 2 - 1
+    b = a.clone()
+    b[..., y0:y1, x0:x1] = torch.rand(1, 3, y1 - y0, x1 - x0)  # another mouth
+    mel = torch.rand(1, 1, 80, 20)
+    taps = {}
+    with torch.no_grad():
+        fa, fb = m(a, a, mel), m(b, a, mel)
+        id0, id1 = m.encode_identity(a)
+        m.generator(m.make_style(id0, m.encode_mouth(mel), m.encode_pose(a)), id1, taps=taps)
+    assert torch.equal(fa, fb)
+    assert taps["mask"][0, 0, (y0 + y1) // 2, (x0 + x1) // 2].item() < 0.05

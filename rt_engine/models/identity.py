@@ -75,6 +75,8 @@ class IdentityEncoder(nn.Module):
             self.conv1x1 = nn.Conv2d(self.model.out_channels, cfg.id_map_channels, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if hasattr(self, "appearance"):
+            x = self.appearance.mask_mouth(x)  # warp_mouth_mask: V and the appearance map see no mouth
         feat = self.model(x)  # [B,2048,7,7]
         id_feature0 = feat.mean(dim=(2, 3))  # [B,2048]
         if hasattr(self, "appearance"):

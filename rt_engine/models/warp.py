@@ -43,12 +43,23 @@ class AppearanceEncoder(nn.Module):
         super().__init__()
         f = cfg.warp_feat
         self.size = cfg.size
+        if cfg.warp_mouth_mask:  # not in the state_dict
+            keep = torch.ones(1, 1, 224, 224)
+            y0, y1, x0, x1 = mouth_box(224)
+            keep[..., y0:y1, x0:x1] = 0.0
+            self.register_buffer("mouth_keep", keep, persistent=False)  # [1,1,224,224]
         self.conv0 = nn.Conv2d(3, f // 2, 3, padding=1)
         self.conv1 = nn.Conv2d(f // 2, f, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(f, f, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(f, f, 3, padding=1)
 
+    def mask_mouth(self, img: Tensor) -> Tensor:
+        """[B,3,224,224] -> the same with the mouth box grey (0) under warp_mouth_mask (the photo's mouth
+        never reaches the output), else unchanged. Idempotent."""
+        return img * self.mouth_keep.to(img.dtype) if hasattr(self, "mouth_keep") else img
+
     def forward(self, img: Tensor) -> Tensor:
+        img = self.mask_mouth(img)
         if img.shape[-1] != self.size:  # the 224 input crop at the output size S (224 / S whole)
             img = F.avg_pool2d(img, img.shape[-1] // self.size)  # [B,3,S,S]
         x = F.leaky_relu(self.conv0(img), LRELU_SLOPE)  # [B,F/2,S,S]
@@ -75,16 +86,17 @@ def warp(x: Tensor, flow: Tensor, grid0: Tensor | None = None) -> Tensor:
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
-def mouth_prior(size: int) -> Tensor:
-    """Blend-logit prior [1,1,S,S]: 0 over the mouth box of the aligned crop (an even blend of warped
-    photo and drawn image at start, so the drawn branch learns the mouth at once), -MASK_INIT far from
-    it (the mask head's bias then keeps the warped photo), with a smooth edge (no seam)."""
+def mouth_prior(size: int, owned: bool = False) -> Tensor:
+    """Blend-logit prior [1,1,S,S], added to the mask head's logit (bias MASK_INIT): over the mouth box
+    of the aligned crop -MASK_INIT (an even blend of warped photo and drawn image at start, so the
+    drawn branch learns the mouth at once) or, ``owned`` (the photo's mouth is blanked), -2 MASK_INIT
+    (the drawn image owns the box); 0 far from it (the warped photo), with a smooth edge (no seam)."""
     y0, y1, x0, x1 = mouth_box(size)
     box = torch.zeros(1, 1, size, size)
     box[..., y0:y1, x0:x1] = 1.0
     k = max(3, size // 16) | 1  # box blur of about size/16: the edge ramps over ~14 px at 224
     soft = F.avg_pool2d(F.pad(box, (k // 2,) * 4, mode="replicate"), k, stride=1)
-    return -MASK_INIT * soft
+    return -(2.0 if owned else 1.0) * MASK_INIT * soft
 
 
 class WarpGenerator(StyledGenerator):
@@ -116,7 +128,7 @@ class WarpGenerator(StyledGenerator):
         nn.init.constant_(self.mask_head.bias, MASK_INIT)
         self._register_noises(cfg)
         s, q = cfg.size, cfg.size // PACK
-        self.register_buffer("mask_prior", mouth_prior(s), persistent=False)  # [1,1,S,S]
+        self.register_buffer("mask_prior", mouth_prior(s, cfg.warp_mouth_mask), persistent=False)  # [1,1,S,S]
         self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
         self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
 

@@ -58,7 +58,7 @@ async def run_trials(engine, trials: int, seed: int) -> dict:
     prev = None
     for _ in range(trials):
         for k in range(0, pcm.size, 480):
-            av.push_audio(pcm[k:k + 480], 24000)
+            av.push_audio(pcm[k : k + 480], 24000)
         speak_frames = int(rng.uniform(0.6, 1.6) * 25)
         before, after = [], []
         while len(before) < speak_frames:
@@ -76,20 +76,23 @@ async def run_trials(engine, trials: int, seed: int) -> dict:
         to_closed = (max(open_idx) + 1) if open_idx else 0  # frames after clear() until closed for good
         steps = [b.index - a.index for a, b in zip(frames, frames[1:], strict=False)]
         audio_gaps = [b.audio_start - (a.audio_start + a.audio.size) for a, b in zip(frames, frames[1:], strict=False)]
-        speech_after_cut = float(max((np.abs(f.audio).max() for f in after if f.audio_start >= cut * 1920),
-                                     default=0.0))
-        out.append({
-            "speech_frames_before": speak_frames,
-            "speaking_before": int(sum(np.abs(f.image.astype(int) - ref.astype(int)).max() > 2 for f in before)),
-            "cut_frame_offset": cut - after[0].index,  # cut relative to the first frame after clear()
-            "frames_until_closed": to_closed,
-            "held_after": int(sum(not f.fresh for f in after)),
-            "max_index_step": max(steps),
-            "index_steps_not_1": int(sum(s != 1 for s in steps)),
-            "audio_gap_samples_max": int(max(abs(g) for g in audio_gaps)),
-            "speech_peak_after_cut": round(speech_after_cut, 6),
-            "fps_after_clear": round((after[-1].index - before[-1].index) / elapsed, 2),
-        })
+        speech_after_cut = float(
+            max((np.abs(f.audio).max() for f in after if f.audio_start >= cut * 1920), default=0.0)
+        )
+        out.append(
+            {
+                "speech_frames_before": speak_frames,
+                "speaking_before": int(sum(np.abs(f.image.astype(int) - ref.astype(int)).max() > 2 for f in before)),
+                "cut_frame_offset": cut - after[0].index,  # cut relative to the first frame after clear()
+                "frames_until_closed": to_closed,
+                "held_after": int(sum(not f.fresh for f in after)),
+                "max_index_step": max(steps),
+                "index_steps_not_1": int(sum(s != 1 for s in steps)),
+                "audio_gap_samples_max": int(max(abs(g) for g in audio_gaps)),
+                "speech_peak_after_cut": round(speech_after_cut, 6),
+                "fps_after_clear": round((after[-1].index - before[-1].index) / elapsed, 2),
+            }
+        )
         log.info("trial: %s", out[-1])
     d = av.describe()
     await av.close()
@@ -130,24 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     t = res["trials"]
-    res.update({
-        "benchmark": "barge_in",
-        "model": engine.runner.describe(),
-        "margin_ms": args.margin_ms,
-        "summary": {
-            # from which frame after clear() on the frames are made with a closed mouth (1: the 2nd)
-            "cut_frame_offset_max": max(x["cut_frame_offset"] for x in t),
-            # frames after clear() until the mouth is closed for good as sent (held frames repeat the
-            # previous image: on a machine too slow for 25 fps this exceeds the offset)
-            "frames_until_closed_max": max(x["frames_until_closed"] for x in t),
-            "frames_until_closed_median": float(np.median([x["frames_until_closed"] for x in t])),
-            "held_after_total": sum(x["held_after"] for x in t),
-            "max_index_step": max(x["max_index_step"] for x in t),
-            "audio_gap_samples_max": max(x["audio_gap_samples_max"] for x in t),
-            "speech_peak_after_cut_max": max(x["speech_peak_after_cut"] for x in t),
-        },
-        "host": {**cpu_info(), "loadavg_start": load0, "loadavg_end": os.getloadavg()},
-    })
+    res.update(
+        {
+            "benchmark": "barge_in",
+            "model": engine.runner.describe(),
+            "margin_ms": args.margin_ms,
+            "summary": {
+                # from which frame after clear() on the frames are made with a closed mouth (1: the 2nd)
+                "cut_frame_offset_max": max(x["cut_frame_offset"] for x in t),
+                # frames after clear() until the mouth is closed for good as sent (held frames repeat the
+                # previous image: on a machine too slow for 25 fps this exceeds the offset)
+                "frames_until_closed_max": max(x["frames_until_closed"] for x in t),
+                "frames_until_closed_median": float(np.median([x["frames_until_closed"] for x in t])),
+                "held_after_total": sum(x["held_after"] for x in t),
+                "max_index_step": max(x["max_index_step"] for x in t),
+                "audio_gap_samples_max": max(x["audio_gap_samples_max"] for x in t),
+                "speech_peak_after_cut_max": max(x["speech_peak_after_cut"] for x in t),
+            },
+            "host": {**cpu_info(), "loadavg_start": load0, "loadavg_end": os.getloadavg()},
+        }
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))

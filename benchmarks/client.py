@@ -38,8 +38,14 @@ FRAME_TICKS = VIDEO_CLOCK // 25
 SAMPLES_PER_FRAME_48 = OUT_RATE // 25  # 1920
 
 
-def probe_signal(seconds: float, burst_every_s: float = 2.0, first_burst_s: float = 1.0, burst_s: float = 0.2,
-                freq: float = 1000.0, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def probe_signal(
+    seconds: float,
+    burst_every_s: float = 2.0,
+    first_burst_s: float = 1.0,
+    burst_s: float = 0.2,
+    freq: float = 1000.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, list[int]]:
     """Quiet noise with tone bursts (48 kHz mono) -> (signal [N], burst onset sample indices).
     Onsets fall on video frame boundaries (multiples of 1920 samples)."""
     n = int(seconds * OUT_RATE)
@@ -51,7 +57,7 @@ def probe_signal(seconds: float, burst_every_s: float = 2.0, first_burst_s: floa
         s = int(round(t * 25)) * SAMPLES_PER_FRAME_48
         m = int(burst_s * OUT_RATE)
         tt = np.arange(m) / OUT_RATE
-        x[s:s + m] += (0.5 * np.sin(2 * np.pi * freq * tt)).astype(np.float32)
+        x[s : s + m] += (0.5 * np.sin(2 * np.pi * freq * tt)).astype(np.float32)
         onsets.append(s)
         t += burst_every_s
     return x, onsets
@@ -131,8 +137,7 @@ def _tracks():
             if self.start is None:
                 self.start = time.monotonic()
             await asyncio.sleep(max(0.0, self.start + self.k / 25 - time.monotonic()))
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(self.frames[self.k % len(self.frames)]),
-                                           format="rgb24")
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(self.frames[self.k % len(self.frames)]), format="rgb24")
             f.pts = self.k * FRAME_TICKS
             f.time_base = fractions.Fraction(1, VIDEO_CLOCK)
             self.k += 1
@@ -161,18 +166,33 @@ class ClientResult:
 
     def take_window(self) -> ClientResult:
         """Move the frames received so far into a new result (long runs analyse window by window)."""
-        w = ClientResult(session=self.session, t_offer=self.t_offer, t_answer=self.t_answer, mic_start=self.mic_start,
-                         mic_rate=self.mic_rate, onsets_sent=self.onsets_sent, video=self.video,
-                         audio_pts=self.audio_pts, audio_t=self.audio_t, audio=self.audio, frame_shape=self.frame_shape,
-                         audio_matched=self.audio_matched, slot_origin=self.slot_origin)
+        w = ClientResult(
+            session=self.session,
+            t_offer=self.t_offer,
+            t_answer=self.t_answer,
+            mic_start=self.mic_start,
+            mic_rate=self.mic_rate,
+            onsets_sent=self.onsets_sent,
+            video=self.video,
+            audio_pts=self.audio_pts,
+            audio_t=self.audio_t,
+            audio=self.audio,
+            frame_shape=self.frame_shape,
+            audio_matched=self.audio_matched,
+            slot_origin=self.slot_origin,
+        )
         self.video, self.audio_pts, self.audio_t, self.audio = [], [], [], []
         self.audio_matched = 0
         return w
 
     def analyse(self) -> dict:
-        out: dict = {"session": self.session, "video_frames": len(self.video), "audio_frames": len(self.audio),
-                     "audio_arrivals_matched": self.audio_matched,
-                     "video_arrivals_matched": sum(v[2] is not None for v in self.video)}
+        out: dict = {
+            "session": self.session,
+            "video_frames": len(self.video),
+            "audio_frames": len(self.audio),
+            "audio_arrivals_matched": self.audio_matched,
+            "video_arrivals_matched": sum(v[2] is not None for v in self.video),
+        }
         if len(self.video) < 2:
             return out
         pts = np.array([v[0] for v in self.video], np.int64)
@@ -182,35 +202,43 @@ class ClientResult:
         slot_rel = (pts - pts[0]) // FRAME_TICKS  # [N] slot index relative to the first frame
         gaps = np.diff(slot_rel)
         dur = t_arr[-1] - t_arr[0]
-        out.update({
-            "seconds": round(float(dur), 3),
-            "fps": round(float((len(pts) - 1) / dur), 3) if dur > 0 else None,
-            # slots (frame indices) advanced per second of arrival time: 25 exactly unless the stream drifts
-            "slot_rate": round(float(slot_rel[-1] / dur), 3) if dur > 0 else None,
-            "pts_gaps_over_1": int((gaps > 1).sum()),
-            "slots_missing": int(np.clip(gaps - 1, 0, None).sum()),
-            "max_pts_gap_frames": int(gaps.max()) if len(gaps) else 0,
-            "non_monotonic": int((gaps <= 0).sum()),
-            "max_arrival_gap_ms": round(float(np.diff(t_arr).max() * 1e3), 1),
-            "first_frame_after_answer_s": round(float(t_dec[0] - self.t_answer), 3),
-            "frame_shape": list(self.frame_shape) if self.frame_shape else None,
-        })
+        out.update(
+            {
+                "seconds": round(float(dur), 3),
+                "fps": round(float((len(pts) - 1) / dur), 3) if dur > 0 else None,
+                # slots (frame indices) advanced per second of arrival time: 25 exactly unless the stream drifts
+                "slot_rate": round(float(slot_rel[-1] / dur), 3) if dur > 0 else None,
+                "pts_gaps_over_1": int((gaps > 1).sum()),
+                "slots_missing": int(np.clip(gaps - 1, 0, None).sum()),
+                "max_pts_gap_frames": int(gaps.max()) if len(gaps) else 0,
+                "non_monotonic": int((gaps <= 0).sum()),
+                "max_arrival_gap_ms": round(float(np.diff(t_arr).max() * 1e3), 1),
+                "first_frame_after_answer_s": round(float(t_dec[0] - self.t_answer), 3),
+                "frame_shape": list(self.frame_shape) if self.frame_shape else None,
+            }
+        )
         if self.slot_origin is None or self.mic_start is None:
             return out
         slot = slot_rel + (self.video[0][4] if self.video[0][4] is not None else self.slot_origin)
-        fresh = np.array([s is not None and s == i and (k == 0 or stamps[k - 1] != s)
-                          for k, (s, i) in enumerate(zip(stamps, slot, strict=True))])
+        fresh = np.array(
+            [
+                s is not None and s == i and (k == 0 or stamps[k - 1] != s)
+                for k, (s, i) in enumerate(zip(stamps, slot, strict=True))
+            ]
+        )
         bad_stamps = sum(1 for s in stamps if s is None)
         media_t = slot * (SAMPLES_PER_FRAME_48 / OUT_RATE)  # media time of each slot
         g2g = (t_arr - (self.mic_start + media_t))[fresh]
         g2g_dec = (t_dec - (self.mic_start + media_t))[fresh]
-        out.update({
-            "frames_fresh": int(fresh.sum()),
-            "frames_repeated": int(len(fresh) - fresh.sum()),
-            "unreadable_stamps": bad_stamps,
-            "glass_to_glass_ms": _pct(g2g),
-            "glass_to_glass_decoded_ms": _pct(g2g_dec),
-        })
+        out.update(
+            {
+                "frames_fresh": int(fresh.sum()),
+                "frames_repeated": int(len(fresh) - fresh.sum()),
+                "unreadable_stamps": bad_stamps,
+                "glass_to_glass_ms": _pct(g2g),
+                "glass_to_glass_decoded_ms": _pct(g2g_dec),
+            }
+        )
         # ---- A/V offset from the tone bursts
         if self.audio and self.onsets_sent:
             sizes = np.array([a.size for a in self.audio])
@@ -247,8 +275,13 @@ class ClientResult:
 def _pct(a: np.ndarray) -> dict | None:
     if a is None or len(a) == 0:
         return None
-    return {"p50": round(float(np.percentile(a, 50)) * 1e3, 1), "p95": round(float(np.percentile(a, 95)) * 1e3, 1),
-            "max": round(float(a.max()) * 1e3, 1), "min": round(float(a.min()) * 1e3, 1), "n": int(len(a))}
+    return {
+        "p50": round(float(np.percentile(a, 50)) * 1e3, 1),
+        "p95": round(float(np.percentile(a, 95)) * 1e3, 1),
+        "max": round(float(a.max()) * 1e3, 1),
+        "min": round(float(a.min()) * 1e3, 1),
+        "n": int(len(a)),
+    }
 
 
 def _hook_arrivals(receiver, table: dict[int, float]) -> None:
@@ -270,11 +303,22 @@ def _hook_arrivals(receiver, table: dict[int, float]) -> None:
     receiver._handle_rtp_packet = hooked
 
 
-async def run_client(url: str, seconds: float, signal: np.ndarray | None = None, onsets: list[int] | None = None,
-                     options: dict | None = None, webcam: np.ndarray | None = None, token: str | None = None,
-                     loop_signal: bool = False, mic_rate: int = OUT_RATE, mic_channels: int = 1,
-                     keep_audio: bool = True, stop: asyncio.Event | None = None,
-                     on_progress=None, result: ClientResult | None = None) -> ClientResult:
+async def run_client(
+    url: str,
+    seconds: float,
+    signal: np.ndarray | None = None,
+    onsets: list[int] | None = None,
+    options: dict | None = None,
+    webcam: np.ndarray | None = None,
+    token: str | None = None,
+    loop_signal: bool = False,
+    mic_rate: int = OUT_RATE,
+    mic_channels: int = 1,
+    keep_audio: bool = True,
+    stop: asyncio.Event | None = None,
+    on_progress=None,
+    result: ClientResult | None = None,
+) -> ClientResult:
     """Connect to ``url`` (http://host:port), stream for ``seconds`` after the first video frame,
     close, and return what was received. ``signal`` (48 kHz mono) is sent as the microphone."""
     import aiohttp

@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 FPS = 25
 
 
-def analyse(frames_u8: np.ndarray, frame_inds: np.ndarray, wav: np.ndarray, sr: int = 16000,
-            analyzer: M.FaceAnalyzer | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+def analyse(
+    frames_u8: np.ndarray,
+    frame_inds: np.ndarray,
+    wav: np.ndarray,
+    sr: int = 16000,
+    analyzer: M.FaceAnalyzer | None = None,
+) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """frames [N,H,W,3] u8 at video indices ``frame_inds``; wav mono. -> (result, lm, mouth, energy)."""
     analyzer = analyzer or M.FaceAnalyzer()
     lm = analyzer.landmarks(frames_u8)  # [N,68,2]
@@ -40,8 +45,13 @@ def analyse(frames_u8: np.ndarray, frame_inds: np.ndarray, wav: np.ndarray, sr: 
     res = {"frames": int(len(frames_u8)), "face_found": float(found.mean())}
     if found.sum() >= 10:
         m = mouth[found]
-        res.update({"mouth_open_p10": float(np.percentile(m, 10)), "mouth_open_p90": float(np.percentile(m, 90)),
-                    "mouth_open_std": float(m.std())})
+        res.update(
+            {
+                "mouth_open_p10": float(np.percentile(m, 10)),
+                "mouth_open_p90": float(np.percentile(m, 90)),
+                "mouth_open_std": float(m.std()),
+            }
+        )
         res["av"] = M.av_offset(energy, mouth)
     return res, lm, mouth, energy
 
@@ -75,6 +85,7 @@ def plot(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, energy: np.ndarra
 def pick_extremes(mouth: np.ndarray, n: int = 5, gap: int = 5) -> tuple[list[int], list[int]]:
     """Mouth opening [N] (NaN: no face) -> (indices of the n most closed frames, of the n most open),
     each list in time order, frames of one list at least ``gap`` apart."""
+
     def greedy(order: np.ndarray) -> list[int]:
         picked: list[int] = []
         for i in order:
@@ -100,8 +111,11 @@ def closed_open_sheet(path: Path, frames_u8: np.ndarray, mouth: np.ndarray, n: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.demo_lipsync", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.demo_lipsync",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("raw", help=".npz written by python -m rt_engine.render --save-raw")
     ap.add_argument("audio", help="the audio the demo was rendered with")
     ap.add_argument("--out", required=True, help="output folder")

@@ -53,8 +53,16 @@ def _time_cpu(fn: Callable[[], object], iters: int) -> float:
 Timer = Callable[[Callable[[], object], int], float]
 
 
-def _time_layer(x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, n: torch.Tensor, bias: torch.Tensor,
-                impl: str, timer: Timer, iters: int) -> dict[str, float]:
+def _time_layer(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    w: torch.Tensor,
+    n: torch.Tensor,
+    bias: torch.Tensor,
+    impl: str,
+    timer: Timer,
+    iters: int,
+) -> dict[str, float]:
     """ms per call of the native op and the two torch paths on one layer."""
     with torch.inference_mode():
         return {
@@ -64,8 +72,12 @@ def _time_layer(x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, n: torch.Tens
         }
 
 
-def benchmark_kernels(device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
-                      layers: list[tuple[int, int, int]] | None = None, iters: int | None = None) -> dict:
+def benchmark_kernels(
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype | None = None,
+    layers: list[tuple[int, int, int]] | None = None,
+    iters: int | None = None,
+) -> dict:
     """Per-layer ms and TFLOP/s of the native fused op vs torch; on a machine without GPU, the CPU twin."""
     dev = torch.device(device)
     gpu = dev.type == "cuda" and torch.cuda.is_available()
@@ -85,8 +97,10 @@ def benchmark_kernels(device: str | torch.device = "cuda", dtype: torch.dtype | 
         "layers": [],
     }
     if not gpu:
-        result["note"] = ("no CUDA GPU: timing the C++ twin (a correctness twin, not tuned) against "
-                          "torch/oneDNN on the CPU; the CUDA kernel needs a GPU to be timed")
+        result["note"] = (
+            "no CUDA GPU: timing the C++ twin (a correctness twin, not tuned) against "
+            "torch/oneDNN on the CPU; the CUDA kernel needs a GPU to be timed"
+        )
     g = torch.Generator().manual_seed(0)
     for b, c, hw in layers:
         x = torch.randn(b, c, hw, hw, generator=g).to(dev, dtype)  # [B,C,H,W]

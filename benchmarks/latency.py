@@ -68,8 +68,17 @@ DEMO_FILES = {  # relative to --demo (the upstream demo's misc/ folder)
     "pose": "Pose_Source_unz/Pose_Source/517600078",
     "audio": "Audio_Source_unz/Audio_Source/681600002.flac",
 }
-ALL_VARIANTS = ("torch:fp32", "torch:bf16", "torch-fast:fp32", "torch-fast:bf16", "torch-compile:fp32",
-                "torch-compile:bf16", "onnxruntime:fp32", "openvino:fp32", "openvino:bf16")
+ALL_VARIANTS = (
+    "torch:fp32",
+    "torch:bf16",
+    "torch-fast:fp32",
+    "torch-fast:bf16",
+    "torch-compile:fp32",
+    "torch-compile:bf16",
+    "onnxruntime:fp32",
+    "openvino:fp32",
+    "openvino:bf16",
+)
 REFERENCE = "torch:fp32"
 
 
@@ -98,15 +107,27 @@ def cpu_info() -> dict[str, Any]:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return {"model": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "onednn_native_bf16": native_bf16()}
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "onednn_native_bf16": native_bf16(),
+    }
 
 
 def stats(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms, np.float64)
-    return {"n": len(ms), "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
-            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "min_ms": float(a.min())}
+    return {
+        "n": len(ms),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "min_ms": float(a.min()),
+    }
 
 
 MIN_CALLS = 3  # timed calls per measurement even past the budget (2 with --quick)
@@ -158,8 +179,12 @@ def count_flops(model: PCAVS) -> dict[str, float]:
     id0, id1 = torch.rand(1, cfg.id_dim), torch.randn(1, *cfg.id_map_shape)
     style = torch.cat([id0, torch.randn(1, cfg.mouth_dim), torch.randn(1, cfg.pose_dim)], 1)
     out = {}
-    calls = {"identity": lambda: model.encode_identity(img), "pose": lambda: model.encode_pose(img),
-             "audio": lambda: model.encode_mouth(mel), "generator": lambda: model.generate(style, id1)}
+    calls = {
+        "identity": lambda: model.encode_identity(img),
+        "pose": lambda: model.encode_pose(img),
+        "audio": lambda: model.encode_mouth(mel),
+        "generator": lambda: model.generate(style, id1),
+    }
     with torch.inference_mode():
         for name, fn in calls.items():
             fc = FlopCounterMode(display=False)
@@ -209,8 +234,9 @@ class Inputs:
         self.pose_codes = torch.randn(batch, cfg.pose_dim, generator=g) * 5  # [B,12] computed ahead
 
 
-def bench_variant(runner: Runner, inp: Inputs, batch: int, reps: int, budget_s: float,
-                  flops: dict[str, float]) -> dict[str, Any]:
+def bench_variant(
+    runner: Runner, inp: Inputs, batch: int, reps: int, budget_s: float, flops: dict[str, float]
+) -> dict[str, Any]:
     res: dict[str, Any] = {"describe": runner.describe(), "stages": {}, "batched": {}, "e2e": {}}
     with torch.inference_mode():
         id_ms = timed(lambda: runner.encode_identity(inp.id_img), max(MIN_CALLS, reps // 4), budget_s)
@@ -222,8 +248,7 @@ def bench_variant(runner: Runner, inp: Inputs, batch: int, reps: int, budget_s: 
         res["stages"]["audio"] = stats(timed(lambda: runner.encode_audio(m1), reps, budget_s))
         res["stages"]["generator"] = stats(timed(lambda: runner.generate(id0, id1, mouth1, pose1), reps, budget_s))
         ahead = timed(lambda: runner.generate(id0, id1, runner.encode_audio(m1), c1), reps, budget_s)
-        live = timed(lambda: runner.generate(id0, id1, runner.encode_audio(m1), runner.encode_pose(p1)), reps,
-                     budget_s)
+        live = timed(lambda: runner.generate(id0, id1, runner.encode_audio(m1), runner.encode_pose(p1)), reps, budget_s)
         for key, ms, fl in (("ahead", ahead, flops["frame_ahead"]), ("live", live, flops["frame_live"])):
             s = stats(ms)
             s["fps"] = 1e3 / s["mean_ms"]
@@ -231,10 +256,12 @@ def bench_variant(runner: Runner, inp: Inputs, batch: int, reps: int, budget_s: 
             res["e2e"][key] = s
         if batch > 1:
             mb, pb = runner.encode_audio(inp.mel), runner.encode_pose(inp.pose)
-            bstage = {"pose": lambda: runner.encode_pose(inp.pose), "audio": lambda: runner.encode_audio(inp.mel),
-                      "generator": lambda: runner.generate(id0, id1, mb, pb),
-                      "live": lambda: runner.generate(id0, id1, runner.encode_audio(inp.mel),
-                                                      runner.encode_pose(inp.pose))}
+            bstage = {
+                "pose": lambda: runner.encode_pose(inp.pose),
+                "audio": lambda: runner.encode_audio(inp.mel),
+                "generator": lambda: runner.generate(id0, id1, mb, pb),
+                "live": lambda: runner.generate(id0, id1, runner.encode_audio(inp.mel), runner.encode_pose(inp.pose)),
+            }
             for k, fn in bstage.items():
                 s = stats(timed(fn, max(MIN_CALLS, reps // batch), budget_s))
                 s["frames_per_s"] = batch * 1e3 / s["mean_ms"]
@@ -266,10 +293,16 @@ def memory_run(runner: Runner, inp: Inputs, frames: int, every: int = 500) -> di
     xs = np.array([s[0] for s in samples[1:]], np.float64)  # the first interval includes warm-up
     ys = np.array([s[1] for s in samples[1:]], np.float64)
     slope = float(np.polyfit(xs, ys, 1)[0] * 1000) if len(xs) >= 2 else float("nan")
-    return {"runner": runner.describe(), "frames": frames, "every": every, "seconds": seconds,
-            "rss_samples_mb": samples, "slope_mb_per_1000_frames": slope,
-            "growth_mb_after_warmup": float(ys[-1] - ys[0]) if len(ys) >= 2 else float("nan"),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "runner": runner.describe(),
+        "frames": frames,
+        "every": every,
+        "seconds": seconds,
+        "rss_samples_mb": samples,
+        "slope_mb_per_1000_frames": slope,
+        "growth_mb_after_warmup": float(ys[-1] - ys[0]) if len(ys) >= 2 else float("nan"),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 # ------------------------------------------------------------------------------------ demo
@@ -304,8 +337,15 @@ def demo_fidelity(demo: Path, model: PCAVS, variants: list[str], frames: int) ->
     ref = None
     for v in variants:
         runner = build(v, model)
-        r = render_arrays(paths["identity"], paths["audio"], paths["pose"], aligned=True, runner=runner,
-                          max_frames=frames, batch_size=min(frames, 4))
+        r = render_arrays(
+            paths["identity"],
+            paths["audio"],
+            paths["pose"],
+            aligned=True,
+            runner=runner,
+            max_frames=frames,
+            batch_size=min(frames, 4),
+        )
         fr = torch.from_numpy(r.frames)
         if ref is None:
             ref = fr
@@ -325,18 +365,23 @@ def fmt(x: float, nd: int = 1) -> str:
 
 def markdown(rep: dict[str, Any]) -> str:
     m = rep["machine"]
-    lines = [f"# Latency, preset `{rep['preset']}`", "",
-             f"CPU: {m['cpu']['model']} ({m['cpu']['cores']} cores, torch threads {m['threads']}), "
-             f"native bf16: {m['cpu']['onednn_native_bf16']}, AMX: {m['cpu']['amx_bf16']}. "
-             f"Load average at start {m['load_start'][0]:.2f}, end {m['load_end'][0]:.2f} "
-             f"(> 0 means other processes shared the cores; numbers are then pessimistic).", "",
-             f"FLOPs per frame: generator {rep['flops']['generator'] / 1e9:.2f} G, pose "
-             f"{rep['flops']['pose'] / 1e9:.2f} G, audio {rep['flops']['audio'] / 1e9:.3f} G, identity "
-             f"{rep['flops']['identity'] / 1e9:.2f} G (once). Measured peak (3x3 conv): fp32 "
-             f"{rep['peak']['float32']:.3f}, bf16 {rep['peak']['bfloat16']:.3f} TFLOP/s.", "",
-             "| variant | identity ms | pose ms | audio ms | generator ms | ahead p50/p95/p99 ms | ahead fps | "
-             "live p50/p95/p99 ms | live fps | speed-up (live) | TFLOP/s | % peak | batched fps | PSNR dB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Latency, preset `{rep['preset']}`",
+        "",
+        f"CPU: {m['cpu']['model']} ({m['cpu']['cores']} cores, torch threads {m['threads']}), "
+        f"native bf16: {m['cpu']['onednn_native_bf16']}, AMX: {m['cpu']['amx_bf16']}. "
+        f"Load average at start {m['load_start'][0]:.2f}, end {m['load_end'][0]:.2f} "
+        f"(> 0 means other processes shared the cores; numbers are then pessimistic).",
+        "",
+        f"FLOPs per frame: generator {rep['flops']['generator'] / 1e9:.2f} G, pose "
+        f"{rep['flops']['pose'] / 1e9:.2f} G, audio {rep['flops']['audio'] / 1e9:.3f} G, identity "
+        f"{rep['flops']['identity'] / 1e9:.2f} G (once). Measured peak (3x3 conv): fp32 "
+        f"{rep['peak']['float32']:.3f}, bf16 {rep['peak']['bfloat16']:.3f} TFLOP/s.",
+        "",
+        "| variant | identity ms | pose ms | audio ms | generator ms | ahead p50/p95/p99 ms | ahead fps | "
+        "live p50/p95/p99 ms | live fps | speed-up (live) | TFLOP/s | % peak | batched fps | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for v, r in rep["variants"].items():
         if "error" in r:
             lines.append(f"| {v} | failed: {r['error'][:80]} |" + " |" * 12)
@@ -348,13 +393,16 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {fmt(st['generator']['p50_ms'])} | {fmt(a['p50_ms'])}/{fmt(a['p95_ms'])}/{fmt(a['p99_ms'])} "
             f"| {fmt(a['fps'], 2)} | {fmt(li['p50_ms'])}/{fmt(li['p95_ms'])}/{fmt(li['p99_ms'])} | {fmt(li['fps'], 2)} "
             f"| {fmt(r['speedup_live'], 2)}x | {fmt(li['tflops'], 3)} | {fmt(100 * r['peak_fraction'], 1)} "
-            f"| {fmt(bf, 2)} | {fmt(r['psnr_vs_ref_db'])} |")
+            f"| {fmt(bf, 2)} | {fmt(r['psnr_vs_ref_db'])} |"
+        )
     lines += ["", f"Peak RSS of the process: {rep['peak_rss_mb']:.0f} MB."]
     if rep.get("memory"):
         mm = rep["memory"]
-        lines.append(f"Memory run: {mm['frames']} live frames on {mm['runner']}: RSS slope "
-                     f"{mm['slope_mb_per_1000_frames']:.3f} MB per 1000 frames, growth after warm-up "
-                     f"{mm['growth_mb_after_warmup']:.1f} MB, peak RSS {mm['peak_rss_mb']:.0f} MB.")
+        lines.append(
+            f"Memory run: {mm['frames']} live frames on {mm['runner']}: RSS slope "
+            f"{mm['slope_mb_per_1000_frames']:.3f} MB per 1000 frames, growth after warm-up "
+            f"{mm['growth_mb_after_warmup']:.1f} MB, peak RSS {mm['peak_rss_mb']:.0f} MB."
+        )
     if rep.get("demo"):
         lines.append("")
         lines.append(f"Real inputs (upstream demo, {rep['demo']['frames']} frames, {rep['demo'].get('weights')}):")
@@ -391,17 +439,29 @@ def chart(rep: dict[str, Any], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, choices=["official", "small", "tiny"],
-                    help="model size (default official; tiny with --quick)")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--preset",
+        default=None,
+        choices=["official", "small", "tiny"],
+        help="model size (default official; tiny with --quick)",
+    )
     ap.add_argument("--checkpoint", default=None, help="real weights (default: random weights of the preset)")
-    ap.add_argument("--backends", default=None,
-                    help=f"comma list of backend[:precision] (default: all available of {', '.join(ALL_VARIANTS)})")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma list of backend[:precision] (default: all available of {', '.join(ALL_VARIANTS)})",
+    )
     ap.add_argument("--frames", type=int, default=None, help="timed calls per measurement (default 20; 5 quick)")
     ap.add_argument("--batch", type=int, default=None, help="batch of the batched measurements (default 4; 2 quick)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop a measurement after this many seconds (>= 3 calls; default 30, quick 2)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop a measurement after this many seconds (>= 3 calls; default 30, quick 2)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch / runtime threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="CI-cheap: tiny preset, few frames, no compile")
     ap.add_argument("--kernels", action="store_true", help="also run benchmarks/kernels.py: benchmark_kernels")
@@ -411,8 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-backend", default=None, help="variant of the memory run (default: the fastest)")
     ap.add_argument("--demo", default=None, help="upstream demo misc/ folder: PSNR on real inputs")
     ap.add_argument("--demo-frames", type=int, default=8)
-    ap.add_argument("--demo-backends", default=None,
-                    help="variants compared on the demo (default: the timed ones); the reference is added first")
+    ap.add_argument(
+        "--demo-backends",
+        default=None,
+        help="variants compared on the demo (default: the timed ones); the reference is added first",
+    )
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default benchmarks/out/)")
     ap.add_argument("--tag", default="", help="suffix of the output names: latency_<preset>_<tag>.*")
     return ap
@@ -435,9 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     rep: dict[str, Any] = {
-        "preset": preset, "quick": args.quick, "frames": reps, "batch": batch, "budget_s": budget,
-        "machine": {"cpu": cpu_info(), "threads": torch.get_num_threads(), "load_start": list(os.getloadavg()),
-                    "python": platform.python_version(), "torch": torch.__version__, "host": platform.node()},
+        "preset": preset,
+        "quick": args.quick,
+        "frames": reps,
+        "batch": batch,
+        "budget_s": budget,
+        "machine": {
+            "cpu": cpu_info(),
+            "threads": torch.get_num_threads(),
+            "load_start": list(os.getloadavg()),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "host": platform.node(),
+        },
         "variants": {},
     }
     log.info("machine: %s; load %s", rep["machine"]["cpu"], rep["machine"]["load_start"])
@@ -463,8 +536,14 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             runner = build(v, model)
             build_s = time.perf_counter() - t
-            r = bench_variant(runner, inp, batch, reps if v != REFERENCE or args.quick else max(MIN_CALLS, reps // 4),
-                              budget, rep["flops"])
+            r = bench_variant(
+                runner,
+                inp,
+                batch,
+                reps if v != REFERENCE or args.quick else max(MIN_CALLS, reps // 4),
+                budget,
+                rep["flops"],
+            )
         except Exception as e:  # a backend failing must not lose the others' numbers
             log.exception("variant %s failed", v)
             rep["variants"][v] = {"error": f"{type(e).__name__}: {e}"}
@@ -487,9 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = {v: r for v, r in rep["variants"].items() if "error" not in r}
     if ok:
         best = min(ok, key=lambda v: ok[v]["e2e"]["live"]["mean_ms"])
-        rep["fastest"] = {"variant": best, "live_fps": ok[best]["e2e"]["live"]["fps"],
-                          "ahead_fps": ok[best]["e2e"]["ahead"]["fps"],
-                          "speedup_live": ok[best].get("speedup_live")}
+        rep["fastest"] = {
+            "variant": best,
+            "live_fps": ok[best]["e2e"]["live"]["fps"],
+            "ahead_fps": ok[best]["e2e"]["ahead"]["fps"],
+            "speedup_live": ok[best].get("speedup_live"),
+        }
         log.info("fastest: %s", rep["fastest"])
     if args.memory_frames:
         v = args.memory_backend or rep.get("fastest", {}).get("variant", REFERENCE)
@@ -503,8 +585,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 demo_model = load_official(recipe_checkpoint(Path(tmp)))
                 weights = "parity-fixture recipe weights (official size)"
-            dv = ([REFERENCE] + [v for v in args.demo_backends.split(",") if v != REFERENCE]
-                  if args.demo_backends else [v for v in variants if v in ok])
+            dv = (
+                [REFERENCE] + [v for v in args.demo_backends.split(",") if v != REFERENCE]
+                if args.demo_backends
+                else [v for v in variants if v in ok]
+            )
             rep["demo"] = demo_fidelity(Path(args.demo), demo_model, dv, args.demo_frames)
             rep["demo"]["weights"] = weights
     if args.kernels:

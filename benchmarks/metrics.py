@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FPS = 25
 SAMPLE_RATE = 16000
 
+
 # ------------------------------------------------------------------ image metrics
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM over frames of two [N,H,W,3] uint8 videos (scikit-image, 7x7 window)."""
@@ -93,6 +94,7 @@ def opening_span_ratio(gen: np.ndarray, ref: np.ndarray) -> float:
     """How far the generated mouth moves, relative to the real one: (p90 - p10) of the generated
     opening curve over (p90 - p10) of the real one, each over its finite frames (1 = as far as the
     real speaker, 0 = a still mouth; NaN with fewer than 3 frames or a real mouth that never moves)."""
+
     def span(x: np.ndarray) -> float:
         x = np.asarray(x, np.float64)
         x = x[np.isfinite(x)]
@@ -151,16 +153,18 @@ def curve_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
-def _shifted_correlations(g: np.ndarray, r: np.ndarray, min_shift: int, n_shuffle: int,
-                          rng: np.random.Generator) -> np.ndarray:
+def _shifted_correlations(
+    g: np.ndarray, r: np.ndarray, min_shift: int, n_shuffle: int, rng: np.random.Generator
+) -> np.ndarray:
     """Correlations of ``g`` with ``r`` [N] circularly shifted by ``n_shuffle`` random amounts in
     ``min_shift`` .. N - ``min_shift`` (NaN where undefined); [n_shuffle]."""
     shifts = rng.integers(min_shift, len(r) - min_shift, n_shuffle)
     return np.array([curve_correlation(g, np.roll(r, int(sh))) for sh in shifts])
 
 
-def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16, n_shuffle: int = 200,
-                           seed: int = 0) -> dict[str, float]:
+def correlation_vs_shifted(
+    gen: np.ndarray, ref: np.ndarray, min_shift: int = 16, n_shuffle: int = 200, seed: int = 0
+) -> dict[str, float]:
     """How far the correlation of ``gen`` with ``ref`` [N] stands above chance: the same
     correlation against ``ref`` circularly shifted by ``min_shift`` .. N - ``min_shift`` frames (a
     mouth that moves like the real one, out of step with it; a still mouth has no correlation at
@@ -178,12 +182,16 @@ def correlation_vs_shifted(gen: np.ndarray, ref: np.ndarray, min_shift: int = 16
     null = null[np.isfinite(null)]
     if len(null) < 3:
         return nan
-    return {"corr": c, "z": float((c - null.mean()) / max(null.std(), 1e-6)),
-            "p": float((1 + (null >= c).sum()) / (1 + len(null)))}
+    return {
+        "corr": c,
+        "z": float((c - null.mean()) / max(null.std(), 1e-6)),
+        "p": float((1 + (null >= c).sum()) / (1 + len(null))),
+    }
 
 
-def pooled_correlation_vs_shifted(pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], min_shift: int = 16,
-                                  n_shuffle: int = 1000, seed: int = 0) -> dict[str, float]:
+def pooled_correlation_vs_shifted(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], min_shift: int = 16, n_shuffle: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """One test over many clips: is the mean of their (generated, real) mouth correlations above
     what out-of-step mouths get?
 
@@ -206,8 +214,13 @@ def pooled_correlation_vs_shifted(pairs: Sequence[tuple[np.ndarray, np.ndarray] 
             live.append((g[:n], r[:n]))
             obs.append(c)
     n_clips = len(pairs)
-    out = {"mean_corr": float(np.sum(obs) / n_clips) if n_clips else math.nan, "z": math.nan, "p": math.nan,
-           "clips": n_clips, "undefined": n_clips - len(live)}
+    out = {
+        "mean_corr": float(np.sum(obs) / n_clips) if n_clips else math.nan,
+        "z": math.nan,
+        "p": math.nan,
+        "clips": n_clips,
+        "undefined": n_clips - len(live),
+    }
     if not live:
         return out
     rng = np.random.default_rng(seed)
@@ -248,8 +261,13 @@ def curve_offset(gen: np.ndarray, ref: np.ndarray, max_lag: int = 8) -> tuple[fl
     return k - max_lag, float(c[k])
 
 
-def speech_energy(wav: np.ndarray, sr: int = SAMPLE_RATE, n_frames: int | None = None, fps: int = FPS,
-                  band: tuple[float, float] = (300.0, 3000.0)) -> np.ndarray:
+def speech_energy(
+    wav: np.ndarray,
+    sr: int = SAMPLE_RATE,
+    n_frames: int | None = None,
+    fps: int = FPS,
+    band: tuple[float, float] = (300.0, 3000.0),
+) -> np.ndarray:
     """Log speech-band energy per video frame: [samples] -> [n_frames] (40 ms windows at 25 fps,
     centred on each frame's time span)."""
     wav = np.asarray(wav, np.float64).reshape(-1)
@@ -263,7 +281,7 @@ def speech_energy(wav: np.ndarray, sr: int = SAMPLE_RATE, n_frames: int | None =
     out = np.empty(n)
     for t in range(n):
         c = int(round((t + 0.5) * hop))
-        seg = wav[max(0, c - win // 2): c - win // 2 + win]
+        seg = wav[max(0, c - win // 2) : c - win // 2 + win]
         if len(seg) < win:
             seg = np.pad(seg, (0, win - len(seg)))
         spec = np.abs(np.fft.rfft(seg * window, fft_n)) ** 2
@@ -271,8 +289,9 @@ def speech_energy(wav: np.ndarray, sr: int = SAMPLE_RATE, n_frames: int | None =
     return out
 
 
-def av_offset(energy: np.ndarray, mouth: np.ndarray, max_lag: int = 8, n_shuffle: int = 100,
-              seed: int = 0, detrend: int = 25) -> dict[str, float]:
+def av_offset(
+    energy: np.ndarray, mouth: np.ndarray, max_lag: int = 8, n_shuffle: int = 100, seed: int = 0, detrend: int = 25
+) -> dict[str, float]:
     """Audio-to-mouth offset from cross-correlating speech-band energy and mouth opening.
 
     Both curves are first high-passed (minus a ``detrend``-frame moving average): on the demo
@@ -314,8 +333,7 @@ def _syncnet_class():
         return [conv(cin, cout, kernel_size=k, stride=s, padding=p), bn(cout), nn.ReLU(inplace=True)]
 
     def fc(dim):
-        return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                             nn.Linear(512, dim))
+        return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, dim))
 
     class SyncNet(nn.Module):
         """SyncNet "S" of syncnet_python (state-dict keys netcnnaud.*, netfcaud.*, netcnnlip.*,
@@ -324,16 +342,21 @@ def _syncnet_class():
         def __init__(self, dim: int = 1024) -> None:
             super().__init__()
             self.netcnnaud = nn.Sequential(
-                *conv_bn(1, 64, 3, 1, 1), nn.MaxPool2d(1, 1),
-                *conv_bn(64, 192, 3, 1, 1), nn.MaxPool2d(3, (1, 2)),
-                *conv_bn(192, 384, 3, 1, 1), *conv_bn(384, 256, 3, 1, 1), *conv_bn(256, 256, 3, 1, 1),
+                *conv_bn(1, 64, 3, 1, 1),
+                nn.MaxPool2d(1, 1),
+                *conv_bn(64, 192, 3, 1, 1),
+                nn.MaxPool2d(3, (1, 2)),
+                *conv_bn(192, 384, 3, 1, 1),
+                *conv_bn(384, 256, 3, 1, 1),
+                *conv_bn(256, 256, 3, 1, 1),
                 nn.MaxPool2d(3, 2),
                 *conv_bn(256, 512, (5, 4), 1, 0),
             )
             self.netfcaud = fc(dim)
             self.netfclip = fc(dim)
             self.netcnnlip = nn.Sequential(
-                *conv_bn(3, 96, (5, 7, 7), (1, 2, 2), 0, dims=3), nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
+                *conv_bn(3, 96, (5, 7, 7), (1, 2, 2), 0, dims=3),
+                nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
                 *conv_bn(96, 256, (1, 5, 5), (1, 2, 2), (0, 1, 1), dims=3),
                 nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
                 *conv_bn(256, 256, (1, 3, 3), 1, (0, 1, 1), dims=3),
@@ -414,14 +437,14 @@ def lse(net, frames: np.ndarray, wav: np.ndarray, vshift: int = 15, batch: int =
     with torch.inference_mode():
         for i in range(0, last, batch):
             ks = range(i, min(last, i + batch))
-            im_feat.append(net.forward_lip(torch.stack([vid[:, k:k + 5] for k in ks])))
-            cc_feat.append(net.forward_aud(torch.stack([aud[None, :, 4 * k:4 * k + 20] for k in ks])))
+            im_feat.append(net.forward_lip(torch.stack([vid[:, k : k + 5] for k in ks])))
+            cc_feat.append(net.forward_aud(torch.stack([aud[None, :, 4 * k : 4 * k + 20] for k in ks])))
         f1, f2 = torch.cat(im_feat), torch.cat(cc_feat)
         win = 2 * vshift + 1
         f2p = torch.nn.functional.pad(f2, (0, 0, vshift, vshift))
-        dists = torch.stack([torch.nn.functional.pairwise_distance(f1[[i]].repeat(win, 1), f2p[i:i + win])
-                             for i in range(len(f1))], 1)  # [win,L]
+        dists = torch.stack(
+            [torch.nn.functional.pairwise_distance(f1[[i]].repeat(win, 1), f2p[i : i + win]) for i in range(len(f1))], 1
+        )  # [win,L]
     mdist = dists.mean(1)
     minval, minidx = torch.min(mdist, 0)
-    return {"lse_d": float(minval), "lse_c": float(mdist.median() - minval),
-            "offset": float(vshift - int(minidx))}
+    return {"lse_d": float(minval), "lse_c": float(mdist.median() - minval), "offset": float(vshift - int(minidx))}

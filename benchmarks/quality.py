@@ -46,8 +46,12 @@ VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".m4a", ".ogg")
 METHODS = ("gt", "still", "fixed_pose", "model")
-METHOD_NAMES = {"gt": "Ground truth (ceiling)", "still": "Still image", "fixed_pose": "Ours, fixed pose",
-                "model": "Ours"}
+METHOD_NAMES = {
+    "gt": "Ground truth (ceiling)",
+    "still": "Still image",
+    "fixed_pose": "Ours, fixed pose",
+    "model": "Ours",
+}
 MIN_FRAMES = 10
 
 
@@ -112,8 +116,10 @@ def clips_from_csv(path: Path) -> list[ClipSpec]:
             spec.video = root / r["file"]
         spec.audio = _companion_audio(r, rows, root)
         notes = r.get("notes", "")
-        if spec.audio is None and (re.search(r"\bno audio\b|no usable audio|silent", notes, re.I)
-                                   or (r["kind"] == "frames_dir" and not r.get("audio_sr"))):
+        if spec.audio is None and (
+            re.search(r"\bno audio\b|no usable audio|silent", notes, re.I)
+            or (r["kind"] == "frames_dir" and not r.get("audio_sr"))
+        ):
             spec.skip = f"no audio (CSV notes: {notes[:90]})"
         specs.append(spec)
     return specs
@@ -202,8 +208,17 @@ def load_clip(spec: ClipSpec, cropper, max_frames: int | None) -> Clip:
     except InputError as e:  # NoFaceError included
         raise SkipClip(str(e)) from e
     n_audio = len(wav) // (SR // FPS)
-    return Clip(spec.name, frames, wav, {"n_frames": len(frames), "audio_s": round(len(wav) / SR, 2),
-                                         "audio_frames": n_audio, "already_aligned": aligned})
+    return Clip(
+        spec.name,
+        frames,
+        wav,
+        {
+            "n_frames": len(frames),
+            "audio_s": round(len(wav) / SR, 2),
+            "audio_frames": n_audio,
+            "already_aligned": aligned,
+        },
+    )
 
 
 # ------------------------------------------------------------------ evaluation
@@ -244,8 +259,9 @@ class Options:
 def make_reference(clip: Clip, analyzer: M.FaceAnalyzer, max_frames: int | None, opts: Options) -> Reference:
     inds = target_indices(len(clip.wav), len(clip.frames), max_frames)
     if len(inds) < MIN_FRAMES:
-        raise SkipClip(f"too short: {len(inds)} target frames (audio {len(clip.wav) / SR:.2f} s, "
-                       f"{len(clip.frames)} video frames)")
+        raise SkipClip(
+            f"too short: {len(inds)} target frames (audio {len(clip.wav) / SR:.2f} s, {len(clip.frames)} video frames)"
+        )
     gt = model_view(clip.frames[inds])
     lm = analyzer.landmarks(gt)
     found = np.isfinite(lm[:, 0, 0]).mean()
@@ -253,12 +269,14 @@ def make_reference(clip: Clip, analyzer: M.FaceAnalyzer, max_frames: int | None,
         raise SkipClip(f"no detectable face in {100 * (1 - found):.0f}% of the ground-truth frames")
     emb_idx = np.unique(np.linspace(0, len(inds) - 1, min(opts.csim_frames, len(inds))).round().astype(int))
     energy = M.speech_energy(clip.wav, SR, len(clip.frames))[inds]
-    return Reference(inds, gt, lm, M.mouth_opening(lm), energy, clip.wav, emb_idx,
-                     analyzer.embeddings(gt[emb_idx], lm[emb_idx]))
+    return Reference(
+        inds, gt, lm, M.mouth_opening(lm), energy, clip.wav, emb_idx, analyzer.embeddings(gt[emb_idx], lm[emb_idx])
+    )
 
 
-def evaluate(gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Options,
-             syncnet=None, identical: bool = False) -> tuple[dict, np.ndarray]:
+def evaluate(
+    gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Options, syncnet=None, identical: bool = False
+) -> tuple[dict, np.ndarray]:
     """Metrics of generated frames [M,224,224,3] (aligned with ref.inds) -> (dict, mouth curve [M])."""
     lm = ref.lm if identical else analyzer.landmarks(gen)
     mouth = M.mouth_opening(lm)
@@ -286,21 +304,31 @@ def evaluate(gen: np.ndarray, ref: Reference, analyzer: M.FaceAnalyzer, opts: Op
         "av_z": av["z"],
     }
     if syncnet is not None:
-        seg = ref.wav[int(ref.inds[0]) * (SR // FPS):]
+        seg = ref.wav[int(ref.inds[0]) * (SR // FPS) :]
         s = M.lse(syncnet, gen, seg)
         res.update({"lse_c": s["lse_c"], "lse_d": s["lse_d"], "lse_offset": s["offset"]})
     return res, mouth
 
 
-def render_method(method: str, clip: Clip, ref: Reference, checkpoint: str | None, precision: str,
-                  mouth_gain: float = 1.0) -> np.ndarray:
+def render_method(
+    method: str, clip: Clip, ref: Reference, checkpoint: str | None, precision: str, mouth_gain: float = 1.0
+) -> np.ndarray:
     """Runs the model; returns generated frames [M,224,224,3] aligned with ref.inds."""
     from rt_engine.render import render_arrays
 
     pose = "still" if method == "fixed_pose" else clip.frames
-    res = render_arrays(identity=clip.frames[0], audio=clip.wav, pose=pose, checkpoint=checkpoint,
-                        aligned=True, noise="stored", precision=precision, frontalize=False,
-                        max_frames=int(ref.inds[-1]) - 1, mouth_gain=mouth_gain)
+    res = render_arrays(
+        identity=clip.frames[0],
+        audio=clip.wav,
+        pose=pose,
+        checkpoint=checkpoint,
+        aligned=True,
+        noise="stored",
+        precision=precision,
+        frontalize=False,
+        max_frames=int(ref.inds[-1]) - 1,
+        mouth_gain=mouth_gain,
+    )
     out = M.to_uint8_frames(res.frames)  # [N,224,224,3]
     pos = {int(i): k for k, i in enumerate(res.frame_inds)}
     missing = [int(i) for i in ref.inds if int(i) not in pos]
@@ -321,8 +349,7 @@ def plot_curves(path: Path, name: str, ref: Reference, curves: dict[str, np.ndar
     if "gt" not in curves:  # the real mouth, always: it is what every other curve is compared with
         ax.plot(ref.inds, ref.mouth, label="Ground truth", lw=1.8, color="k")
     for m, c in curves.items():
-        ax.plot(ref.inds, c, label=METHOD_NAMES[m], lw=1.8 if m == "gt" else 1.0,
-                color="k" if m == "gt" else None)
+        ax.plot(ref.inds, c, label=METHOD_NAMES[m], lw=1.8 if m == "gt" else 1.0, color="k" if m == "gt" else None)
     ax.set_ylabel("mouth opening\n(inner-lip gap / eye width)")
     ax.set_title(name)
     ax.legend(fontsize=8, loc="upper right")
@@ -347,13 +374,21 @@ def contact_sheet(rows: dict[str, np.ndarray], inds: np.ndarray, n: int = 6, siz
 
 # ------------------------------------------------------------------ report
 COLUMNS = [  # key, header, format
-    ("ssim", "SSIM ↑", "{:.3f}"), ("psnr", "PSNR ↑", "{:.2f}"), ("cpbd", "CPBD ↑", "{:.3f}"),
-    ("lmd_mouth", "LMD mouth ↓", "{:.2f}"), ("lmd_pose", "LMD pose (jaw) ↓", "{:.2f}"),
-    ("csim_dlib", "dlib CSIM ↑", "{:.3f}"), ("mouth_corr", "Mouth corr ↑", "{:.3f}"),
-    ("mouth_corr_z", "Mouth corr z ↑", "{:.2f}"), ("mouth_corr_p", "Mouth corr p ↓", "{:.3f}"),
+    ("ssim", "SSIM ↑", "{:.3f}"),
+    ("psnr", "PSNR ↑", "{:.2f}"),
+    ("cpbd", "CPBD ↑", "{:.3f}"),
+    ("lmd_mouth", "LMD mouth ↓", "{:.2f}"),
+    ("lmd_pose", "LMD pose (jaw) ↓", "{:.2f}"),
+    ("csim_dlib", "dlib CSIM ↑", "{:.3f}"),
+    ("mouth_corr", "Mouth corr ↑", "{:.3f}"),
+    ("mouth_corr_z", "Mouth corr z ↑", "{:.2f}"),
+    ("mouth_corr_p", "Mouth corr p ↓", "{:.3f}"),
     ("mouth_span", "Mouth span ×", "{:.2f}"),
-    ("mouth_lag", "Mouth lag", "{:+.1f}"), ("av_offset", "AV offset", "{:+.1f}"),
-    ("av_z", "AV z ↑", "{:.2f}"), ("lse_c", "LSE-C ↑", "{:.2f}"), ("lse_d", "LSE-D ↓", "{:.2f}"),
+    ("mouth_lag", "Mouth lag", "{:+.1f}"),
+    ("av_offset", "AV offset", "{:+.1f}"),
+    ("av_z", "AV z ↑", "{:.2f}"),
+    ("lse_c", "LSE-C ↑", "{:.2f}"),
+    ("lse_d", "LSE-D ↓", "{:.2f}"),
     ("face_found", "Face found", "{:.0%}"),
 ]
 
@@ -387,8 +422,9 @@ SUMMARY = {"mouth_corr_p": _worst_p}  # columns averaged otherwise (_mean)
 def summarize(clips: list[dict], methods: list[str]) -> dict:
     out = {}
     for m in methods:
-        rows = [c["methods"][m] for c in clips if isinstance(c["methods"].get(m), dict)
-                and "error" not in c["methods"][m]]
+        rows = [
+            c["methods"][m] for c in clips if isinstance(c["methods"].get(m), dict) and "error" not in c["methods"][m]
+        ]
         if rows:
             out[m] = {k: SUMMARY.get(k, _mean)([r.get(k) for r in rows]) for k, _, _ in COLUMNS} | {"clips": len(rows)}
     return out
@@ -397,33 +433,52 @@ def summarize(clips: list[dict], methods: list[str]) -> dict:
 def write_report(out: Path, result: dict) -> Path:
     cols = [c for c in COLUMNS if c[0] not in ("lse_c", "lse_d") or result["syncnet"]]
     gain = result.get("mouth_gain", 1.0)
-    lines = ["# Talking-face quality (PC-AVS self-driven setting)", "",
-             f"Command: `{result['command']}`", "",
-             f"Checkpoint: {result['checkpoint']}{'' if gain == 1.0 else f', mouth gain {gain}'}. "
-             f"Clips evaluated: {len(result['clips'])}, "
-             f"skipped: {len(result['skipped'])}. Generated {result['date']} in {result['seconds']:.0f} s.", "",
-             "## Averages over clips (paper Table 1 / Table 3 metrics)", "",
-             "| Method | " + " | ".join(h for _, h, _ in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [
+        "# Talking-face quality (PC-AVS self-driven setting)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Checkpoint: {result['checkpoint']}{'' if gain == 1.0 else f', mouth gain {gain}'}. "
+        f"Clips evaluated: {len(result['clips'])}, "
+        f"skipped: {len(result['skipped'])}. Generated {result['date']} in {result['seconds']:.0f} s.",
+        "",
+        "## Averages over clips (paper Table 1 / Table 3 metrics)",
+        "",
+        "| Method | " + " | ".join(h for _, h, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for m, row in result["summary"].items():
         lines.append(f"| {METHOD_NAMES[m]} | " + " | ".join(_fmt(row.get(k), f) for k, _, f in cols) + " |")
     if result.get("pooled"):
-        lines += ["", "## Mouth corr pooled over clips", "",
-                  "Mean of the per-clip mouth correlations, a clip without one (no face drawn, a still "
-                  "mouth) counting as 0, against the same mean with every clip's real curve shifted out "
-                  "of step (1000 draws).", "",
-                  "| Method | Mean mouth corr | z | p | Clips | Counted as 0 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Mouth corr pooled over clips",
+            "",
+            "Mean of the per-clip mouth correlations, a clip without one (no face drawn, a still "
+            "mouth) counting as 0, against the same mean with every clip's real curve shifted out "
+            "of step (1000 draws).",
+            "",
+            "| Method | Mean mouth corr | z | p | Clips | Counted as 0 |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, r in result["pooled"].items():
-            lines.append(f"| {METHOD_NAMES[m]} | {_fmt(r['mean_corr'], '{:.3f}')} | {_fmt(r['z'], '{:.2f}')} | "
-                         f"{_fmt(r['p'], '{:.3f}')} | {r['clips']} | {r['undefined']} |")
+            lines.append(
+                f"| {METHOD_NAMES[m]} | {_fmt(r['mean_corr'], '{:.3f}')} | {_fmt(r['z'], '{:.2f}')} | "
+                f"{_fmt(r['p'], '{:.3f}')} | {r['clips']} | {r['undefined']} |"
+            )
     lines += ["", "## Per clip", ""]
     for c in result["clips"]:
-        lines += [f"### {c['name']}", "",
-                  f"{c['info'].get('n_frames')} frames at 25 fps, {c['n_target']} target frames "
-                  f"({c['inds'][0]}..{c['inds'][-1]}), audio {c['info'].get('audio_s')} s, "
-                  f"{'already aligned' if c['info'].get('already_aligned') else 'face-cropped'}; "
-                  f"plot: `{c['plot']}`, frames: `{c.get('frames_sheet', '-')}`", "",
-                  "| Method | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [
+            f"### {c['name']}",
+            "",
+            f"{c['info'].get('n_frames')} frames at 25 fps, {c['n_target']} target frames "
+            f"({c['inds'][0]}..{c['inds'][-1]}), audio {c['info'].get('audio_s')} s, "
+            f"{'already aligned' if c['info'].get('already_aligned') else 'face-cropped'}; "
+            f"plot: `{c['plot']}`, frames: `{c.get('frames_sheet', '-')}`",
+            "",
+            "| Method | " + " | ".join(h for _, h, _ in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
         for m, r in c["methods"].items():
             if "error" in r:
                 lines.append(f"| {METHOD_NAMES[m]} | not run: {r['error']} |" + " |" * (len(cols) - 1))
@@ -462,8 +517,9 @@ NOTES = [
 
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--clips", required=True, help="data CSV (train.csv / demo.csv) or a folder of clips")
     ap.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled model)")
     ap.add_argument("--out", required=True, help="output folder (report.md, results.json, plots/)")
@@ -505,8 +561,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
         syncnet = M.build_syncnet(args.syncnet)
         notes.append(f"LSE-C / LSE-D: SyncNet weights {args.syncnet} (syncnet_python evaluation, vshift 15).")
     else:
-        notes.append("LSE-C / LSE-D not computed: no SyncNet weights given (--syncnet PATH to "
-                     "syncnet_v2.model); the SyncNet-free mouth corr / AV offset columns stand in.")
+        notes.append(
+            "LSE-C / LSE-D not computed: no SyncNet weights given (--syncnet PATH to "
+            "syncnet_v2.model); the SyncNet-free mouth corr / AV offset columns stand in."
+        )
     model_error = None
     if any(m in methods for m in ("fixed_pose", "model")):
         try:
@@ -534,8 +592,13 @@ def run(args: argparse.Namespace, command: str) -> dict:
             skipped.append({"name": spec.name, "reason": f"error: {type(e).__name__}: {e}"})
             log.exception("skip %s", spec.name)
             continue
-        entry = {"name": spec.name, "info": clip.info, "inds": [int(ref.inds[0]), int(ref.inds[-1])],
-                 "n_target": len(ref.inds), "methods": {}}
+        entry = {
+            "name": spec.name,
+            "info": clip.info,
+            "inds": [int(ref.inds[0]), int(ref.inds[-1])],
+            "n_target": len(ref.inds),
+            "methods": {},
+        }
         curves, sheet = {}, {"gt": ref.frames}
         for m in methods:
             try:
@@ -569,11 +632,20 @@ def run(args: argparse.Namespace, command: str) -> dict:
         entry["frames_sheet"] = str(frames_png.relative_to(out))
         clips.append(entry)
     cropper.close()
-    result = {"command": command, "checkpoint": args.checkpoint or "bundled default", "mouth_gain": args.mouth_gain,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
-              "syncnet": bool(syncnet), "methods": methods, "summary": summarize(clips, methods),
-              "pooled": {m: M.pooled_correlation_vs_shifted(pairs[m], 2 * opts.max_lag) for m in methods if pairs[m]},
-              "clips": clips, "skipped": skipped, "notes": notes}
+    result = {
+        "command": command,
+        "checkpoint": args.checkpoint or "bundled default",
+        "mouth_gain": args.mouth_gain,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "seconds": time.time() - t0,
+        "syncnet": bool(syncnet),
+        "methods": methods,
+        "summary": summarize(clips, methods),
+        "pooled": {m: M.pooled_correlation_vs_shifted(pairs[m], 2 * opts.max_lag) for m in methods if pairs[m]},
+        "clips": clips,
+        "skipped": skipped,
+        "notes": notes,
+    }
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     write_report(out, result)
     return result
@@ -601,8 +673,10 @@ def main(argv: list[str] | None = None) -> int:
     for m, row in result["summary"].items():
         print(f"  {METHOD_NAMES[m]:24s} " + "  ".join(f"{k}={_fmt(row.get(k), f)}" for k, _, f in COLUMNS[:10]))
     for m, r in result["pooled"].items():
-        print(f"  pooled {METHOD_NAMES[m]:17s} mean_corr={_fmt(r['mean_corr'], '{:.3f}')} z={_fmt(r['z'], '{:.2f}')} "
-              f"p={_fmt(r['p'], '{:.3f}')} ({r['undefined']} of {r['clips']} clips counted as 0)")
+        print(
+            f"  pooled {METHOD_NAMES[m]:17s} mean_corr={_fmt(r['mean_corr'], '{:.3f}')} z={_fmt(r['z'], '{:.2f}')} "
+            f"p={_fmt(r['p'], '{:.3f}')} ({r['undefined']} of {r['clips']} clips counted as 0)"
+        )
     return 0
 
 

@@ -60,18 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         res = render_arrays(identity, audio, pose, runner=fast, max_frames=args.max_frames, progress=True, **common)
         wall = time.perf_counter() - t0
         result = {
-            "backend": fast.describe(), "frames": int(len(res.frames)), "model_seconds": res.seconds,
-            "wall_seconds_incl_preprocessing": wall, "fps": len(res.frames) / res.seconds,
-            "threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "backend": fast.describe(),
+            "frames": int(len(res.frames)),
+            "model_seconds": res.seconds,
+            "wall_seconds_incl_preprocessing": wall,
+            "fps": len(res.frames) / res.seconds,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor(),
             "batch_size": args.batch_size,
         }
         if args.ref_frames:
             ref = make_backend("torch", checkpoint=ckpt, precision="fp32")
             r = render_arrays(identity, audio, pose, runner=ref, max_frames=args.ref_frames, **common)
-            c = compare(r.frames, res.frames[:args.ref_frames], value_range=2.0)  # images in [-1,1]
-            result.update(ref_frames=args.ref_frames, ref_fps=args.ref_frames / r.seconds,
-                          speedup=result["fps"] / (args.ref_frames / r.seconds),
-                          psnr_vs_ref_db=c["psnr_db"], max_abs_vs_ref=c["max_abs"])
+            c = compare(r.frames, res.frames[: args.ref_frames], value_range=2.0)  # images in [-1,1]
+            result.update(
+                ref_frames=args.ref_frames,
+                ref_fps=args.ref_frames / r.seconds,
+                speedup=result["fps"] / (args.ref_frames / r.seconds),
+                psnr_vs_ref_db=c["psnr_db"],
+                max_abs_vs_ref=c["max_abs"],
+            )
     result["loadavg_1min_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

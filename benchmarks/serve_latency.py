@@ -45,8 +45,13 @@ def random_checkpoint(preset: str, out_dir: str) -> str:
     from rt_engine.models.pcavs import PCAVS
 
     torch.manual_seed(0)
-    return str(save_single(PCAVS(model_preset(preset)), Path(out_dir) / f"{preset}.safetensors",
-                           provenance={"kind": f"random {preset} model for benchmarks"}))
+    return str(
+        save_single(
+            PCAVS(model_preset(preset)),
+            Path(out_dir) / f"{preset}.safetensors",
+            provenance={"kind": f"random {preset} model for benchmarks"},
+        )
+    )
 
 
 class ServerProcess:
@@ -123,8 +128,12 @@ class ServerProcess:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="model file; default: a random --preset model")
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "official", "bundled"],
-                    help="random model size when no --checkpoint ('bundled': the shipped default model)")
+    ap.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "small", "official", "bundled"],
+        help="random model size when no --checkpoint ('bundled': the shipped default model)",
+    )
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--sessions", type=int, default=1, help="concurrent clients")
     ap.add_argument("--pose", default="idle", choices=["idle", "still"])
@@ -138,9 +147,12 @@ async def _clients(url: str, seconds: float, n: int, pose: str) -> list:
     from benchmarks.client import probe_signal, run_client
 
     sig, onsets = probe_signal(seconds + 10)
-    return await asyncio.gather(*[run_client(url, seconds, sig, onsets, options={"audio": "mic", "pose": pose,
-                                                                                 "stamp": True})
-                                  for _ in range(n)])
+    return await asyncio.gather(
+        *[
+            run_client(url, seconds, sig, onsets, options={"audio": "mic", "pose": pose, "stamp": True})
+            for _ in range(n)
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,9 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
         "server_ready_after_s": health.get("ready_after_s"),  # process start -> /health says warm
         "sessions": sessions,
         "server_rss_mb": round(rss, 1),
-        "model_stage": [line for line in metrics.splitlines()
-                        if line.startswith("rt_engine_stage_latency_seconds_sum")
-                        or line.startswith("rt_engine_stage_latency_seconds_count")],
+        "model_stage": [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("rt_engine_stage_latency_seconds_sum")
+            or line.startswith("rt_engine_stage_latency_seconds_count")
+        ],
         "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
     }
     return emit(out, args.json)

@@ -54,10 +54,15 @@ async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> d
             a = w.analyse()
             row = {
                 "t_min": round((time.monotonic() - t_start) / 60, 2),
-                "frames": a.get("video_frames"), "fps": a.get("fps"), "fresh": a.get("frames_fresh"),
-                "pts_gaps": a.get("pts_gaps_over_1"), "max_gap": a.get("max_pts_gap_frames"),
-                "av_offset_ms": a.get("av_offset_ms"), "g2g_ms": a.get("glass_to_glass_ms"),
-                "rss_mb": round(server.rss_mb(), 1), "threads": server.threads(),
+                "frames": a.get("video_frames"),
+                "fps": a.get("fps"),
+                "fresh": a.get("frames_fresh"),
+                "pts_gaps": a.get("pts_gaps_over_1"),
+                "max_gap": a.get("max_pts_gap_frames"),
+                "av_offset_ms": a.get("av_offset_ms"),
+                "g2g_ms": a.get("glass_to_glass_ms"),
+                "rss_mb": round(server.rss_mb(), 1),
+                "threads": server.threads(),
             }
             windows.append(row)
             print(json.dumps(row), file=out, flush=True)
@@ -65,19 +70,31 @@ async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> d
 
     t_start = time.monotonic()
     task = asyncio.ensure_future(sampler())
-    await run_client(server.url, minutes * 60 + 60, sig, onsets, loop_signal=True, stop=stop, result=res,
-                     options={"audio": "mic", "pose": "idle", "stamp": True})
+    await run_client(
+        server.url,
+        minutes * 60 + 60,
+        sig,
+        onsets,
+        loop_signal=True,
+        stop=stop,
+        result=res,
+        options={"audio": "mic", "pose": "idle", "stamp": True},
+    )
     await task
     offs = [abs(o) for w in windows for o in (w["av_offset_ms"] or [])]
     rss = [w["rss_mb"] for w in windows]
     n_frames = sum(w["frames"] or 0 for w in windows)
     p95 = [w["g2g_ms"]["p95"] for w in windows if w["g2g_ms"]]
     late = len(windows) // 2  # RSS slope over the second half (after start-up allocations settle)
-    slope = ((rss[-1] - rss[late]) / max(windows[-1]["t_min"] - windows[late]["t_min"], 1e-9)
-             if len(windows) > 3 else None)
+    slope = (
+        (rss[-1] - rss[late]) / max(windows[-1]["t_min"] - windows[late]["t_min"], 1e-9) if len(windows) > 3 else None
+    )
     return {
-        "mode": "soak", "minutes": minutes, "windows": len(windows),
-        "av_offset_max_abs_ms": max(offs) if offs else None, "bursts_measured": len(offs),
+        "mode": "soak",
+        "minutes": minutes,
+        "windows": len(windows),
+        "av_offset_max_abs_ms": max(offs) if offs else None,
+        "bursts_measured": len(offs),
         "fps_min": min(w["fps"] for w in windows if w["fps"]) if windows else None,
         "frames_received": n_frames,
         "fresh_share": round(sum(w["fresh"] or 0 for w in windows) / n_frames, 4) if n_frames else None,
@@ -89,7 +106,8 @@ async def soak(server: ServerProcess, minutes: float, window_s: float, out) -> d
         "max_gap_frames": max((w["max_gap"] or 0) for w in windows) if windows else None,
         "server_frames_skipped": (res.server_stats or {}).get("frames_skipped"),
         "server_stats": res.server_stats,
-        "rss_first_mb": rss[0] if rss else None, "rss_last_mb": rss[-1] if rss else None,
+        "rss_first_mb": rss[0] if rss else None,
+        "rss_last_mb": rss[-1] if rss else None,
         "rss_growth_after_first_window_mb": round(rss[-1] - rss[0], 1) if rss else None,
         "threads_first": windows[0]["threads"] if windows else None,
         "threads_last": windows[-1]["threads"] if windows else None,
@@ -108,14 +126,27 @@ async def churn(server: ServerProcess, cycles: int, out) -> dict:
         res = await run_client(server.url, 1.0, options=opts)
         frames.append(res.analyse()["video_frames"])
         if (k + 1) % 10 == 0:
-            by_cycle.append({"cycle": k + 1, "threads": server.threads(), "rss_mb": round(server.rss_mb(), 1),
-                             "sessions": _health(server.url)["sessions"]})
+            by_cycle.append(
+                {
+                    "cycle": k + 1,
+                    "threads": server.threads(),
+                    "rss_mb": round(server.rss_mb(), 1),
+                    "sessions": _health(server.url)["sessions"],
+                }
+            )
             print(json.dumps(by_cycle[-1]), file=out, flush=True)
     await asyncio.sleep(3.0)
-    return {"mode": "churn", "cycles": cycles, "min_frames_per_cycle": min(frames),
-            "threads_before": t0, "threads_after": server.threads(),
-            "rss_before_mb": round(r0, 1), "rss_after_mb": round(server.rss_mb(), 1),
-            "sessions_after": _health(server.url)["sessions"], "every_10_cycles": by_cycle}
+    return {
+        "mode": "churn",
+        "cycles": cycles,
+        "min_frames_per_cycle": min(frames),
+        "threads_before": t0,
+        "threads_after": server.threads(),
+        "rss_before_mb": round(r0, 1),
+        "rss_after_mb": round(server.rss_mb(), 1),
+        "sessions_after": _health(server.url)["sessions"],
+        "every_10_cycles": by_cycle,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

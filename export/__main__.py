@@ -38,8 +38,9 @@ def cmd_onnx(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = _load_model(a.checkpoint, a.preset)
-    paths = export_onnx(model, a.out, batch=a.batch, noise=a.noise, opset=a.opset, half=a.fp16,
-                        verify=a.verify, checkpoint=a.checkpoint)
+    paths = export_onnx(
+        model, a.out, batch=a.batch, noise=a.noise, opset=a.opset, half=a.fp16, verify=a.verify, checkpoint=a.checkpoint
+    )
     for stage, p in paths.items():
         print(f"{stage}: {p}")
     if a.verify:
@@ -50,9 +51,16 @@ def cmd_onnx(a: argparse.Namespace) -> int:
 def cmd_trt(a: argparse.Namespace) -> int:
     from export.trt_build import TrtBuildConfig, build_engines
 
-    cfg = TrtBuildConfig(runtime=a.runtime, precision=a.precision, max_batch=a.max_batch, opt_batch=a.opt_batch,
-                         workspace_gib=a.workspace_gib, timing_cache=a.timing_cache,
-                         compute_capability=a.compute_capability, optimization_level=a.opt_level).validate()
+    cfg = TrtBuildConfig(
+        runtime=a.runtime,
+        precision=a.precision,
+        max_batch=a.max_batch,
+        opt_batch=a.opt_batch,
+        workspace_gib=a.workspace_gib,
+        timing_cache=a.timing_cache,
+        compute_capability=a.compute_capability,
+        optimization_level=a.opt_level,
+    ).validate()
     engines = build_engines(a.onnx, a.out, cfg, stages=a.stages.split(",") if a.stages else None)
     for stage, p in engines.items():
         print(f"{stage}: {p}")
@@ -74,23 +82,27 @@ def cmd_check(a: argparse.Namespace) -> int:
 
     if a.onnx:
         man = read_manifest(a.onnx)
-        print(json.dumps({k: {"file": g["file"], "sha256": g["sha256"][:16]} for k, g in man["graphs"].items()},
-                         indent=1))
+        print(
+            json.dumps({k: {"file": g["file"], "sha256": g["sha256"][:16]} for k, g in man["graphs"].items()}, indent=1)
+        )
     if a.engines:
         from rt_engine.backends.tensorrt_backend import read_sidecar
 
         for side in sorted(Path(a.engines).glob("*.json")):
             if side.name.endswith(".engine.json"):
                 s = read_sidecar(side.with_suffix(""))
-                print(f"{side.name[:-5]}: {s['runtime']} {s['trt_version']} {s['precision']} "
-                      f"targets={s['targets']} profiles={s['profiles']}")
+                print(
+                    f"{side.name[:-5]}: {s['runtime']} {s['trt_version']} {s['precision']} "
+                    f"targets={s['targets']} profiles={s['profiles']}"
+                )
     return 0
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -109,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("trt", help="build TensorRT (or TensorRT-RTX) engines from an ONNX export")
     t.add_argument("--onnx", required=True, help="directory written by `python -m export onnx`")
     t.add_argument("--out", required=True)
-    t.add_argument("--runtime", default="trt", choices=("trt", "rtx"),
-                   help="trt: `import tensorrt` (datacenter GPUs); rtx: `import tensorrt_rtx` (CPU stand-in)")
+    t.add_argument(
+        "--runtime",
+        default="trt",
+        choices=("trt", "rtx"),
+        help="trt: `import tensorrt` (datacenter GPUs); rtx: `import tensorrt_rtx` (CPU stand-in)",
+    )
     t.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     t.add_argument("--max-batch", type=int, default=64)
     t.add_argument("--opt-batch", type=int, default=0, help="profile opt batch (default: max-batch)")

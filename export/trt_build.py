@@ -104,8 +104,15 @@ class _Logger:
 
 
 def _dtype_name(trt: Any, dt: Any) -> str:
-    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32",
-             trt.int64: "int64", trt.int8: "int8", trt.bool: "bool"}
+    names = {
+        trt.float32: "float32",
+        trt.float16: "float16",
+        trt.bfloat16: "bfloat16",
+        trt.int32: "int32",
+        trt.int64: "int64",
+        trt.int8: "int8",
+        trt.bool: "bool",
+    }
     return names.get(dt, str(dt))
 
 
@@ -123,14 +130,22 @@ def _targets(trt: Any, cfg: TrtBuildConfig) -> tuple[list[str], str | None]:
     import torch
 
     if not torch.cuda.is_available():
-        raise ExportError("TensorRT (--runtime trt) builds engines for the GPU it runs on and no CUDA GPU is "
-                          "visible; use --runtime rtx for a CPU build check")
+        raise ExportError(
+            "TensorRT (--runtime trt) builds engines for the GPU it runs on and no CUDA GPU is "
+            "visible; use --runtime rtx for a CPU build check"
+        )
     cap = torch.cuda.get_device_capability()
     return [sm_name(cap)], torch.cuda.get_device_name()
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, stage: str, cfg: TrtBuildConfig,
-                 manifest: dict[str, Any], timing_cache: Path | None = None) -> dict[str, Any]:
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    stage: str,
+    cfg: TrtBuildConfig,
+    manifest: dict[str, Any],
+    timing_cache: Path | None = None,
+) -> dict[str, Any]:
     """Parse one ONNX graph, build a serialized engine, write it and its sidecar; returns the sidecar."""
     cfg = cfg.validate()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -151,8 +166,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, stage: str, cfg
         config.num_compute_capabilities = len(targets)
         for i, sm in enumerate(targets):
             if sm not in trt.ComputeCapability.__members__:
-                raise ExportError(f"compute capability {sm!r} unknown to {module}; choose from "
-                                  f"{[k for k in trt.ComputeCapability.__members__ if k.startswith('SM')]}")
+                raise ExportError(
+                    f"compute capability {sm!r} unknown to {module}; choose from "
+                    f"{[k for k in trt.ComputeCapability.__members__ if k.startswith('SM')]}"
+                )
             config.set_compute_capability(trt.ComputeCapability.__members__[sm], i)
 
     profile = builder.create_optimization_profile()
@@ -195,26 +212,49 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, stage: str, cfg
 
     g = manifest["graphs"][onnx_path.name[: -len(".onnx")].replace(".fp32", "")]
     side = {
-        "format": ENGINE_FORMAT, "runtime": module, "trt_version": trt.__version__, "stage": stage,
-        "precision": cfg.precision, "targets": targets, "device": device,
+        "format": ENGINE_FORMAT,
+        "runtime": module,
+        "trt_version": trt.__version__,
+        "stage": stage,
+        "precision": cfg.precision,
+        "targets": targets,
+        "device": device,
         "profiles": [{"min_batch": 1, "opt_batch": cfg.opt, "max_batch": cfg.max_batch}],
-        "inputs": inputs, "outputs": outputs, "source_onnx": onnx_path.name, "source_onnx_sha256": g["sha256"],
-        "onnx_export_format": manifest["format"], "rt_engine_version": manifest["rt_engine_version"],
-        "model_config": manifest["model_config"], "weights_sha256": manifest["weights_sha256"],
-        "noise": manifest["noise"], "engine_sha256": sha256_file(engine_path),
+        "inputs": inputs,
+        "outputs": outputs,
+        "source_onnx": onnx_path.name,
+        "source_onnx_sha256": g["sha256"],
+        "onnx_export_format": manifest["format"],
+        "rt_engine_version": manifest["rt_engine_version"],
+        "model_config": manifest["model_config"],
+        "weights_sha256": manifest["weights_sha256"],
+        "noise": manifest["noise"],
+        "engine_sha256": sha256_file(engine_path),
         "engine_bytes": engine_path.stat().st_size,
-        "build_seconds": round(build_s, 2), "optimization_level": cfg.optimization_level,
+        "build_seconds": round(build_s, 2),
+        "optimization_level": cfg.optimization_level,
         "timing_cache": str(timing_cache) if cache is not None else None,
         "verification": None,
     }
     sidecar_path(engine_path).write_text(json.dumps(side, indent=1))
-    log.info("built %s (%s, %s, %.1f s, %.1f MB)", engine_path.name, module, cfg.precision, build_s,
-             side["engine_bytes"] / 1e6)
+    log.info(
+        "built %s (%s, %s, %.1f s, %.1f MB)",
+        engine_path.name,
+        module,
+        cfg.precision,
+        build_s,
+        side["engine_bytes"] / 1e6,
+    )
     return side
 
 
-def build_engines(onnx_dir: str | Path, out_dir: str | Path, cfg: TrtBuildConfig,
-                  stages: Sequence[str] | None = None, verify: bool = True) -> dict[str, Path]:
+def build_engines(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    cfg: TrtBuildConfig,
+    stages: Sequence[str] | None = None,
+    verify: bool = True,
+) -> dict[str, Path]:
     """Build ``<stage>.engine`` for every stage of the export in ``onnx_dir``; returns their paths.
 
     The export's manifest must match this rt_engine (format, version, graph sha256). With a GPU
@@ -232,8 +272,10 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, cfg: TrtBuildConfig
     for stage in stages:
         key = stage if cfg.precision == "fp32" else f"{stage}.{cfg.precision}"
         if key not in manifest["graphs"]:
-            raise ExportError(f"{src}: the export has no {cfg.precision} graph for '{stage}' "
-                              f"(re-export with half=True, i.e. without --no-fp16, or build with --precision fp32)")
+            raise ExportError(
+                f"{src}: the export has no {cfg.precision} graph for '{stage}' "
+                f"(re-export with half=True, i.e. without --no-fp16, or build with --precision fp32)"
+            )
         onnx_path = src / manifest["graphs"][key]["file"]
         engine = out / f"{stage}.engine"
         build_engine(onnx_path, engine, stage, cfg, manifest, cache)
@@ -246,8 +288,9 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, cfg: TrtBuildConfig
     return paths
 
 
-def verify_engines(onnx_dir: Path, engine_dir: Path, cfg: TrtBuildConfig, stages: Sequence[str],
-                   batches: Sequence[int] = (1, 3)) -> None:
+def verify_engines(
+    onnx_dir: Path, engine_dir: Path, cfg: TrtBuildConfig, stages: Sequence[str], batches: Sequence[int] = (1, 3)
+) -> None:
     """Run each engine on the GPU and compare with ONNX Runtime on the fp32 graph (written into the
     sidecar). Without a GPU the sidecar records why it was skipped."""
     import torch
@@ -299,7 +342,11 @@ def verify_engines(onnx_dir: Path, engine_dir: Path, cfg: TrtBuildConfig, stages
         s = json.loads(p.read_text())
         s["verification"] = {"reference": "onnxruntime fp32", "records": recs}
         p.write_text(json.dumps(s, indent=1))
-        log.info("%s engine vs ONNX Runtime: worst PSNR %.1f dB, max abs %.3g", stage,
-                 min(r["psnr_db"] for r in recs), max(r["max_abs"] for r in recs))
+        log.info(
+            "%s engine vs ONNX Runtime: worst PSNR %.1f dB, max abs %.3g",
+            stage,
+            min(r["psnr_db"] for r in recs),
+            max(r["max_abs"] for r in recs),
+        )
     if failed:
         raise ExportError(f"engines differ from ONNX Runtime: {'; '.join(failed)} (records in the sidecars)")

@@ -123,7 +123,8 @@ class ModelConfig:
         if self.generator == "pcavs" and self.size != self.start * 2**self.n_up:
             raise ConfigError(
                 f"model.size={self.size} does not match start={self.start} with "
-                f"{self.n_up} upsamplings ({self.start * 2**self.n_up})")
+                f"{self.n_up} upsamplings ({self.start * 2**self.n_up})"
+            )
         if any(c <= 0 for c in self.gen_channels):
             raise ConfigError(f"model.gen_channels must be positive: {self.gen_channels}")
         if self.id_width % 2 or (self.id_width * 2) % self.id_groups:
@@ -136,8 +137,9 @@ class ModelConfig:
             raise ConfigError(f"model.generator must be one of {GENERATORS}, got {self.generator!r}")
         if self.generator == "warp":
             if self.size % 16 or 224 % self.size:
-                raise ConfigError(f"model.size={self.size} must divide 224 and be divisible by 16 for the warp "
-                                  "generator")
+                raise ConfigError(
+                    f"model.size={self.size} must divide 224 and be divisible by 16 for the warp generator"
+                )
             if min(self.warp_feat, self.warp_motion, *self.warp_dec) <= 0 or len(self.warp_dec) != 3:
                 raise ConfigError("model.warp_feat, warp_motion and the three warp_dec channels must be positive")
         if self.n_mels != 80:
@@ -163,13 +165,30 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "official": ModelConfig(),
     "small": ModelConfig(
-        name="small", gen_channels=(128, 128, 128, 128, 128, 64), id_layers=(2, 2, 2, 2),
-        id_width=32, id_map_channels=128, fan_width=64, fan_feature=256, audio_width=16,
-        audio_layers=(2, 2, 2, 2), audio_feature=256),
+        name="small",
+        gen_channels=(128, 128, 128, 128, 128, 64),
+        id_layers=(2, 2, 2, 2),
+        id_width=32,
+        id_map_channels=128,
+        fan_width=64,
+        fan_feature=256,
+        audio_width=16,
+        audio_layers=(2, 2, 2, 2),
+        audio_feature=256,
+    ),
     "tiny": ModelConfig(
-        name="tiny", size=112, gen_channels=(32, 32, 32, 32, 16), id_layers=(1, 1, 1, 1),
-        id_width=32, id_map_channels=32, fan_width=32, fan_feature=64, audio_width=8,
-        audio_layers=(1, 1, 1, 1), audio_feature=64),
+        name="tiny",
+        size=112,
+        gen_channels=(32, 32, 32, 32, 16),
+        id_layers=(1, 1, 1, 1),
+        id_width=32,
+        id_map_channels=32,
+        fan_width=32,
+        fan_feature=64,
+        audio_width=8,
+        audio_layers=(1, 1, 1, 1),
+        audio_feature=64,
+    ),
 }
 
 

@@ -57,14 +57,51 @@ DEFAULT_TOL = 1e-4  # max abs error allowed for fp32 graphs (images in [-1,1]; f
 FP16_MIN_PSNR = 30.0  # dB, fp16 variants against fp32 PyTorch (only checked where ORT runs fp16)
 
 # Operators our graphs may contain; all are in TensorRT's ONNX operator list (and ORT's/OpenVINO's).
-SUPPORTED_OPS = frozenset({
-    "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv",
-    "ConvTranspose", "DepthToSpace", "Div", "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool",
-    "GridSample", "Identity", "SpaceToDepth",
-    "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Pow", "Reciprocal", "ReduceMean", "ReduceSum", "Relu",
-    "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose",
-    "Unsqueeze",
-})
+SUPPORTED_OPS = frozenset(
+    {
+        "Add",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "ConvTranspose",
+        "DepthToSpace",
+        "Div",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "Gemm",
+        "GlobalAveragePool",
+        "GridSample",
+        "Identity",
+        "SpaceToDepth",
+        "LeakyRelu",
+        "MatMul",
+        "MaxPool",
+        "Mul",
+        "Pad",
+        "Pow",
+        "Reciprocal",
+        "ReduceMean",
+        "ReduceSum",
+        "Relu",
+        "Reshape",
+        "Resize",
+        "Shape",
+        "Sigmoid",
+        "Slice",
+        "Softmax",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+    }
+)
 
 
 class ExportError(RtEngineError):
@@ -131,15 +168,13 @@ def stage_io(cfg: ModelConfig, stage: str, noise: str = "stored") -> tuple[list[
     B = BATCH_AXIS
     img = TensorSpec("img", (B, 3, 224, 224))
     if stage == "identity":
-        return [img], [TensorSpec("id_feature0", (B, cfg.id_dim)),
-                       TensorSpec("id_feature1", (B, *cfg.id_map_shape))]
+        return [img], [TensorSpec("id_feature0", (B, cfg.id_dim)), TensorSpec("id_feature1", (B, *cfg.id_map_shape))]
     if stage == "pose":
         return [img], [TensorSpec("pose", (B, cfg.pose_dim))]
     if stage == "audio":
         return [TensorSpec("mel", (B, 1, cfg.n_mels, 20))], [TensorSpec("mouth", (B, cfg.mouth_dim))]
     if stage == "generator":
-        ins = [TensorSpec("style", (B, cfg.style_dim)),
-               TensorSpec("id_map", (B, *cfg.id_map_shape))]
+        ins = [TensorSpec("style", (B, cfg.style_dim)), TensorSpec("id_map", (B, *cfg.id_map_shape))]
         if noise == "input":
             ins += [TensorSpec(f"noise_{i}", (B, 1, r, r)) for i, r in enumerate(noise_resolutions(cfg))]
         return ins, [TensorSpec("image", (B, 3, cfg.size, cfg.size))]
@@ -151,8 +186,7 @@ def noise_resolutions(cfg: ModelConfig) -> list[int]:
     return cfg.noise_sizes
 
 
-def example_inputs(cfg: ModelConfig, stage: str, batch: int, noise: str = "stored",
-                   seed: int = 0) -> dict[str, Tensor]:
+def example_inputs(cfg: ModelConfig, stage: str, batch: int, noise: str = "stored", seed: int = 0) -> dict[str, Tensor]:
     """Random inputs in the ranges the engine feeds: images in [-1,1], mel in [0,1], styles like
     encoder outputs (identity vector >= 0), unit-normal identity maps and noise."""
     g = torch.Generator().manual_seed(seed)
@@ -246,8 +280,10 @@ def check_graph(path: str | Path, stage: str, cfg: ModelConfig, noise: str = "st
             dims = v.type.tensor_type.shape.dim
             shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in dims)
             if shape != s.shape:
-                raise ExportError(f"{path.name}: {kind} '{v.name}' has shape {list(shape)}, expected "
-                                  f"{list(s.shape)} (batch must be the symbolic axis '{BATCH_AXIS}')")
+                raise ExportError(
+                    f"{path.name}: {kind} '{v.name}' has shape {list(shape)}, expected "
+                    f"{list(s.shape)} (batch must be the symbolic axis '{BATCH_AXIS}')"
+                )
     ops: dict[str, int] = {}
     for n in g.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -260,11 +296,18 @@ def check_graph(path: str | Path, stage: str, cfg: ModelConfig, noise: str = "st
             w = n.input[1]
             if w not in inits and w not in consts:
                 # MatMul may multiply two activations (none of our graphs do, but say so clearly)
-                raise ExportError(f"{path.name}: {n.op_type} node '{n.name}' takes its weight '{w}' from an "
-                                  "activation, not an initializer (dynamic weights; use the static form)")
+                raise ExportError(
+                    f"{path.name}: {n.op_type} node '{n.name}' takes its weight '{w}' from an "
+                    "activation, not an initializer (dynamic weights; use the static form)"
+                )
             n_weighted += 1
-    return {"ops": dict(sorted(ops.items())), "initializers": len(inits), "weighted_nodes": n_weighted,
-            "inputs": [s.to_dict() for s in want_in], "outputs": [s.to_dict() for s in want_out]}
+    return {
+        "ops": dict(sorted(ops.items())),
+        "initializers": len(inits),
+        "weighted_nodes": n_weighted,
+        "inputs": [s.to_dict() for s in want_in],
+        "outputs": [s.to_dict() for s in want_out],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +337,16 @@ def _reference(model: PCAVS, stage: str, inputs: dict[str, Tensor], noise: str) 
         return [model.generator(inputs["style"], inputs["id_map"], noises, form="ref")]
 
 
-def verify_graph(model: PCAVS, path: str | Path, stage: str, batches: Sequence[int], noise: str = "stored",
-                 tol: float = DEFAULT_TOL, min_psnr: float | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def verify_graph(
+    model: PCAVS,
+    path: str | Path,
+    stage: str,
+    batches: Sequence[int],
+    noise: str = "stored",
+    tol: float = DEFAULT_TOL,
+    min_psnr: float | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Run ``path`` with ONNX Runtime and the fp32 PyTorch model (reference form) on the same random
     inputs at each batch size. Returns one record per (batch, output); ``passed`` is max_rel <= tol
     (max abs for images, which lie in [-1,1]) and, when given, psnr >= min_psnr."""
@@ -323,8 +374,9 @@ def verify_graph(model: PCAVS, path: str | Path, stage: str, batches: Sequence[i
 # export
 
 
-def _export_one(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec],
-                outs: list[TensorSpec], opset: int) -> None:
+def _export_one(
+    module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec], outs: list[TensorSpec], opset: int
+) -> None:
     """TorchScript-based ONNX export with axis 0 of every input/output symbolic and constant folding
     (so weight scaling, ``W2`` of the demodulation and stored noise become initializers)."""
     names = [s.name for s in ins] + [s.name for s in outs]
@@ -333,9 +385,17 @@ def _export_one(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: li
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
-                          input_names=[s.name for s in ins], output_names=[s.name for s in outs],
-                          dynamic_axes=dynamic, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[s.name for s in ins],
+            output_names=[s.name for s in outs],
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
     _static_io_dims(path, ins + outs)
     fold_constants(path)
 
@@ -357,8 +417,11 @@ def fold_constants(path: str | Path) -> int:
         ins = [i for i in n.input if i]
         if n.op_type == "Constant" or (ins and all(i in known for i in ins) and n.domain in ("", "ai.onnx")):
             one = onnx.helper.make_graph(
-                [n], "fold", [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in ins],
-                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in n.output])
+                [n],
+                "fold",
+                [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in ins],
+                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in n.output],
+            )
             tiny = onnx.helper.make_model(one, opset_imports=m.opset_import)
             res = ReferenceEvaluator(tiny).run(None, {i: known[i] for i in ins})
             for name, val in zip(n.output, res, strict=True):
@@ -412,9 +475,19 @@ def _set_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
-def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = "stored", opset: int = 17, *,
-                half: bool = False, verify: bool = True, tol: float = DEFAULT_TOL,
-                checkpoint: str | Path | None = None, stages: Sequence[str] = STAGES) -> dict[str, Path]:
+def export_onnx(
+    model: PCAVS,
+    out_dir: str | Path,
+    batch: int = 1,
+    noise: str = "stored",
+    opset: int = 17,
+    *,
+    half: bool = False,
+    verify: bool = True,
+    tol: float = DEFAULT_TOL,
+    checkpoint: str | Path | None = None,
+    stages: Sequence[str] = STAGES,
+) -> dict[str, Path]:
     """Export the four stage graphs of ``model`` into ``out_dir``; returns ``{stage: fp32 graph path}``.
 
     ``batch``: batch size used for tracing (the batch axis stays symbolic); verification runs at
@@ -439,18 +512,34 @@ def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = 
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
     wsha = weights_sha256(model)
-    meta = {"format": EXPORT_FORMAT, "rt_engine_version": rt_engine_version(), "model_config": cfg.to_json(),
-            "weights_sha256": wsha, "noise": noise}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "rt_engine_version": rt_engine_version(),
+        "model_config": cfg.to_json(),
+        "weights_sha256": wsha,
+        "noise": noise,
+    }
     manifest: dict[str, Any] = {
-        "format": EXPORT_FORMAT, "rt_engine_version": meta["rt_engine_version"], "torch_version": torch.__version__,
-        "opset": opset, "model_config": cfg.to_dict(), "weights_sha256": wsha,
+        "format": EXPORT_FORMAT,
+        "rt_engine_version": meta["rt_engine_version"],
+        "torch_version": torch.__version__,
+        "opset": opset,
+        "model_config": cfg.to_dict(),
+        "weights_sha256": wsha,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
-        "noise": noise, "export_batch": batch, "batch_axis": BATCH_AXIS, "graphs": {},
+        "noise": noise,
+        "export_batch": batch,
+        "batch_axis": BATCH_AXIS,
+        "graphs": {},
     }
     paths: dict[str, Path] = {}
-    verification: dict[str, Any] = {"tol": tol, "reference": "torch fp32, per-sample-weight modulated conv",
-                                    "runtime": "onnxruntime CPUExecutionProvider", "graphs": {}}
+    verification: dict[str, Any] = {
+        "tol": tol,
+        "reference": "torch fp32, per-sample-weight modulated conv",
+        "runtime": "onnxruntime CPUExecutionProvider",
+        "graphs": {},
+    }
     variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if half else [])
     for prec, dtype in variants:
         for stage in stages:
@@ -459,8 +548,11 @@ def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = 
             ins, outs = stage_io(cfg, stage, noise)
             # fp16 variants trace a copy in that dtype; the generator stage uses the static form
             m = model if dtype == torch.float32 else _half_copy(model)
-            wrapper = (GeneratorStage(m, dtype, noise) if stage == "generator" else
-                       {"identity": IdentityStage, "pose": PoseStage, "audio": AudioStage}[stage](m, dtype))
+            wrapper = (
+                GeneratorStage(m, dtype, noise)
+                if stage == "generator"
+                else {"identity": IdentityStage, "pose": PoseStage, "audio": AudioStage}[stage](m, dtype)
+            )
             args = tuple(example_inputs(cfg, stage, batch, noise).values())
             log.info("exporting %s (%s)", name, prec)
             _export_one(wrapper.eval(), args, path, ins, outs, opset)
@@ -476,19 +568,26 @@ def export_onnx(model: PCAVS, out_dir: str | Path, batch: int = 1, noise: str = 
     if noise == "input" and "generator" in stages:
         # runtimes feed these for noise="stored" (the graph has no noise constants of its own)
         gen = model.generator
-        np.savez(out / NOISES, **{f"noise_{i}": getattr(gen.noises, f"noise_{i}").detach().float().numpy()
-                                  for i in range(cfg.num_noises)})
+        np.savez(
+            out / NOISES,
+            **{f"noise_{i}": getattr(gen.noises, f"noise_{i}").detach().float().numpy() for i in range(cfg.num_noises)},
+        )
         manifest["noises"] = {"file": NOISES, "sha256": sha256_file(out / NOISES)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if verify:
         verification["host"] = platform.machine()
         (out / VERIFICATION).write_text(json.dumps(verification, indent=1))
-        failed = [f"{k} (batch {r['batch']}, {r['output']}: max_abs {r['max_abs']:.3g}, psnr {r['psnr_db']:.1f} dB)"
-                  for k, v in verification["graphs"].items() if v.get("records")
-                  for r in v["records"] if not r["passed"]]
+        failed = [
+            f"{k} (batch {r['batch']}, {r['output']}: max_abs {r['max_abs']:.3g}, psnr {r['psnr_db']:.1f} dB)"
+            for k, v in verification["graphs"].items()
+            if v.get("records")
+            for r in v["records"]
+            if not r["passed"]
+        ]
         if failed:
-            raise ExportError(f"graphs differ from PyTorch beyond tolerance: {'; '.join(failed)} "
-                              f"(see {out / VERIFICATION})")
+            raise ExportError(
+                f"graphs differ from PyTorch beyond tolerance: {'; '.join(failed)} (see {out / VERIFICATION})"
+            )
     log.info("exported %s to %s", ", ".join(paths), out)
     return paths
 
@@ -499,8 +598,9 @@ def _half_copy(model: PCAVS) -> PCAVS:
     return copy.deepcopy(model).half().eval()
 
 
-def _verify_variant(model: PCAVS, path: Path, stage: str, batch: int, noise: str, tol: float,
-                    prec: str) -> dict[str, Any]:
+def _verify_variant(
+    model: PCAVS, path: Path, stage: str, batch: int, noise: str, tol: float, prec: str
+) -> dict[str, Any]:
     batches = [batch, batch + 2]
     if prec == "fp32":
         return {"records": verify_graph(model, path, stage, batches, noise, tol)}
@@ -510,8 +610,7 @@ def _verify_variant(model: PCAVS, path: Path, stage: str, batch: int, noise: str
         recs = verify_graph(model, path, stage, [batch], noise, tol=float("inf"), min_psnr=FP16_MIN_PSNR)
     except Exception as e:  # onnxruntime raises its own exception types
         log.warning("%s: not verified on CPU (%s)", path.name, str(e).splitlines()[0][:200])
-        return {"records": [], "skipped": f"onnxruntime CPU cannot run this fp16 graph: "
-                                         f"{str(e).splitlines()[0][:300]}"}
+        return {"records": [], "skipped": f"onnxruntime CPU cannot run this fp16 graph: {str(e).splitlines()[0][:300]}"}
     return {"records": recs}
 
 
@@ -532,15 +631,19 @@ def read_manifest(onnx_dir: str | Path, cfg: ModelConfig | None = None, check_fi
     except json.JSONDecodeError as e:
         raise ExportError(f"{mp}: unreadable manifest ({e})") from None
     if man.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{mp}: export format {man.get('format')!r} does not match this rt_engine's "
-                          f"{EXPORT_FORMAT!r}; re-export the graphs")
+        raise ExportError(
+            f"{mp}: export format {man.get('format')!r} does not match this rt_engine's "
+            f"{EXPORT_FORMAT!r}; re-export the graphs"
+        )
     ver = rt_engine_version()
     if man.get("rt_engine_version") != ver:
-        raise ExportError(f"{mp}: exported by rt_engine {man.get('rt_engine_version')!r}, this is {ver!r}; "
-                          "re-export the graphs")
+        raise ExportError(
+            f"{mp}: exported by rt_engine {man.get('rt_engine_version')!r}, this is {ver!r}; re-export the graphs"
+        )
     if cfg is not None and ModelConfig.from_dict(man["model_config"]) != cfg:
-        raise ExportError(f"{mp}: graphs are for model config '{man['model_config'].get('name')}', "
-                          f"expected '{cfg.name}'")
+        raise ExportError(
+            f"{mp}: graphs are for model config '{man['model_config'].get('name')}', expected '{cfg.name}'"
+        )
     if check_files:
         files = dict(man.get("graphs", {}))
         if man.get("noises"):
@@ -550,6 +653,8 @@ def read_manifest(onnx_dir: str | Path, cfg: ModelConfig | None = None, check_fi
             if not p.is_file():
                 raise ExportError(f"{d}: graph {g['file']} listed in the manifest is missing")
             if sha256_file(p) != g["sha256"]:
-                raise ExportError(f"{p}: sha256 differs from the manifest (graph '{key}' was replaced by a file "
-                                  "from another export); re-export the graphs")
+                raise ExportError(
+                    f"{p}: sha256 differs from the manifest (graph '{key}' was replaced by a file "
+                    "from another export); re-export the graphs"
+                )
     return man

@@ -90,20 +90,37 @@ class PoseClip:
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int) -> torch.Tensor:
-    return torch.cat([fn(x[s:s + bs]) for s in range(0, x.shape[0], bs)]) if x.shape[0] else x
+    return torch.cat([fn(x[s : s + bs]) for s in range(0, x.shape[0], bs)]) if x.shape[0] else x
 
 
-def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndarray,
-                  pose: str | Path | np.ndarray = "still", checkpoint: str | Path | None = None,
-                  aligned: bool = False, noise: str = NoiseMode.STORED, precision: str = "fp32",
-                  frontalize: bool = False, batch_size: int = 8, max_frames: int | None = None,
-                  pose_length: int | None = None, runner: Runner | None = None,
-                  progress: bool = False, backend: str = "torch", mouth_gain: float = 1.0) -> RenderResult:
+def render_arrays(
+    identity: str | Path | np.ndarray,
+    audio: str | Path | np.ndarray,
+    pose: str | Path | np.ndarray = "still",
+    checkpoint: str | Path | None = None,
+    aligned: bool = False,
+    noise: str = NoiseMode.STORED,
+    precision: str = "fp32",
+    frontalize: bool = False,
+    batch_size: int = 8,
+    max_frames: int | None = None,
+    pose_length: int | None = None,
+    runner: Runner | None = None,
+    progress: bool = False,
+    backend: str = "torch",
+    mouth_gain: float = 1.0,
+) -> RenderResult:
     """Render frames in memory. ``pose``: video / frames folder / frames array, 'still' (pose of
     the identity image) or 'idle' (built-in motion). ``frontalize`` uses a zero pose code.
     ``mouth_gain`` scales how far the mouth moves (1 = as trained; ``MouthGain``)."""
-    cfg = RenderConfig(noise=noise, precision=precision, batch_size=batch_size, aligned=aligned,
-                       frontalize=frontalize, mouth_gain=mouth_gain).validate()
+    cfg = RenderConfig(
+        noise=noise,
+        precision=precision,
+        batch_size=batch_size,
+        aligned=aligned,
+        frontalize=frontalize,
+        mouth_gain=mouth_gain,
+    ).validate()
     gain = MouthGain(cfg.mouth_gain)
     runner = runner or make_runner(checkpoint, precision, backend)
     # ---- inputs
@@ -138,8 +155,7 @@ def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndar
         clip = PoseClip(pose, aligned, pose_length)
         pose_inds = np.array([clip.index(int(i)) for i in frames_i], np.int64)
         uniq = sorted(set(pose_inds.tolist()))
-        crops = np.stack([official_crop(clip.get(k)) for k in uniq]) if uniq else np.zeros((0, 224, 224, 3),
-                                                                                        np.uint8)
+        crops = np.stack([official_crop(clip.get(k)) for k in uniq]) if uniq else np.zeros((0, 224, 224, 3), np.uint8)
         uc = _batched(runner.encode_pose, to_tensor(crops), bs)
         pos = {k: j for j, k in enumerate(uniq)}
         codes = uc[[pos[int(k)] for k in pose_inds]] if n else torch.zeros(0, runner.cfg.pose_dim)
@@ -152,15 +168,27 @@ def render_arrays(identity: str | Path | np.ndarray, audio: str | Path | np.ndar
 
         rng = tqdm(rng, total=(n + bs - 1) // bs, unit="batch", desc="render")
     for s in rng:
-        mouth = gain(runner, runner.encode_audio(wins[s:s + bs]))  # [b,500]
-        out.append(runner.generate(id0, id1, mouth, codes[s:s + bs], noise=cfg.noise).numpy())
+        mouth = gain(runner, runner.encode_audio(wins[s : s + bs]))  # [b,500]
+        out.append(runner.generate(id0, id1, mouth, codes[s : s + bs], noise=cfg.noise).numpy())
     frames = np.concatenate(out) if out else np.zeros((0, 3, runner.cfg.size, runner.cfg.size), np.float32)
-    return RenderResult(frames=frames, frame_inds=frames_i, pose_inds=pose_inds, wav=raw_wav,
-                        seconds=time.perf_counter() - t0, runner=runner.describe())
+    return RenderResult(
+        frames=frames,
+        frame_inds=frames_i,
+        pose_inds=pose_inds,
+        wav=raw_wav,
+        seconds=time.perf_counter() - t0,
+        runner=runner.describe(),
+    )
 
 
-def write_mp4(path: str | Path, frames_u8: np.ndarray, frame_inds: np.ndarray, wav: np.ndarray,
-              sr: int = audio_in.SAMPLE_RATE, fps: int = FPS) -> Path:
+def write_mp4(
+    path: str | Path,
+    frames_u8: np.ndarray,
+    frame_inds: np.ndarray,
+    wav: np.ndarray,
+    sr: int = audio_in.SAMPLE_RATE,
+    fps: int = FPS,
+) -> Path:
     """Write H.264 video (frame i at i/fps; missing leading frames repeat the first one) with the
     audio muxed as AAC. frames_u8: [N,H,W,3]."""
     from fractions import Fraction
@@ -192,7 +220,7 @@ def write_mp4(path: str | Path, frames_u8: np.ndarray, frame_inds: np.ndarray, w
         pcm = np.clip(wav, -1, 1).astype(np.float32)[None]  # [1,S]
         step = 1024
         for s in range(0, pcm.shape[1], step):
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, s:s + step]), format="flt", layout="mono")
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, s : s + step]), format="flt", layout="mono")
             af.sample_rate = sr
             af.pts = s
             af.time_base = Fraction(1, sr)
@@ -207,26 +235,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rt_engine.render", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--identity", required=True, help="identity image (or video: first frame)")
     ap.add_argument("--audio", required=True, help="driving speech: wav, flac, mp3, m4a, mp4, ...")
-    ap.add_argument("--pose", default="still",
-                    help="pose video, folder of frames, 'idle' (built-in motion) or 'still'")
-    ap.add_argument("--checkpoint", default=None,
-                    help="official checkpoint folder or .safetensors; None: the bundled model")
+    ap.add_argument("--pose", default="still", help="pose video, folder of frames, 'idle' (built-in motion) or 'still'")
+    ap.add_argument(
+        "--checkpoint", default=None, help="official checkpoint folder or .safetensors; None: the bundled model"
+    )
     ap.add_argument("--out", default=None, help="output .mp4 (its folder must exist)")
     ap.add_argument("--save-raw", default=None, help="also save float32 frames [N,3,H,W] + indices (.npz)")
     ap.add_argument("--aligned", action="store_true", help="inputs are aligned 224x224 crops: no detection")
-    ap.add_argument("--noise", default=NoiseMode.STORED.value, choices=NOISE_MODES,
-                    help="generator noise maps: the checkpoint's stored ones (the same frames every run), "
-                         "fresh random draws per frame, or none")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="compute precision of the model: fp32 (the reference), or bf16 (faster on CPUs with "
-                         "AVX512-BF16/AMX; tests/test_parity.py holds it above 40 dB PSNR against fp32)")
-    ap.add_argument("--backend", default="torch",
-                    help="torch (reference), torch-fast, torch-cuda, onnxruntime, openvino or auto")
+    ap.add_argument(
+        "--noise",
+        default=NoiseMode.STORED.value,
+        choices=NOISE_MODES,
+        help="generator noise maps: the checkpoint's stored ones (the same frames every run), "
+        "fresh random draws per frame, or none",
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="compute precision of the model: fp32 (the reference), or bf16 (faster on CPUs with "
+        "AVX512-BF16/AMX; tests/test_parity.py holds it above 40 dB PSNR against fp32)",
+    )
+    ap.add_argument(
+        "--backend", default="torch", help="torch (reference), torch-fast, torch-cuda, onnxruntime, openvino or auto"
+    )
     ap.add_argument("--frontalize", action="store_true", help="zero pose code (frontal face, paper Fig. 6)")
-    ap.add_argument("--mouth-gain", type=float, default=1.0,
-                    help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider")
-    ap.add_argument("--batch-size", type=int, default=8,
-                    help="frames per model call: more is faster per frame and needs more memory")
+    ap.add_argument(
+        "--mouth-gain", type=float, default=1.0, help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider"
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="frames per model call: more is faster per frame and needs more memory",
+    )
     ap.add_argument("--max-frames", type=int, default=None, help="render only the first N frames")
     ap.add_argument("--pose-length", type=int, default=None, help="pose clip length n (None: all frames)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
@@ -251,14 +293,24 @@ def main(argv: list[str] | None = None) -> int:
     pose = args.pose if args.pose in POSE_MODES else Path(args.pose)
     if not isinstance(pose, str) and not pose.exists():
         raise InputError(f"pose source not found: {pose} (or use 'idle' / 'still')")
-    res = render_arrays(args.identity, args.audio, pose, args.checkpoint, aligned=args.aligned,
-                        noise=args.noise, precision=args.precision, frontalize=args.frontalize,
-                        batch_size=args.batch_size, max_frames=args.max_frames,
-                        pose_length=args.pose_length, progress=not args.quiet, backend=args.backend,
-                        mouth_gain=args.mouth_gain)
+    res = render_arrays(
+        args.identity,
+        args.audio,
+        pose,
+        args.checkpoint,
+        aligned=args.aligned,
+        noise=args.noise,
+        precision=args.precision,
+        frontalize=args.frontalize,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        pose_length=args.pose_length,
+        progress=not args.quiet,
+        backend=args.backend,
+        mouth_gain=args.mouth_gain,
+    )
     n = len(res.frames)
-    log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9),
-             res.runner)
+    log.info("%d frames in %.1f s (%.2f frames/s) with %s", n, res.seconds, n / max(res.seconds, 1e-9), res.runner)
     if args.save_raw:
         np.savez(args.save_raw, frames=res.frames, frame_inds=res.frame_inds, pose_inds=res.pose_inds)
         log.info("wrote %s", args.save_raw)

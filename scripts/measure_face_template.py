@@ -79,8 +79,10 @@ def main() -> None:
         scales.append(s)
         rots.append(np.degrees(np.arctan2(m[1, 0], m[0, 0])))
     print(f"mean residual scale+translation: {np.mean(r_st):.2f} px, similarity: {np.mean(r_sim):.2f} px")
-    print(f"scale spread (std of s): {np.std(scales):.3f}; rotation needed: mean {np.mean(rots):.2f} deg, "
-          f"std {np.std(rots):.2f} deg")
+    print(
+        f"scale spread (std of s): {np.std(scales):.3f}; rotation needed: mean {np.mean(rots):.2f} deg, "
+        f"std {np.std(rots):.2f} deg"
+    )
 
 
 if __name__ == "__main__":

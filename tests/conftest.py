@@ -28,8 +28,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = PCAVS(model_preset("tiny"))
-    return save_single(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors",
-                       provenance={"kind": "random tiny model for tests"})
+    return save_single(
+        model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", provenance={"kind": "random tiny model for tests"}
+    )
 
 
 @pytest.fixture(scope="session")

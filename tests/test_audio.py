@@ -32,7 +32,7 @@ def _write_av(path, x, sr, codec, video=False):
         a = c.add_stream(codec, rate=sr)
         a.layout = "mono"
         for s in range(0, len(x), 1024):
-            f = av.AudioFrame.from_ndarray(x[None, s:s + 1024].copy(), format="fltp", layout="mono")
+            f = av.AudioFrame.from_ndarray(x[None, s : s + 1024].copy(), format="fltp", layout="mono")
             f.sample_rate, f.pts, f.time_base = sr, s, Fraction(1, sr)
             for p in a.encode(f):
                 c.mux(p)
@@ -93,8 +93,9 @@ def test_other_rates_and_stereo_are_resampled(ref, tmp_path, sr, channels):
         _mel_close(m, mel, 0.99)
 
 
-@pytest.mark.parametrize("name,codec,video", [("c.m4a", "aac", False), ("c.mp4", "aac", True),
-                                              ("c.mp3", "libmp3lame", False)])
+@pytest.mark.parametrize(
+    "name,codec,video", [("c.m4a", "aac", False), ("c.mp4", "aac", True), ("c.mp3", "libmp3lame", False)]
+)
 def test_compressed_containers(ref, tmp_path, name, codec, video):
     x, mel = ref
     if codec not in av.codecs_available:
@@ -132,7 +133,7 @@ def test_streaming_lookahead_is_120ms():
     for i in (2, 3, 10):
         need = A.samples_needed(i)
         assert need == 640 * i + 1920
-    s.accept(x[:A.samples_needed(2) - 1])
+    s.accept(x[: A.samples_needed(2) - 1])
     assert s.windows_ready() == 0
-    s.accept(x[A.samples_needed(2) - 1:A.samples_needed(2)])
+    s.accept(x[A.samples_needed(2) - 1 : A.samples_needed(2)])
     assert s.windows_ready() == 1

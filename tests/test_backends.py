@@ -124,11 +124,13 @@ def test_runner_batch_equals_single_frames(model, name, onnx_cache):
     for b in (3, 5):  # two batch sizes: OpenVINO serves both from one dynamic-batch model
         id0, id1, mouth, pose = _style_inputs(model.cfg, b, seed=b)
         batch = runner.generate(id0, id1, mouth, pose)
-        single = torch.cat([runner.generate(id0, id1, mouth[i:i + 1], pose[i:i + 1]) for i in range(b)])
+        single = torch.cat([runner.generate(id0, id1, mouth[i : i + 1], pose[i : i + 1]) for i in range(b)])
         assert (batch - single).abs().max().item() < 1e-4
     if name == "openvino":  # static batch 1 + dynamic: no compile (and ~60 MB) per new batch size
         assert sorted(k for k in runner._sessions if k[0] == "generator") == [
-            ("generator", "dynamic"), ("generator", "static")]
+            ("generator", "dynamic"),
+            ("generator", "static"),
+        ]
 
 
 @pytest.mark.parametrize("name", ["torch", "torch-fast", "openvino"])

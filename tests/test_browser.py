@@ -75,8 +75,10 @@ class _ServerThread:
         self.loop.close()
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian chromium + chromium-driver (apt-get install -y chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian chromium + chromium-driver (apt-get install -y chromium chromium-driver)",
+)
 def test_browser_page_streams_with_fake_mic_and_webcam(tiny_engine, tmp_path):
     selenium = pytest.importorskip("selenium", reason="needs selenium (pip install selenium==4.51.0)")
     del selenium
@@ -92,13 +94,23 @@ def test_browser_page_streams_with_fake_mic_and_webcam(tiny_engine, tmp_path):
     home.mkdir()
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--allow-loopback-in-peer-connection",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-video-capture={tmp_path / 'cam.y4m'}",
-                 f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={tmp_path / 'cam.y4m'}",
+        f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(flag)
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = str(home)

@@ -56,8 +56,11 @@ def test_missing_key_names_file_key_and_shape(tiny, tmp_path):
     sd = torch.load(d / "latest_net_E.pth")
     del sd["headpose_embed.1.weight"]
     torch.save(sd, d / "latest_net_E.pth")
-    with pytest.raises(CheckpointError, match=r"latest_net_E\.pth: missing key 'headpose_embed\.1\.weight' "
-                                              r"\(expected shape \[12, 64\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"latest_net_E\.pth: missing key 'headpose_embed\.1\.weight' "
+        r"\(expected shape \[12, 64\]\)",
+    ):
         load_official(d, model_preset("tiny"))
 
 
@@ -66,8 +69,11 @@ def test_misshaped_key_names_both_shapes(tiny, tmp_path):
     sd = torch.load(d / "latest_net_G.pth")
     sd["conv1.conv.modulation.bias"] = torch.zeros(7)
     torch.save(sd, d / "latest_net_G.pth")
-    with pytest.raises(CheckpointError, match=r"latest_net_G\.pth: key 'conv1\.conv\.modulation\.bias' has shape "
-                                              r"\[7\].*expects \[32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"latest_net_G\.pth: key 'conv1\.conv\.modulation\.bias' has shape "
+        r"\[7\].*expects \[32\]",
+    ):
         load_official(d, model_preset("tiny"))
 
 
@@ -118,8 +124,11 @@ def test_converter_cli(tiny, tmp_path):
     run = [sys.executable, "-m", "rt_engine.models.checkpoint", "convert"]
     r = subprocess.run(run + [str(single), str(tmp_path / "off")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(run + [str(tmp_path / "off"), str(tmp_path / "b.safetensors"), "--preset", "tiny"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        run + [str(tmp_path / "off"), str(tmp_path / "b.safetensors"), "--preset", "tiny"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     _same(tiny, load_checkpoint(tmp_path / "b.safetensors"))
     r = subprocess.run(run + [str(tmp_path / "off"), str(tmp_path / "c.safetensors")], capture_output=True, text=True)

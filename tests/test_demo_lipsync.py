@@ -29,4 +29,4 @@ def test_sheet_has_two_rows_and_pads_when_few_faces(tmp_path):
     # only two frames have a face: each row shows both in time order, then a black cell
     for row in (0, 32):
         assert img[row + 28, 2, 0] == 40 and img[row + 28, 34, 0] == 180
-        assert img[row + 20:row + 32, 64:].max() == 0
+        assert img[row + 20 : row + 32, 64:].max() == 0

@@ -103,10 +103,13 @@ def _assert_parity(model: PCAVS, graph: Path, stage: str, batch: int, noise: str
 def _weight_count(model: PCAVS, stage: str) -> int:
     """Elements of the conv/linear weights a stage graph must hold (BatchNorms fold into them)."""
     pe = model.pose_encoder
-    mods = {"identity": [model.identity_encoder], "pose": [pe.model, pe.to_headpose, pe.headpose_embed],
-            "audio": [model.audio_encoder, pe.mouth_embed], "generator": [model.generator]}[stage]
-    return sum(p.numel() for m in mods for n, p in m.named_parameters()
-               if n.endswith("weight") and p.ndim >= 2)
+    mods = {
+        "identity": [model.identity_encoder],
+        "pose": [pe.model, pe.to_headpose, pe.headpose_embed],
+        "audio": [model.audio_encoder, pe.mouth_embed],
+        "generator": [model.generator],
+    }[stage]
+    return sum(p.numel() for m in mods for n, p in m.named_parameters() if n.endswith("weight") and p.ndim >= 2)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +168,11 @@ def test_fp16_variant_keeps_demodulation_fp32(tiny_export):
     m = onnx.load(str(out / "generator.fp16.onnx"))
     types = {t.name: t.data_type for t in m.graph.initializer}
     # the styled 3x3 convs (and their upsampling/blur) compute in fp16; ToRGB may stay fp32 by design
-    conv_w = [types[n.input[1]] for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose")
-              and n.input[1] in types and "to_rgb" not in n.name]
+    conv_w = [
+        types[n.input[1]]
+        for n in m.graph.node
+        if n.op_type in ("Conv", "ConvTranspose") and n.input[1] in types and "to_rgb" not in n.name
+    ]
     demod = [types[n.input[1]] for n in m.graph.node if n.op_type == "MatMul"]
     assert len(conv_w) >= model_preset("tiny").num_noises and set(conv_w) == {onnx.TensorProto.FLOAT16}
     assert len(demod) == model_preset("tiny").num_noises  # one per demodulated (styled) conv
@@ -261,8 +267,10 @@ def test_check_graph_rejects_dynamic_weights_and_static_batch(tmp_path):
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [cfg.mouth_dim, 20])
     y = helper.make_tensor_value_info("mouth", TensorProto.FLOAT, [BATCH_AXIS, cfg.mouth_dim])
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 20])
-    nodes = [helper.make_node("Reshape", ["mel", "shape"], ["r"]),
-             helper.make_node("Gemm", ["r", "w"], ["mouth"], transB=1)]
+    nodes = [
+        helper.make_node("Reshape", ["mel", "shape"], ["r"]),
+        helper.make_node("Gemm", ["r", "w"], ["mouth"], transB=1),
+    ]
     g = helper.make_graph(nodes, "bad", [a, w], [y], initializer=[shape])
     p = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
@@ -305,8 +313,21 @@ def test_small_preset_cli_export_batch2(tmp_path, capsys):
     torch.set_num_threads(1)
     model = _model("small", seed=5)
     ckpt = save_single(model, tmp_path / "small.safetensors")
-    rc = export_main(["onnx", "--checkpoint", str(ckpt), "--preset", "small", "--out", str(tmp_path / "o"),
-                      "--batch", "2", "--no-fp16", "--no-verify"])
+    rc = export_main(
+        [
+            "onnx",
+            "--checkpoint",
+            str(ckpt),
+            "--preset",
+            "small",
+            "--out",
+            str(tmp_path / "o"),
+            "--batch",
+            "2",
+            "--no-fp16",
+            "--no-verify",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     man = read_manifest(tmp_path / "o", model.cfg)
     assert man["export_batch"] == 2 and man["checkpoint_sha256"] == sha256_file(ckpt)

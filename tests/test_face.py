@@ -74,7 +74,7 @@ def test_recrop_of_padded_aligned_crop(cropper, demo_crop):
     for scale, (ox, oy), size in [(1.8, (130, 60), (480, 640)), (0.8, (300, 220), (720, 900))]:
         big = cv2.resize(demo_crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         canvas = np.full((*size, 3), 90, np.uint8)
-        canvas[oy:oy + big.shape[0], ox:ox + big.shape[1]] = big
+        canvas[oy : oy + big.shape[0], ox : ox + big.shape[1]] = big
         out = cropper.crop_image(canvas, "canvas")
         assert out.shape == (224, 224, 3) and out.dtype == np.uint8
         face = cropper.detect(out)
@@ -97,8 +97,11 @@ def test_looks_aligned(demo_crop, cropper):
 @pytest.mark.parametrize("kind", ["noise", "flat"])
 def test_no_face_raises(cropper, kind):
     rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) if kind == "noise" else np.full(
-        (300, 400, 3), 128, np.uint8)
+    img = (
+        rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+        if kind == "noise"
+        else np.full((300, 400, 3), 128, np.uint8)
+    )
     with pytest.raises(NoFaceError, match="no face found in"):
         cropper.crop_image(img, kind)
     with pytest.raises(NoFaceError):
@@ -121,8 +124,9 @@ def _centres(params: np.ndarray, size: int = 224) -> np.ndarray:
     return (size / 2 - params[:, 1:]) / s
 
 
-@pytest.mark.skipif(not (TRAIN / "retalking/examples/face/1.mp4").is_file(),
-                    reason=f"shared train clip absent ({TRAIN})")
+@pytest.mark.skipif(
+    not (TRAIN / "retalking/examples/face/1.mp4").is_file(), reason=f"shared train clip absent ({TRAIN})"
+)
 def test_video_crop_is_smooth(cropper):
     av = pytest.importorskip("av")
     frames = []

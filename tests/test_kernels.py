@@ -37,8 +37,11 @@ def make_inputs(shape, noise_mode="batch", dtype=torch.float32, device="cpu", se
     x = torch.randn(b, cin, h, w, generator=g)
     style = torch.randn(b, cin, generator=g) * 0.5 + 1.0
     weight = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5
-    noise = {"none": None, "broadcast": torch.randn(1, 1, h, w, generator=g),
-             "batch": torch.randn(b, 1, h, w, generator=g)}[noise_mode]
+    noise = {
+        "none": None,
+        "broadcast": torch.randn(1, 1, h, w, generator=g),
+        "batch": torch.randn(b, 1, h, w, generator=g),
+    }[noise_mode]
     bias = torch.randn(cout, generator=g) * 0.1
 
     def cv(t):
@@ -66,8 +69,10 @@ def native():
 
 
 def test_native_not_imported_at_import():
-    code = ("import sys, rt_engine.models.fused_modconv as f; "
-            "assert 'rt_engine._kernels' not in sys.modules; assert f._native_module is None")
+    code = (
+        "import sys, rt_engine.models.fused_modconv as f; "
+        "assert 'rt_engine._kernels' not in sys.modules; assert f._native_module is None"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
 
@@ -157,8 +162,9 @@ def test_cuda_without_cuda_module_is_clear_error(monkeypatch):
 
 def test_custom_op_opcheck(native):
     x, s, w, n, b = make_inputs((2, 6, 5, 4, 3), "batch")
-    torch.library.opcheck(fm.fused_modconv_op, (x, s, w, n, 0.3, b, True, True, "cpu"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        fm.fused_modconv_op, (x, s, w, n, 0.3, b, True, True, "cpu"), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_custom_op_under_torch_compile(native):
@@ -212,13 +218,13 @@ def fatbin_entries(so_path: Path) -> list[tuple[str, int]]:
     strtab = secs[shstrndx][4]
 
     def name(off):
-        return data[strtab + off:data.index(b"\0", strtab + off)].decode()
+        return data[strtab + off : data.index(b"\0", strtab + off)].decode()
 
     out = []
     for sec in secs:
         if name(sec[0]) != ".nv_fatbin":
             continue
-        blob = data[sec[4]:sec[4] + sec[5]]
+        blob = data[sec[4] : sec[4] + sec[5]]
         pos = 0
         while pos + 16 <= len(blob):
             magic, _, hsz, fsz = struct.unpack_from("<IHHQ", blob, pos)
@@ -258,8 +264,9 @@ def test_module_contains_sm80_sm90(native):
 
 
 # ----------------------------------------------------------------------------- GPU
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                               reason="no CUDA GPU visible (torch.cuda.is_available() is False)")
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible (torch.cuda.is_available() is False)"
+)
 
 
 @pytest.mark.gpu

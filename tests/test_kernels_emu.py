@@ -33,8 +33,11 @@ def inputs(shape, noise_mode="batch", dtype=torch.float32, seed=0):
     x = torch.randn(b, cin, h, w, generator=g).to(dtype)  # [B,Cin,H,W]
     style = torch.randn(b, cin, generator=g) * 0.5 + 1.0  # [B,Cin]
     weight = (torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5).to(dtype)  # [Cout,Cin,3,3]
-    noise = {"none": None, "broadcast": torch.randn(1, 1, h, w, generator=g),
-             "batch": torch.randn(b, 1, h, w, generator=g)}[noise_mode]
+    noise = {
+        "none": None,
+        "broadcast": torch.randn(1, 1, h, w, generator=g),
+        "batch": torch.randn(b, 1, h, w, generator=g),
+    }[noise_mode]
     noise = None if noise is None else noise.to(dtype)
     bias = torch.randn(cout, generator=g) * 0.1  # [Cout]
     return x, style, weight, noise, bias
@@ -42,8 +45,7 @@ def inputs(shape, noise_mode="batch", dtype=torch.float32, seed=0):
 
 def reference(x, style, weight, noise, noise_weight, bias, demodulate=True, activate=True):
     n = None if noise is None else noise.float()
-    return fm.modulated_conv2d_fused_ref(x.float(), style, weight.float(), n, noise_weight, bias, demodulate,
-                                         activate)
+    return fm.modulated_conv2d_fused_ref(x.float(), style, weight.float(), n, noise_weight, bias, demodulate, activate)
 
 
 def max_rel_err(out, ref) -> float:

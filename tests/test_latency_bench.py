@@ -16,9 +16,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_latency_quick_tiny_writes_valid_report(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RT_ENGINE_ONNX_CACHE": str(tmp_path / "onnx")}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--quick", "--preset", "tiny",
-           "--backends", "torch,torch-fast:fp32", "--threads", "1", "--memory-frames", "6", "--memory-every", "2",
-           "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "latency.py"),
+        "--quick",
+        "--preset",
+        "tiny",
+        "--backends",
+        "torch,torch-fast:fp32",
+        "--threads",
+        "1",
+        "--memory-frames",
+        "6",
+        "--memory-every",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     t = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - t
@@ -32,7 +46,8 @@ def test_latency_quick_tiny_writes_valid_report(tmp_path):
     for stage in ("identity", "pose", "audio", "generator"):
         assert rep["flops"][stage] > 0
     assert rep["flops"]["frame_live"] == pytest.approx(
-        rep["flops"]["pose"] + rep["flops"]["audio"] + rep["flops"]["generator"])
+        rep["flops"]["pose"] + rep["flops"]["audio"] + rep["flops"]["generator"]
+    )
     assert list(rep["variants"]) == ["torch:fp32", "torch-fast:fp32"]  # reference first
     for v in rep["variants"].values():
         assert "error" not in v, v

@@ -49,6 +49,6 @@ def test_upfirdn2d_matches_direct_definition():
     ref = torch.zeros(2, 3, 10, 12, dtype=torch.float64)
     for i in range(10):
         for j in range(12):
-            ref[:, :, i, j] = (z[:, :, i:i + 4, j:j + 4] * k.flip(0, 1)).sum((2, 3))
+            ref[:, :, i, j] = (z[:, :, i : i + 4, j : j + 4] * k.flip(0, 1)).sum((2, 3))
     assert torch.allclose(upfirdn2d(x, k, up=2, pad=(2, 1)), ref)
     assert blur_kernel().sum().item() == 4.0

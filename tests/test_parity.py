@@ -184,10 +184,29 @@ def test_render_cli_reproduces_golden_frames(fx, official_dir, tmp_path):
     """The documented parity command, end to end from the raw files."""
     inp = FIXTURE / "inputs"
     raw = tmp_path / "x.npz"
-    cmd = [sys.executable, "-m", "rt_engine.render", "--checkpoint", str(official_dir), "--aligned",
-           "--identity", str(inp / "Input/517600055/000000.jpg"), "--pose", str(inp / "Pose_Source/517600078"),
-           "--pose-length", "160", "--audio", str(inp / "Audio_Source/681600002.mp3"), "--noise", "stored",
-           "--save-raw", str(raw), "--max-frames", "8", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rt_engine.render",
+        "--checkpoint",
+        str(official_dir),
+        "--aligned",
+        "--identity",
+        str(inp / "Input/517600055/000000.jpg"),
+        "--pose",
+        str(inp / "Pose_Source/517600078"),
+        "--pose-length",
+        "160",
+        "--audio",
+        str(inp / "Audio_Source/681600002.mp3"),
+        "--noise",
+        "stored",
+        "--save-raw",
+        str(raw),
+        "--max-frames",
+        "8",
+        "-q",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     x = np.load(raw)

@@ -170,7 +170,7 @@ def test_echo_example_serves_pages_and_sessions(avatar_engine):
 
     local, client, sid, bad = asyncio.run(run())
     assert local[0] == 200 and "/api/offer" in local[1] and "RTCPeerConnection" in local[1]
-    assert client[0] == 200 and "<div id=\"root\">" in client[1]
+    assert client[0] == 200 and '<div id="root">' in client[1]
     assert len(sid) == 36 and bad == 404
 
 
@@ -225,11 +225,20 @@ def test_echo_example_streams_to_headless_chromium(avatar_engine, tmp_path):
     assert ready.wait(30)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(flag)
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = str(tmp_path)
@@ -244,7 +253,8 @@ def test_echo_example_streams_to_headless_chromium(avatar_engine, tmp_path):
                 got = driver.execute_script(
                     "const v = document.getElementById('video');"
                     "return {w: v.videoWidth, t: v.currentTime, frames: v.getVideoPlaybackQuality().totalVideoFrames,"
-                    " state: document.getElementById('state').textContent};")
+                    " state: document.getElementById('state').textContent};"
+                )
         finally:
             driver.quit()
     finally:

@@ -159,8 +159,7 @@ def test_cli_runs_and_skips_bad_clips(tmp_path, clip, monkeypatch):
 
     monkeypatch.setattr(rt_engine.render, "render_arrays", fake_render, raising=False)
     out = tmp_path / "out"
-    assert Q.main(["--clips", str(clips), "--out", str(out), "-q", "--cpbd-frames", "3",
-                   "--csim-frames", "2"]) == 0
+    assert Q.main(["--clips", str(clips), "--out", str(out), "-q", "--cpbd-frames", "3", "--csim-frames", "2"]) == 0
     res = json.loads((out / "results.json").read_text())
     reasons = {s["name"]: s["reason"] for s in res["skipped"]}
     assert "no face" in reasons["noface.mp4"]

@@ -39,14 +39,28 @@ def assets(tmp_path_factory):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "rt_engine.render", "-q", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rt_engine.render", "-q", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_mp4_and_raw_output(assets, tmp_path):
     a = assets
-    r = run("--identity", a["id"], "--audio", a["audio"], "--pose", a["pose"], "--aligned", "--checkpoint",
-            a["ckpt"], "--out", tmp_path / "o.mp4", "--save-raw", tmp_path / "o.npz")
+    r = run(
+        "--identity",
+        a["id"],
+        "--audio",
+        a["audio"],
+        "--pose",
+        a["pose"],
+        "--aligned",
+        "--checkpoint",
+        a["ckpt"],
+        "--out",
+        tmp_path / "o.mp4",
+        "--save-raw",
+        tmp_path / "o.npz",
+    )
     assert r.returncode == 0, r.stderr
     raw = np.load(tmp_path / "o.npz")
     n_mel = int(np.ceil(1.2 * SR / 160)) + 7
@@ -110,8 +124,19 @@ def test_mouth_gain(assets, tmp_path):
     other = TorchRunner(PCAVS(model_preset("tiny")).eval())  # another model: its own silence code
     assert not torch.allclose(gain.silence_code(other), m0)
 
-    r = run("--identity", a["id"], "--audio", a["audio"], "--aligned", "--checkpoint", a["ckpt"],
-            "--out", tmp_path / "x.mp4", "--mouth-gain", "5")
+    r = run(
+        "--identity",
+        a["id"],
+        "--audio",
+        a["audio"],
+        "--aligned",
+        "--checkpoint",
+        a["ckpt"],
+        "--out",
+        tmp_path / "x.mp4",
+        "--mouth-gain",
+        "5",
+    )
     assert "mouth_gain must be in [0, 3.0]" in _err(r)
 
 
@@ -141,16 +166,44 @@ def test_bad_inputs(assets, tmp_path):
     missing = ["--pose", "still", "--aligned", "--checkpoint", a["ckpt"], "--out", tmp_path / "no" / "x.mp4"]
     assert "output folder does not exist" in _err(run("--identity", a["id"], "--audio", a["audio"], *missing))
     assert not (tmp_path / "no").exists()
-    assert "pose source not found" in _err(run("--identity", a["id"], "--audio", a["audio"], "--pose",
-                                               tmp_path / "nope", "--checkpoint", a["ckpt"], "--out", "x.mp4"))
+    assert "pose source not found" in _err(
+        run(
+            "--identity",
+            a["id"],
+            "--audio",
+            a["audio"],
+            "--pose",
+            tmp_path / "nope",
+            "--checkpoint",
+            a["ckpt"],
+            "--out",
+            "x.mp4",
+        )
+    )
 
 
 def test_silent_audio_warns_and_renders(assets, tmp_path):
     a = assets
     sf.write(tmp_path / "silent.wav", np.zeros(SR, np.float32), SR)
-    r = subprocess.run([sys.executable, "-m", "rt_engine.render", "--identity", a["id"], "--audio",
-                        tmp_path / "silent.wav", "--aligned", "--checkpoint", a["ckpt"], "--save-raw",
-                        tmp_path / "s.npz"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rt_engine.render",
+            "--identity",
+            a["id"],
+            "--audio",
+            tmp_path / "silent.wav",
+            "--aligned",
+            "--checkpoint",
+            a["ckpt"],
+            "--save-raw",
+            tmp_path / "s.npz",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "silent" in r.stderr, r.stderr
     assert np.load(tmp_path / "s.npz")["frames"].shape[0] > 0
 
@@ -173,8 +226,18 @@ def test_image_without_face(assets, tmp_path):
     pytest.importorskip("mediapipe", reason="mediapipe (face detection) not installed")
     a = assets
     cv2.imwrite(str(tmp_path / "flat.png"), np.full((300, 300, 3), 128, np.uint8))
-    msg = _err(run("--identity", tmp_path / "flat.png", "--audio", a["audio"], "--checkpoint", a["ckpt"],
-                   "--out", tmp_path / "x.mp4"))
+    msg = _err(
+        run(
+            "--identity",
+            tmp_path / "flat.png",
+            "--audio",
+            a["audio"],
+            "--checkpoint",
+            a["ckpt"],
+            "--out",
+            tmp_path / "x.mp4",
+        )
+    )
     assert "no face" in msg and "flat.png" in msg
 
 

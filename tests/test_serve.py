@@ -68,7 +68,7 @@ def test_av_audio_frames_of_any_layout_reach_the_session_resampled():
     tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     ai, rd = AudioInput(MediaClock()), AvAudioReader()
     for k in range(0, rate, 882):  # 20 ms stereo s16 frames at 44.1 kHz
-        pcm = (np.repeat(tone[k:k + 882], 2) * 32767).astype(np.int16)[None]  # interleaved [1,2N]
+        pcm = (np.repeat(tone[k : k + 882], 2) * 32767).astype(np.int16)[None]  # interleaved [1,2N]
         f = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
         f.sample_rate, f.pts, f.time_base = rate, k + (rate // 2 if k >= rate // 2 else 0), Fraction(1, rate)
         x, start = rd.read(f)
@@ -108,8 +108,12 @@ def test_metrics_endpoint_parses_as_prometheus(tiny_engine):
     assert got[("rt_engine_stage_latency_seconds_bucket", "0.02")] == 0
     assert got[("rt_engine_stage_latency_seconds_bucket", "0.04")] == 1
     assert got[("rt_engine_stage_latency_seconds_count", None)] == 1
-    for name in ("rt_engine_sessions_active", "rt_engine_sessions_max", "rt_engine_scheduler_pending_frames",
-                 "rt_engine_model_busy_seconds"):
+    for name in (
+        "rt_engine_sessions_active",
+        "rt_engine_sessions_max",
+        "rt_engine_scheduler_pending_frames",
+        "rt_engine_model_busy_seconds",
+    ):
         assert fams[name].type == "gauge", name
 
 
@@ -163,9 +167,11 @@ def test_loopback_stream_av_sync_and_metrics(tiny_engine):
     m = re.search(r"^rt_engine_sessions_total (\d+)", metrics, re.M)
     assert m and int(m.group(1)) >= 1, "rt_engine_sessions_total missing"  # the app may have served others
     assert re.search(r'^rt_engine_stage_latency_seconds_bucket\{[^}]*stage="model"', metrics, re.M)  # any label order
-    for name in ("rt_engine_frames_sent_total",
-                 "# TYPE rt_engine_stage_latency_seconds histogram",
-                 'rt_engine_stage_latency_seconds_count{stage="media_to_send"}'):
+    for name in (
+        "rt_engine_frames_sent_total",
+        "# TYPE rt_engine_stage_latency_seconds histogram",
+        'rt_engine_stage_latency_seconds_count{stage="media_to_send"}',
+    ):
         assert name in metrics, name
     assert health["status"] == "ok" and health["max_sessions"] >= 1 and health["warm"] is True  # no warm-up here
     assert "<video" in page and "app.js" in page and js_status == 200
@@ -183,28 +189,41 @@ def test_bad_inputs_each_fail_clearly_and_other_sessions_run_on(tiny_engine, tmp
         async with served(tiny_engine, max_sessions=3, peer_timeout_s=3.0) as (url, app):
             # the bystander: a 44.1 kHz stereo microphone and a webcam driving the pose; it runs
             # through everything below
-            bystander = asyncio.ensure_future(run_client(
-                url, 170.0, sig, onsets, options={"audio": "mic", "pose": "webcam", "stamp": True},
-                webcam=_webcam_frames(), mic_rate=44100, mic_channels=2, stop=done))
+            bystander = asyncio.ensure_future(
+                run_client(
+                    url,
+                    170.0,
+                    sig,
+                    onsets,
+                    options={"audio": "mic", "pose": "webcam", "stamp": True},
+                    webcam=_webcam_frames(),
+                    mic_rate=44100,
+                    mic_channels=2,
+                    stop=done,
+                )
+            )
             await asyncio.sleep(3.0)
             good = await _offer_sdp()
             async with aiohttp.ClientSession() as http:
+
                 async def post(path, **kw):
                     async with http.post(url + path, **kw) as r:
                         return r.status, (await r.json()).get("error", "")
 
                 results["not json"] = await post("/offer", data=b"{nope")
                 results["malformed sdp"] = await post("/offer", json={"sdp": "hello", "type": "offer"})
-                results["truncated sdp"] = await post("/offer", json={"sdp": good[:len(good) // 3], "type": "offer"})
-                results["no video receiver"] = await post("/offer", json={"sdp": await _offer_sdp(video=False),
-                                                                          "type": "offer"})
+                results["truncated sdp"] = await post("/offer", json={"sdp": good[: len(good) // 3], "type": "offer"})
+                results["no video receiver"] = await post(
+                    "/offer", json={"sdp": await _offer_sdp(video=False), "type": "offer"}
+                )
                 bad_codec = re.sub(r"(VP8|H264|rtx)/90000", "H265/90000", good)
                 results["unsupported codec"] = await post("/offer", json={"sdp": bad_codec, "type": "offer"})
-                results["mic without audio"] = await post("/offer", json={"sdp": await _offer_sdp(audio=False),
-                                                                          "type": "offer",
-                                                                          "options": {"audio": "mic"}})
-                results["bad option"] = await post("/offer", json={"sdp": good, "type": "offer",
-                                                                   "options": {"pose": "moonwalk"}})
+                results["mic without audio"] = await post(
+                    "/offer", json={"sdp": await _offer_sdp(audio=False), "type": "offer", "options": {"audio": "mic"}}
+                )
+                results["bad option"] = await post(
+                    "/offer", json={"sdp": good, "type": "offer", "options": {"pose": "moonwalk"}}
+                )
 
                 def form(name, data):
                     f = aiohttp.FormData()
@@ -215,18 +234,20 @@ def test_bad_inputs_each_fail_clearly_and_other_sessions_run_on(tiny_engine, tmp
                 _, gray = cv2.imencode(".png", np.full((240, 240, 3), 127, np.uint8))
                 results["no face"] = await post("/upload?kind=identity", data=form("gray.png", gray.tobytes()))
                 results["wrong type"] = await post("/upload?kind=identity", data=form("x.exe", b"MZ..."))
-                results["oversized"] = await post("/upload?kind=identity",
-                                                  data=form("big.jpg", b"\xff" * (9 << 20)))
+                results["oversized"] = await post("/upload?kind=identity", data=form("big.jpg", b"\xff" * (9 << 20)))
                 results["not audio"] = await post("/upload?kind=audio", data=form("a.wav", b"RIFF0000WAVEjunk"))
                 ok_img = (ROOT / "rt_engine/assets/identity.jpg").read_bytes()
                 status, _ = await post("/upload?kind=identity", data=form("me.jpg", ok_img))
                 results["good upload"] = (status, "")
             # a client that vanishes mid-stream: a separate process, killed without closing anything
-            code = ("import asyncio,sys;from benchmarks.client import run_client;"
-                    f"asyncio.run(run_client({url!r}, 60.0, options={{'audio':'file','pose':'still'}}))")
+            code = (
+                "import asyncio,sys;from benchmarks.client import run_client;"
+                f"asyncio.run(run_client({url!r}, 60.0, options={{'audio':'file','pose':'still'}}))"
+            )
             env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-            proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             try:
                 t = time.monotonic()
                 while len(app[STATE].sessions) < 2 and time.monotonic() - t < 120:
@@ -252,12 +273,19 @@ def test_bad_inputs_each_fail_clearly_and_other_sessions_run_on(tiny_engine, tmp
     a = by.analyse()
     print(json.dumps({"results": results, "bystander": a, "server": by.server_stats}, indent=1))
     expect = {
-        "not json": (400, "JSON"), "malformed sdp": (400, "malformed SDP"), "truncated sdp": (400, ""),
-        "no video receiver": (400, "no video receiver"), "unsupported codec": (400, "unsupported video codec"),
-        "mic without audio": (400, "sends no audio track"), "bad option": (400, "pose must be one of"),
-        "not an image": (415, "not a readable image"), "no face": (422, "no face"),
-        "wrong type": (415, "unsupported identity file type"), "oversized": (413, "too large"),
-        "not audio": (415, "not a usable audio file"), "good upload": (200, ""),
+        "not json": (400, "JSON"),
+        "malformed sdp": (400, "malformed SDP"),
+        "truncated sdp": (400, ""),
+        "no video receiver": (400, "no video receiver"),
+        "unsupported codec": (400, "unsupported video codec"),
+        "mic without audio": (400, "sends no audio track"),
+        "bad option": (400, "pose must be one of"),
+        "not an image": (415, "not a readable image"),
+        "no face": (422, "no face"),
+        "wrong type": (415, "unsupported identity file type"),
+        "oversized": (413, "too large"),
+        "not audio": (415, "not a usable audio file"),
+        "good upload": (200, ""),
     }
     for k, (status, msg) in expect.items():
         assert results[k][0] == status, (k, results[k])
@@ -291,8 +319,9 @@ def test_token_and_session_limit(tiny_engine):
                 for name, hdr in (("no token", {}), ("wrong token", {"Authorization": "Bearer nope"})):
                     async with http.post(f"{url}/offer", json=body, headers=hdr) as r:
                         out[name] = (r.status, (await r.json())["error"])
-            holder = asyncio.ensure_future(run_client(url, 3.0, options={"audio": "file", "pose": "still"},
-                                                      token="s3cret"))
+            holder = asyncio.ensure_future(
+                run_client(url, 3.0, options={"audio": "file", "pose": "still"}, token="s3cret")
+            )
             while not app[STATE].sessions and not holder.done():
                 await asyncio.sleep(0.1)
             async with aiohttp.ClientSession() as http:
@@ -342,12 +371,23 @@ def test_session_churn_leaks_nothing(tiny_engine):
             # dead sessions must be freed by the server itself, not wait for a rare generation-2
             # collection: no Session or server-side peer object may still be tracked (no gc.collect here)
             alive = sum(type(o) in (Session, Peer) for o in gc.get_objects())  # type(): no proxy lookups
-            return (len(app[STATE].sessions), threading.active_count() - base_threads, _rss_mb() - base_rss,
-                    tiny_engine.scheduler.pending(), alive)
+            return (
+                len(app[STATE].sessions),
+                threading.active_count() - base_threads,
+                _rss_mb() - base_rss,
+                tiny_engine.scheduler.pending(),
+                alive,
+            )
 
     sessions, d_threads, d_rss, pending, alive = asyncio.run(run())
-    print({"sessions_left": sessions, "thread_delta": d_threads, "rss_delta_mb": round(d_rss, 1),
-           "session_objects_alive": alive})
+    print(
+        {
+            "sessions_left": sessions,
+            "thread_delta": d_threads,
+            "rss_delta_mb": round(d_rss, 1),
+            "session_objects_alive": alive,
+        }
+    )
     assert sessions == 0 and pending == 0
     assert alive == 0
     assert d_threads <= 1

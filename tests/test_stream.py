@@ -50,7 +50,7 @@ def test_streaming_mel_equals_offline_for_random_chunks(seed):
     pos = 0
     while pos < x.size:
         n = int(rng.choice([0, 1, 7, 160, 333, 641, 1280, 4000]))
-        sm.accept(x[pos:pos + n])
+        sm.accept(x[pos : pos + n])
         pos += n
         rows.append(sm.get_rows())
         i, w = sm.get_windows()
@@ -74,7 +74,7 @@ def test_live_audio_input_holds_bounded_mel_history():
     taken = 0
     for k in range(60 * 50):  # one minute of 20 ms chunks
         s = (k * 320) % (x.size - 320)
-        ai.push_file_chunk(x[s:s + 320], np.repeat(x[s:s + 320], 3))
+        ai.push_file_chunk(x[s : s + 320], np.repeat(x[s : s + 320], 3))
         taken += len(ai.windows()[0])
     assert taken >= 60 * 25 - 5
     assert ai.mel.rows_held <= audio_in.MEL_WINDOW + 8  # one window of history, not a minute of rows
@@ -124,9 +124,9 @@ def test_lookahead_is_120ms_and_windows_complete_exactly_then():
         assert need == SAMPLES_PER_FRAME * i + 1920
         assert first_frame_needing(need) == i + 1 and first_frame_needing(need - 1) == i
         sm2 = audio_in.StreamingMel()
-        sm2.accept(x[:need - 1])
+        sm2.accept(x[: need - 1])
         ready_before = sm2.windows_ready()
-        sm2.accept(x[need - 1:need])
+        sm2.accept(x[need - 1 : need])
         assert FIRST_FRAME + ready_before == i and FIRST_FRAME + sm2.windows_ready() == i + 1
     del sm
 
@@ -158,7 +158,7 @@ def test_agc_converges_to_official_level_and_ignores_silence():
         agc = sources.Agc()
         x = _speechlike(SAMPLE_RATE * 10, 1)
         x = x / np.sqrt(np.mean(x**2)) * level
-        outs = [agc.process(x[k:k + 320]) for k in range(0, x.size, 320)]
+        outs = [agc.process(x[k : k + 320]) for k in range(0, x.size, 320)]
         tail = np.concatenate(outs[-100:])
         assert np.sqrt(np.mean(tail**2)) == pytest.approx(audio_in.TARGET_RMS, rel=0.1)
         g = agc.gain
@@ -202,7 +202,7 @@ def test_live_audio_any_rate_and_layout_is_resampled():
         n = rate // 50
         now = time.monotonic()
         for k in range(0, rate, n):
-            x = (np.repeat(tone[k:k + n, None], 2, axis=1) * 32767).astype(np.int16) if stereo else tone[k:k + n]
+            x = (np.repeat(tone[k : k + n, None], 2, axis=1) * 32767).astype(np.int16) if stereo else tone[k : k + n]
             ai.push(x, rate, now + k / rate)  # [N,2] int16 or [N] float
         _check_resampled_tone(ai)
     with pytest.raises(InputError, match="float or int16"):
@@ -266,8 +266,14 @@ asyncio.run(main())
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 0 and "OK 20" in r.stdout, r.stderr[-3000:]
 
 
@@ -386,8 +392,13 @@ def test_scheduler_batches_across_sessions_with_per_row_identity(tiny_engine):
         due = time.monotonic() + 30
         sch.submit([FrameJob(a, 2, wins[0], pose[0], due)])  # blocks in the gated runner
         time.sleep(0.2)
-        sch.submit([FrameJob(a, 3, wins[1], pose[1], due), FrameJob(b, 2, wins[2], pose[2], due),
-                    FrameJob(b, 3, wins[3], pose[3], due)])
+        sch.submit(
+            [
+                FrameJob(a, 3, wins[1], pose[1], due),
+                FrameJob(b, 2, wins[2], pose[2], due),
+                FrameJob(b, 3, wins[3], pose[3], due),
+            ]
+        )
         rec.gate.set()
         deadline = time.monotonic() + 30
         while (len(a.got) < 2 or len(b.got) < 2) and time.monotonic() < deadline:
@@ -395,8 +406,8 @@ def test_scheduler_batches_across_sessions_with_per_row_identity(tiny_engine):
         assert rec.batches == [1, 3]  # the three pending frames of two sessions ran as one batch
         # each row used its own identity: equal to running that session alone
         for owner, k, i in ((a, 1, 3), (b, 2, 2), (b, 3, 3)):
-            mouth = runner.encode_audio(torch.from_numpy(wins[k:k + 1]))
-            ref = runner.generate(owner.id0, owner.id1, mouth, torch.from_numpy(pose[k:k + 1]))
+            mouth = runner.encode_audio(torch.from_numpy(wins[k : k + 1]))
+            ref = runner.generate(owner.id0, owner.id1, mouth, torch.from_numpy(pose[k : k + 1]))
             from rt_engine.inputs.image import to_uint8
 
             diff = np.abs(to_uint8(ref)[0].astype(int) - owner.got[i].astype(int)).max()

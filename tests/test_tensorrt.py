@@ -41,8 +41,9 @@ HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = torch.cuda.is_available()
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)")
-needs_gpu_trt = pytest.mark.skipif(not (HAS_GPU and HAS_TRT),
-                                   reason="needs an NVIDIA GPU and the `tensorrt` package (engine execution)")
+needs_gpu_trt = pytest.mark.skipif(
+    not (HAS_GPU and HAS_TRT), reason="needs an NVIDIA GPU and the `tensorrt` package (engine execution)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,14 @@ def test_rtx_builds_all_four_fp16(tiny, rtx_engines):
     gen = read_sidecar(engines["generator"])
     assert gen["outputs"][0]["shape"] == ["batch", 3, model.cfg.size, model.cfg.size]
     # the sidecar check accepts this engine on a matching (hypothetical) GPU
-    check_sidecar(gen, runtime="tensorrt_rtx", trt_version=tensorrt_rtx.__version__, capability=(8, 9),
-                  cfg=model.cfg, stage="generator")
+    check_sidecar(
+        gen,
+        runtime="tensorrt_rtx",
+        trt_version=tensorrt_rtx.__version__,
+        capability=(8, 9),
+        cfg=model.cfg,
+        stage="generator",
+    )
 
 
 @needs_rtx
@@ -127,10 +134,20 @@ def test_sidecar_mismatches_are_named(rtx_engines):
 
 def test_sidecar_mismatch_without_rtx():
     """The same checks on a hand-written sidecar of a TensorRT 10 engine built on an H100."""
-    s = {"format": ENGINE_FORMAT, "runtime": "tensorrt", "trt_version": "10.13.0.35", "stage": "generator",
-         "precision": "fp16", "targets": ["SM90"], "device": "NVIDIA H100 80GB HBM3", "profiles": [],
-         "inputs": [], "outputs": [], "model_config": model_preset("official").to_dict(),
-         "source_onnx_sha256": "0" * 64}
+    s = {
+        "format": ENGINE_FORMAT,
+        "runtime": "tensorrt",
+        "trt_version": "10.13.0.35",
+        "stage": "generator",
+        "precision": "fp16",
+        "targets": ["SM90"],
+        "device": "NVIDIA H100 80GB HBM3",
+        "profiles": [],
+        "inputs": [],
+        "outputs": [],
+        "model_config": model_preset("official").to_dict(),
+        "source_onnx_sha256": "0" * 64,
+    }
     check_sidecar(s, runtime="tensorrt", trt_version="10.13.0.35", capability=(9, 0), cfg=model_preset("official"))
     with pytest.raises(EngineError, match=r"SM90 \(NVIDIA H100 80GB HBM3\), this GPU is SM80"):
         check_sidecar(s, runtime="tensorrt", trt_version="10.13.0.35", capability=(8, 0))
@@ -228,8 +245,9 @@ def test_gpu_engines_match_torch(tiny, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_GPU and importlib.util.find_spec("torch_tensorrt")),
-                    reason="needs an NVIDIA GPU and torch_tensorrt")
+@pytest.mark.skipif(
+    not (HAS_GPU and importlib.util.find_spec("torch_tensorrt")), reason="needs an NVIDIA GPU and torch_tensorrt"
+)
 def test_gpu_torch_tensorrt_compiles(tiny, tmp_path):
     from export.torch_trt import compile_torch_trt, load_torch_trt
 
@@ -263,8 +281,9 @@ def test_rtx_generator_with_noise_inputs(tmp_path):
     torch.manual_seed(1)
     model = PCAVS(model_preset("tiny")).eval()
     export_onnx(model, tmp_path / "onnx", noise="input", stages=("generator",), half=True, verify=False)
-    engines = build_engines(tmp_path / "onnx", tmp_path / "e", TrtBuildConfig(runtime="rtx", max_batch=4),
-                            stages=["generator"])
+    engines = build_engines(
+        tmp_path / "onnx", tmp_path / "e", TrtBuildConfig(runtime="rtx", max_batch=4), stages=["generator"]
+    )
     s = read_sidecar(engines["generator"])
     assert s["noise"] == "input"
     assert [i["name"] for i in s["inputs"]] == ["style", "id_map"] + [f"noise_{i}" for i in range(9)]

@@ -34,18 +34,26 @@ def _io(cfg, stage, noise="stored"):
     B = "batch"
     img = {"name": "img", "shape": [B, 3, 224, 224], "dtype": "float32"}
     if stage == "identity":
-        return [img], [{"name": "id_feature0", "shape": [B, cfg.id_dim], "dtype": "float32"},
-                       {"name": "id_feature1", "shape": [B, cfg.id_map_channels, 7, 7], "dtype": "float32"}]
+        return [img], [
+            {"name": "id_feature0", "shape": [B, cfg.id_dim], "dtype": "float32"},
+            {"name": "id_feature1", "shape": [B, cfg.id_map_channels, 7, 7], "dtype": "float32"},
+        ]
     if stage == "pose":
         return [img], [{"name": "pose", "shape": [B, cfg.pose_dim], "dtype": "float32"}]
     if stage == "audio":
-        return ([{"name": "mel", "shape": [B, 1, 80, 20], "dtype": "float32"}],
-                [{"name": "mouth", "shape": [B, cfg.mouth_dim], "dtype": "float32"}])
-    ins = [{"name": "style", "shape": [B, cfg.style_dim], "dtype": "float32"},
-           {"name": "id_map", "shape": [B, cfg.id_map_channels, 7, 7], "dtype": "float32"}]
+        return (
+            [{"name": "mel", "shape": [B, 1, 80, 20], "dtype": "float32"}],
+            [{"name": "mouth", "shape": [B, cfg.mouth_dim], "dtype": "float32"}],
+        )
+    ins = [
+        {"name": "style", "shape": [B, cfg.style_dim], "dtype": "float32"},
+        {"name": "id_map", "shape": [B, cfg.id_map_channels, 7, 7], "dtype": "float32"},
+    ]
     if noise == "input":
-        ins += [{"name": f"noise_{i}", "shape": [B, 1, r, r], "dtype": "float32"}
-                for i, r in enumerate(cfg.start * 2 ** ((i + 1) // 2) for i in range(cfg.num_noises))]
+        ins += [
+            {"name": f"noise_{i}", "shape": [B, 1, r, r], "dtype": "float32"}
+            for i, r in enumerate(cfg.start * 2 ** ((i + 1) // 2) for i in range(cfg.num_noises))
+        ]
     return ins, [{"name": "image", "shape": [B, 3, cfg.size, cfg.size], "dtype": "float32"}]
 
 
@@ -149,11 +157,21 @@ def _fake_gpu(monkeypatch, d, noise="stored"):
     for stage in tb.STAGES:
         ins, outs = _io(model.cfg, stage, noise)
         (d / f"{stage}.engine").write_bytes(stage.encode())
-        side = {"format": ENGINE_FORMAT, "runtime": "tensorrt", "trt_version": FAKE_VERSION, "stage": stage,
-                "precision": "fp32", "targets": ["SM90"], "device": "fake H100",
-                "profiles": [{"min_batch": 1, "opt_batch": MAX_BATCH, "max_batch": MAX_BATCH}],
-                "inputs": ins, "outputs": outs, "model_config": model.cfg.to_dict(), "noise": noise,
-                "source_onnx_sha256": "0" * 64}
+        side = {
+            "format": ENGINE_FORMAT,
+            "runtime": "tensorrt",
+            "trt_version": FAKE_VERSION,
+            "stage": stage,
+            "precision": "fp32",
+            "targets": ["SM90"],
+            "device": "fake H100",
+            "profiles": [{"min_batch": 1, "opt_batch": MAX_BATCH, "max_batch": MAX_BATCH}],
+            "inputs": ins,
+            "outputs": outs,
+            "model_config": model.cfg.to_dict(),
+            "noise": noise,
+            "source_onnx_sha256": "0" * 64,
+        }
         (d / f"{stage}.engine.json").write_text(json.dumps(side))
     return model, fake, d
 
@@ -202,8 +220,12 @@ def test_runner_noise_modes(fake_gpu):
     model, _, d = fake_gpu
     c = model.cfg
     runner = TensorRTRunner(d, device="cpu", cuda_graphs=False)
-    args = (torch.rand(1, c.id_dim), torch.rand(1, c.id_map_channels, 7, 7), torch.rand(1, c.mouth_dim),
-            torch.rand(1, c.pose_dim))
+    args = (
+        torch.rand(1, c.id_dim),
+        torch.rand(1, c.id_map_channels, 7, 7),
+        torch.rand(1, c.mouth_dim),
+        torch.rand(1, c.pose_dim),
+    )
     with pytest.raises(EngineError, match="noise 'stored' built in; noise='random' needs an export with"):
         runner.generate(*args, noise="random")
     assert runner.generate(*args, noise="stored").shape == (1, 3, c.size, c.size)
@@ -228,14 +250,17 @@ def test_runner_noise_input_engine(monkeypatch, tmp_path):
     model, _, d = _fake_gpu(monkeypatch, tmp_path, noise="input")
     c = model.cfg
     g = torch.Generator().manual_seed(2)
-    args = (torch.rand(3, c.id_dim, generator=g), torch.randn(1, c.id_map_channels, 7, 7, generator=g),
-            torch.rand(3, c.mouth_dim, generator=g), torch.rand(3, c.pose_dim, generator=g))
+    args = (
+        torch.rand(3, c.id_dim, generator=g),
+        torch.randn(1, c.id_map_channels, 7, 7, generator=g),
+        torch.rand(3, c.mouth_dim, generator=g),
+        torch.rand(3, c.pose_dim, generator=g),
+    )
     runner = TensorRTRunner(d, device="cpu", cuda_graphs=False)
     with pytest.raises(EngineError, match="noises.npz missing"):
         runner.generate(*args, noise="stored")
     gen = model.generator
-    np.savez(d / "noises.npz", **{f"noise_{i}": getattr(gen.noises, f"noise_{i}").numpy()
-                                  for i in range(c.num_noises)})
+    np.savez(d / "noises.npz", **{f"noise_{i}": getattr(gen.noises, f"noise_{i}").numpy() for i in range(c.num_noises)})
     ref = TorchRunner(model, form="static")
     outs = {}
     for noise in ("stored", "zero"):

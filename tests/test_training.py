@@ -32,15 +32,48 @@ SHARED = Path(os.environ.get("RT_ENGINE_SHARED", ROOT.parent / "shared"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 # A CI-sized model: the 'tiny' preset narrowed further (112x112 output).
-CI_MODEL = ("{gen_channels: [16, 16, 16, 8, 8], id_map_channels: 16, id_width: 16, fan_width: 16, fan_feature: 32, "
-            "audio_width: 8, audio_feature: 32, mouth_dim: 32}")
+CI_MODEL = (
+    "{gen_channels: [16, 16, 16, 8, 8], id_map_channels: 16, id_width: 16, fan_width: 16, fan_feature: 32, "
+    "audio_width: 8, audio_feature: 32, mouth_dim: 32}"
+)
 
 
 def ci_args(data: Path, out: Path, stage: str, steps: int, *extra: str) -> list[str]:
-    return ["--stage", stage, "--data", str(data), "--out", str(out), "--steps", str(steps), "--preset", "tiny",
-            "--model", CI_MODEL, "--batch-size", "2", "--num-negatives", "1", "--min-shift", "3",
-            "--d-channels", "8", "--d-layers", "2", "--threads", "1", "--log-every", "1", "--sample-every", "1000",
-            "--ckpt-every", "1000", "--seed", "3", *extra]
+    return [
+        "--stage",
+        stage,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--preset",
+        "tiny",
+        "--model",
+        CI_MODEL,
+        "--batch-size",
+        "2",
+        "--num-negatives",
+        "1",
+        "--min-shift",
+        "3",
+        "--d-channels",
+        "8",
+        "--d-layers",
+        "2",
+        "--threads",
+        "1",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "1000",
+        "--ckpt-every",
+        "1000",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------ synthetic data
@@ -75,8 +108,16 @@ def make_synthetic_cache(root: Path, n_clips: int = 2, seconds: float = 2.4) -> 
         d.mkdir(parents=True)
         write_frames(d / "frames.mp4", frames)
         np.save(d / "mel.npy", mel)
-        meta = {"id": cid, "identity": f"person{c}", "n_frames": n_frames, "n_usable": n_frames - 4, "has_audio": True,
-                "video": "synthetic", "audio": None, "crop": "synthetic"}
+        meta = {
+            "id": cid,
+            "identity": f"person{c}",
+            "n_frames": n_frames,
+            "n_usable": n_frames - 4,
+            "has_audio": True,
+            "video": "synthetic",
+            "audio": None,
+            "crop": "synthetic",
+        }
         (d / "meta.json").write_text(json.dumps(meta))
         clips.append(meta)
     (root / "index.json").write_text(json.dumps({"fps": fps, "clips": clips}))
@@ -124,7 +165,7 @@ def test_centered_crop_stays_centred(w, h):
         assert (x0 + x1) / 2 == w / 2 and (y0 + y1) / 2 == h / 2
         assert abs((x1 - x0) - scale * w) <= 1.5
     img = np.zeros((h, w, 3), np.uint8)
-    img[h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2] = 255
+    img[h // 2 - 2 : h // 2 + 2, w // 2 - 2 : w // 2 + 2] = 255
     out = augment.centered_crop(img, np.random.default_rng(0), 0.6)
     ys, xs = np.nonzero(out[:, :, 0] > 100)
     assert out.shape == img.shape and abs(ys.mean() - (h - 1) / 2) < 1.5 and abs(xs.mean() - (w - 1) / 2) < 1.5
@@ -262,8 +303,23 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     runs = tmp_path / "runs"
     assert main(ci_args(cache, runs / "id", "identity", 2)) == 0
     assert main(ci_args(cache, runs / "content", "content", 2, "--init", str(runs / "id/last.pt"))) == 0
-    assert main(ci_args(cache, runs / "joint", "joint", 2, "--init", str(runs / "content/last.pt"),
-                        "--sample-every", "2", "--bf16", "true")) == 0  # bf16 autocast path
+    assert (
+        main(
+            ci_args(
+                cache,
+                runs / "joint",
+                "joint",
+                2,
+                "--init",
+                str(runs / "content/last.pt"),
+                "--sample-every",
+                "2",
+                "--bf16",
+                "true",
+            )
+        )
+        == 0
+    )  # bf16 autocast path
     for stage, key in (("id", "id"), ("content", "content"), ("joint", "l1")):
         recs = stats(runs / stage)
         assert len(recs) == 2 and all(np.isfinite(r["loss"]) and key in r for r in recs)
@@ -287,7 +343,11 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     assert drift < 0.05  # one Adam step from the released weights, not a fresh initialisation
     tuned_file = release(runs / "tune/last.pt", tmp_path / "t.safetensors", half=True, command="pytest")
     assert [s["stage"] for s in read_single_meta(tuned_file)["provenance"]["stages"]] == [
-        "identity", "content", "joint", "joint"]
+        "identity",
+        "content",
+        "joint",
+        "joint",
+    ]
     # the bundled model is re-exported in place: the init file now already holds the tune run;
     # exporting again must not count that run twice (the checkpoint kept the history it started from)
     release(runs / "tune/last.pt", model_file, half=True, command="pytest")
@@ -306,10 +366,30 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
 
     sf.write(tmp_path / "a.wav", wav, 16000)
     cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
-    r = subprocess.run([sys.executable, "-m", "rt_engine.render", "--identity", str(tmp_path / "id.png"),
-                        "--audio", str(tmp_path / "a.wav"), "--checkpoint", str(model_file), "--aligned",
-                        "--save-raw", str(tmp_path / "o.npz"), "--threads", "1", "-q"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rt_engine.render",
+            "--identity",
+            str(tmp_path / "id.png"),
+            "--audio",
+            str(tmp_path / "a.wav"),
+            "--checkpoint",
+            str(model_file),
+            "--aligned",
+            "--save-raw",
+            str(tmp_path / "o.npz"),
+            "--threads",
+            "1",
+            "-q",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     frames = np.load(tmp_path / "o.npz")["frames"]
     assert frames.shape[1:] == (3, 112, 112) and len(frames) >= 5 and np.isfinite(frames).all()
@@ -319,8 +399,25 @@ def test_losses_fall_on_one_batch(cache, tmp_path):
     from training.train import main
 
     out = tmp_path / "overfit"
-    assert main(ci_args(cache, out, "joint", 24, "--overfit-one-batch", "true", "--lr", "2e-3", "--w-gan", "0.1",
-                        "--w-fm", "0.1")) == 0
+    assert (
+        main(
+            ci_args(
+                cache,
+                out,
+                "joint",
+                24,
+                "--overfit-one-batch",
+                "true",
+                "--lr",
+                "2e-3",
+                "--w-gan",
+                "0.1",
+                "--w-fm",
+                "0.1",
+            )
+        )
+        == 0
+    )
     recs = stats(out)
     assert all(np.isfinite(v) for r in recs for k, v in r.items() if k != "time")
     first = np.mean([r["l1"] for r in recs[:3]])
@@ -398,23 +495,42 @@ def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path, caplog):
     for d in (data / "clips").iterdir():  # a label the audio can predict: loudness around each frame
         mel = np.load(d / "mel.npy")
         n = json.loads((d / "meta.json").read_text())["n_frames"]
-        lab = np.array([mel[4 * i:4 * i + 4].mean() if 4 * i + 4 <= len(mel) else np.nan for i in range(n)],
-                       np.float32)
+        lab = np.array(
+            [mel[4 * i : 4 * i + 4].mean() if 4 * i + 4 <= len(mel) else np.nan for i in range(n)], np.float32
+        )
         lab[3] = np.nan
         np.save(d / "mouth.npy", lab)
     store = ClipStore(data)
     z = store.clips[0].opening
     assert np.isnan(z[3]) and abs(np.nanmean(z)) < 1e-5 and abs(np.nanstd(z) - 1) < 1e-3
     out = tmp_path / "open"
-    assert main(ci_args(data, out, "content", 30, "--w-open", "1", "--lr", "2e-3",
-                        "--overfit-one-batch", "true")) == 0
+    assert main(ci_args(data, out, "content", 30, "--w-open", "1", "--lr", "2e-3", "--overfit-one-batch", "true")) == 0
     recs = stats(out)
     first, last = np.mean([r["open"] for r in recs[:3]]), np.mean([r["open"] for r in recs[-3:]])
     assert last < 0.5 * first, (first, last)
     # joint: the image head learns the opening on real targets and judges the generated frames
     out2 = tmp_path / "open_img"
-    assert main(ci_args(data, out2, "joint", 12, "--w-open", "1", "--w-open-img", "1", "--lr", "2e-3",
-                        "--overfit-one-batch", "true", "--open-img-warmup", "30")) == 0
+    assert (
+        main(
+            ci_args(
+                data,
+                out2,
+                "joint",
+                12,
+                "--w-open",
+                "1",
+                "--w-open-img",
+                "1",
+                "--lr",
+                "2e-3",
+                "--overfit-one-batch",
+                "true",
+                "--open-img-warmup",
+                "30",
+            )
+        )
+        == 0
+    )
     recs = stats(out2)
     assert all(np.isfinite(r["open_real"]) and np.isfinite(r["open_fake"]) for r in recs)
     assert "image mouth-opening head: 30 warm-up steps" in caplog.text
@@ -440,12 +556,21 @@ def test_sync_loss_trains_the_generator_and_keeps_the_expert_frozen(cache, tmp_p
     assert all(np.isfinite(r["sync"]) and r["sync"] > 0 for r in ra)
     assert ra[2]["sync"] == rb[2]["sync"] and ra[2]["loss"] == rb[2]["loss"]
     ck = torch.load(a / "last.pt", weights_only=False)
-    start = {**{f"visual.{k[len('pose_encoder.model.'):]}": v for k, v in init["model"].items()
-                if k.startswith("pose_encoder.model.")},
-             **{f"audio.{k[len('audio_encoder.'):]}": v for k, v in init["model"].items()
-                if k.startswith("audio_encoder.")},
-             **{f"head.{k[len('visual_content.'):]}": v for k, v in init["heads"].items()
-                if k.startswith("visual_content.")}}
+    start = {
+        **{
+            f"visual.{k[len('pose_encoder.model.') :]}": v
+            for k, v in init["model"].items()
+            if k.startswith("pose_encoder.model.")
+        },
+        **{
+            f"audio.{k[len('audio_encoder.') :]}": v for k, v in init["model"].items() if k.startswith("audio_encoder.")
+        },
+        **{
+            f"head.{k[len('visual_content.') :]}": v
+            for k, v in init["heads"].items()
+            if k.startswith("visual_content.")
+        },
+    }
     assert ck["expert"].keys() == start.keys()
     assert all(torch.equal(ck["expert"][k], start[k]) for k in start)  # the judge never learnt
     gen = [k for k in init["model"] if k.startswith("generator.") and k.endswith("weight")]
@@ -489,8 +614,12 @@ def test_sync_eval_decodes_only_the_clips_it_scores(cache, tmp_path, monkeypatch
     real_decode = training.data.decode_frames
     monkeypatch.setattr(training.data, "decode_frames", lambda p: decoded.append(p.parent.name) or real_decode(p))
     out = tmp_path / "sync.json"
-    assert sync_eval.main([str(tmp_path / "content/last.pt"), "--data", str(cache), "--clips", "1",
-                           "--every", "4", "--out", str(out)]) == 0
+    assert (
+        sync_eval.main(
+            [str(tmp_path / "content/last.pt"), "--data", str(cache), "--clips", "1", "--every", "4", "--out", str(out)]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert decoded == list(res["clips"]) and len(decoded) == 1
     (row,) = res["clips"].values()
@@ -499,8 +628,17 @@ def test_sync_eval_decodes_only_the_clips_it_scores(cache, tmp_path, monkeypatch
 
 def test_ddp_two_processes_gloo(cache, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.train", *ci_args(cache, out, "content", 2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.train",
+        *ci_args(cache, out, "content", 2),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 ranks in sync" in r.stdout + r.stderr
@@ -559,8 +697,11 @@ def test_video_only_samples_borrow_speech_and_carry_no_opening_label(mixed_cache
             seen.add(bool(b["speech"][s]))
             if not b["speech"][s]:  # the mel window is some speech clip's, at some usable frame
                 win = b["mel"][s].numpy()
-                assert any(np.array_equal(win, audio_in.mel_window(m, f)) for k, m in speech_mels.items()
-                           for f in store.clips[k].valid)
+                assert any(
+                    np.array_equal(win, audio_in.mel_window(m, f))
+                    for k, m in speech_mels.items()
+                    for f in store.clips[k].valid
+                )
     assert seen == {True, False}
     with pytest.raises(InputError, match="video_only_frac"):
         Batcher(ClipStore(mixed_cache), 2, 1, 3, seed=1, negatives=False, video_only_frac=0.5)  # none silent
@@ -572,8 +713,9 @@ def test_video_only_mouth_is_not_judged(mixed_cache, tmp_path):
     from rt_engine.config import mouth_box
     from training.train import Trainer
 
-    args = ci_args(mixed_cache, tmp_path / "v", "joint", 1, "--video-only-frac", "0.5", "--w-content", "0",
-                   "--w-mouth", "2")
+    args = ci_args(
+        mixed_cache, tmp_path / "v", "joint", 1, "--video-only-frac", "0.5", "--w-content", "0", "--w-mouth", "2"
+    )
     tr = Trainer(resolve(args))
     tr._set_modes()
     b = tr.batcher.batch(0)
@@ -604,8 +746,10 @@ def test_joint_run_with_video_only_clips(mixed_cache, tmp_path):
     from training.train import main
 
     out = tmp_path / "mixed"
-    assert main(ci_args(mixed_cache, out, "joint", 4, "--video-only-frac", "0.5", "--w-content", "0",
-                        "--w-mouth", "2")) == 0
+    assert (
+        main(ci_args(mixed_cache, out, "joint", 4, "--video-only-frac", "0.5", "--w-content", "0", "--w-mouth", "2"))
+        == 0
+    )
     recs = stats(out)
     assert len(recs) == 4 and all(np.isfinite(v) for r in recs for v in r.values())
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -683,8 +827,10 @@ def test_a_new_look_changes_a_whole_sample_alike(cache):
             def net(f):
                 return to_tensor(mirror._net(f)[None])[0]
 
-            t_plain, t_flip = torch.equal(b["target"][s], net(frames[i])), torch.equal(b["target"][s],
-                                                                                     net(frames[i][:, ::-1]))
+            t_plain, t_flip = (
+                torch.equal(b["target"][s], net(frames[i])),
+                torch.equal(b["target"][s], net(frames[i][:, ::-1])),
+            )
             assert t_plain != t_flip  # the target is the frame or its mirror
             r_flip = [j for j in store.clips[c].valid if torch.equal(b["ref"][s], net(frames[j][:, ::-1]))]
             r_plain = [j for j in store.clips[c].valid if torch.equal(b["ref"][s], net(frames[j]))]
@@ -707,8 +853,18 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     runs = tmp_path / "runs"
     assert main(ci_args(cache, runs / "joint", "joint", 1)) == 0
     warp_model = CI_MODEL[:-1] + ", generator: warp, warp_feat: 8, warp_motion: 8, warp_dec: [8, 8, 8]}"
-    args = ci_args(cache, runs / "warp", "joint", 3, "--init", str(runs / "joint/last.pt"), "--freeze-encoders",
-                   "true", "--lr", "1e-3")
+    args = ci_args(
+        cache,
+        runs / "warp",
+        "joint",
+        3,
+        "--init",
+        str(runs / "joint/last.pt"),
+        "--freeze-encoders",
+        "true",
+        "--lr",
+        "1e-3",
+    )
     args[args.index("--model") + 1] = warp_model
     assert main(args) == 0
     init = torch.load(runs / "joint/last.pt", map_location="cpu", weights_only=False)["model"]
@@ -717,18 +873,41 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     assert enc and all(torch.equal(init[k], got[k]) for k in enc)  # taken over, then frozen
     assert not any(k.startswith("identity_encoder.conv1x1") for k in got)
     fresh = PCAVS(load_single(release(runs / "warp/last.pt", tmp_path / "w.safetensors", command="pytest")).cfg)
-    moved = [k for k, v in fresh.generator.state_dict().items() if k.startswith("decoder")
-             and not torch.equal(v, got["generator." + k])]
+    moved = [
+        k
+        for k, v in fresh.generator.state_dict().items()
+        if k.startswith("decoder") and not torch.equal(v, got["generator." + k])
+    ]
     assert moved  # the generator trained
     wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
     import soundfile as sf
 
     sf.write(tmp_path / "a.wav", wav, 16000)
     cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
-    r = subprocess.run([sys.executable, "-m", "rt_engine.render", "--identity", str(tmp_path / "id.png"),
-                        "--audio", str(tmp_path / "a.wav"), "--checkpoint", str(tmp_path / "w.safetensors"),
-                        "--aligned", "--save-raw", str(tmp_path / "o.npz"), "--threads", "1", "-q"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rt_engine.render",
+            "--identity",
+            str(tmp_path / "id.png"),
+            "--audio",
+            str(tmp_path / "a.wav"),
+            "--checkpoint",
+            str(tmp_path / "w.safetensors"),
+            "--aligned",
+            "--save-raw",
+            str(tmp_path / "o.npz"),
+            "--threads",
+            "1",
+            "-q",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     frames = np.load(tmp_path / "o.npz")["frames"]
     assert frames.shape[1:] == (3, 112, 112) and np.isfinite(frames).all()

@@ -18,8 +18,16 @@ from rt_engine.models.warp import warp
 
 
 def warp_config(**kw) -> ModelConfig:
-    return dataclasses.replace(model_preset("tiny"), name="tiny-warp", generator="warp", warp_feat=8,
-                               warp_motion=16, warp_dec=(16, 8, 8), pose_mouth_mask=True, **kw).validate()
+    return dataclasses.replace(
+        model_preset("tiny"),
+        name="tiny-warp",
+        generator="warp",
+        warp_feat=8,
+        warp_motion=16,
+        warp_dec=(16, 8, 8),
+        pose_mouth_mask=True,
+        **kw,
+    ).validate()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +55,9 @@ def test_config_shapes_and_validation():
     with pytest.raises(ConfigError, match="generator"):
         dataclasses.replace(cfg, generator="gan").validate()
     with pytest.raises(ConfigError, match="divisible by 16"):
-        dataclasses.replace(model_preset("official"), generator="warp", size=56, start=7,
-                            gen_channels=(8, 8, 8, 8)).validate()
+        dataclasses.replace(
+            model_preset("official"), generator="warp", size=56, start=7, gen_channels=(8, 8, 8, 8)
+        ).validate()
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -61,7 +70,7 @@ def test_fresh_model_returns_the_photo():
     # zero flow, blend 0.98 of the warped photo away from the mouth: within a few grey levels there
     y0, y1, x0, x1 = mouth_box(224)
     away = torch.ones(1, 1, 224, 224, dtype=torch.bool)
-    away[..., y0 - 16:y1 + 16, x0 - 16:x1 + 16] = False
+    away[..., y0 - 16 : y1 + 16, x0 - 16 : x1 + 16] = False
     assert (out - img).abs().masked_select(away).mean().item() < 0.03
     # over the mouth box the drawn image is blended in evenly: the mouth is the generator's to learn
     mask = {}
@@ -106,9 +115,16 @@ def test_mouth_code_reaches_the_image(model):
     assert (a - b).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name,precision,min_psnr", [("torch-fast", "fp32", 80.0), ("onnxruntime", "fp32", 80.0),
-                                                     ("openvino", "fp32", 60.0), ("torch-fast", "bf16", 35.0),
-                                                     ("openvino", "bf16", 35.0)])
+@pytest.mark.parametrize(
+    "name,precision,min_psnr",
+    [
+        ("torch-fast", "fp32", 80.0),
+        ("onnxruntime", "fp32", 80.0),
+        ("openvino", "fp32", 60.0),
+        ("torch-fast", "bf16", 35.0),
+        ("openvino", "bf16", 35.0),
+    ],
+)
 def test_backends_match_reference(model, name, precision, min_psnr, onnx_cache):
     if name not in available_backends():
         pytest.skip(f"backend {name} not available here")
@@ -124,8 +140,8 @@ def test_backends_match_reference(model, name, precision, min_psnr, onnx_cache):
     pose = runner.encode_pose(torch.cat([probe.pose_img, -probe.pose_img, probe.pose_img.flip(-1)]))
     batch = runner.generate(id0, id1, mouth, pose)
     for i in range(3):
-        one = runner.generate(id0, id1, mouth[i:i + 1], pose[i:i + 1])
-        assert psnr(batch[i:i + 1], one) > min_psnr
+        one = runner.generate(id0, id1, mouth[i : i + 1], pose[i : i + 1])
+        assert psnr(batch[i : i + 1], one) > min_psnr
 
 
 def test_onnx_graph_has_grid_sample_and_dynamic_batch(model, tmp_path):
@@ -139,8 +155,10 @@ def test_onnx_graph_has_grid_sample_and_dynamic_batch(model, tmp_path):
     assert dims[0].dim_param  # symbolic batch axis
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
-                    reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None,
+    reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)",
+)
 def test_tensorrt_rtx_builds_warp_graphs(model, tmp_path):
     """GridSample, DepthToSpace and SpaceToDepth parse and build in TensorRT (the RTX builder is the
     CPU stand-in; engines run only on a GPU), fp16 with the dynamic batch profile."""

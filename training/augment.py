@@ -74,8 +74,9 @@ def perspective_matrix(w: int, h: int, margin: float, shift: float) -> np.ndarra
     return cv2.getPerspectiveTransform(src, dst)
 
 
-def perspective(img: np.ndarray, rng: np.random.Generator, max_margin: float = 0.1,
-                max_shift: float = 0.06) -> np.ndarray:
+def perspective(
+    img: np.ndarray, rng: np.random.Generator, max_margin: float = 0.1, max_shift: float = 0.06
+) -> np.ndarray:
     """Random perspective change: margin in [0, max_margin]*W, shift in [-max_shift, max_shift]*W."""
     h, w = img.shape[:2]
     margin = rng.uniform(0, max_margin) * w
@@ -102,9 +103,14 @@ def centered_crop(img: np.ndarray, rng: np.random.Generator, min_scale: float = 
     return cv2.resize(np.ascontiguousarray(img[y0:y1, x0:x1]), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def augment_nonidentity(img: np.ndarray, rng: np.random.Generator, color_strength: float = 0.2,
-                        persp_margin: float = 0.1, persp_shift: float = 0.06,
-                        crop_min: float = 0.85) -> np.ndarray:
+def augment_nonidentity(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    color_strength: float = 0.2,
+    persp_margin: float = 0.1,
+    persp_shift: float = 0.06,
+    crop_min: float = 0.85,
+) -> np.ndarray:
     """The full non-identity augmentation: colour -> perspective -> centred crop. [H,W,3] u8"""
     out = color_transfer(img, rng, color_strength)
     out = perspective(out, rng, persp_margin, persp_shift)

@@ -50,8 +50,11 @@ class TrainConfig:
     lr_d: float = opt(1e-4, "Adam learning rate of the discriminator")
     beta1: float = opt(0.5, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
-    ema: float = opt(0.0, "keep a moving average of the weights with this decay per step (e.g. 0.999; 0: off); "
-                          "training.release ships the average, steadier than GAN weights")
+    ema: float = opt(
+        0.0,
+        "keep a moving average of the weights with this decay per step (e.g. 0.999; 0: off); "
+        "training.release ships the average, steadier than GAN weights",
+    )
     seed: int = opt(0, "seed: the batches and noise of step k depend only on seed, k and rank")
     bf16: bool = opt(False, "bf16 autocast for the forward passes")
     threads: int = opt(0, "torch threads (0: torch's own choice)")
@@ -59,8 +62,11 @@ class TrainConfig:
     # contrastive speech-content space
     num_negatives: int = opt(4, "InfoNCE negatives per sample (other clips + time shifts of the same clip)")
     min_shift: int = opt(5, "same-clip negatives lie at least this many frames away")
-    same_clip_negatives: float = opt(0.5, "share of the negatives taken from the positive's own clip (time "
-                                          "shifts: only these force lip content; other clips differ by voice and face)")
+    same_clip_negatives: float = opt(
+        0.5,
+        "share of the negatives taken from the positive's own clip (time "
+        "shifts: only these force lip content; other clips differ by voice and face)",
+    )
     temperature: float = opt(0.07, "InfoNCE softmax temperature on cosine similarities")
     # loss weights of the joint stage (paper: all 1)
     w_gan: float = opt(1.0, "weight of the GAN loss (hinge)")
@@ -71,18 +77,31 @@ class TrainConfig:
     gan_start: int = opt(0, "GAN and feature-matching losses, and D updates, start at this step (L1 warm-up)")
     w_content: float = opt(1.0, "weight of the audio-visual content InfoNCE")
     w_open: float = opt(0.0, "audio content -> mouth opening regression (labels: python -m training.mouth_labels)")
-    w_open_img: float = opt(0.0, "the generated frame's mouth opening, judged by a head that learns it on real "
-                                 "targets in the same step (frozen for the generated frame), against the label")
-    open_img_warmup: int = opt(0, "before step 0 of a fresh run, train the w_open_img head alone for this many "
-                                  "steps (batch 32 of real frames)")
-    w_sync: float = opt(0.0, "lip-sync loss: InfoNCE of the generated frame's content against its audio, scored "
-                             "by a frozen copy of the content encoders from --init (Wav2Lip-style expert)")
+    w_open_img: float = opt(
+        0.0,
+        "the generated frame's mouth opening, judged by a head that learns it on real "
+        "targets in the same step (frozen for the generated frame), against the label",
+    )
+    open_img_warmup: int = opt(
+        0, "before step 0 of a fresh run, train the w_open_img head alone for this many steps (batch 32 of real frames)"
+    )
+    w_sync: float = opt(
+        0.0,
+        "lip-sync loss: InfoNCE of the generated frame's content against its audio, scored "
+        "by a frozen copy of the content encoders from --init (Wav2Lip-style expert)",
+    )
     w_id: float = opt(1.0, "weight of the identity classification loss")
-    freeze_encoders: bool = opt(False, "joint: train the generator (and the warp variant's appearance encoder) "
-                                       "and the heads only; V, E and A keep their weights and run without "
-                                       "backward (about half the step)")
-    video_only_frac: float = opt(0.0, "joint: this share of each batch from video-only clips (more faces; their "
-                                      "mouth is not judged). Cache: preprocess --keep-silent")
+    freeze_encoders: bool = opt(
+        False,
+        "joint: train the generator (and the warp variant's appearance encoder) "
+        "and the heads only; V, E and A keep their weights and run without "
+        "backward (about half the step)",
+    )
+    video_only_frac: float = opt(
+        0.0,
+        "joint: this share of each batch from video-only clips (more faces; their "
+        "mouth is not judged). Cache: preprocess --keep-silent",
+    )
     vgg_weights: str = opt("", "ImageNet VGG19 state_dict, path or URL ('': the VGG loss is off, with a warning)")
     d_scales: int = opt(2, "multi-scale discriminator: number of image scales")
     d_channels: int = opt(64, "discriminator channels of the first layer")
@@ -92,8 +111,11 @@ class TrainConfig:
     persp_margin: float = opt(0.1, "pose-branch augmentation: source points up to this fraction outside the image")
     persp_shift: float = opt(0.06, "pose-branch augmentation: target points moved along x by up to this fraction")
     crop_min: float = opt(0.85, "pose-branch augmentation: a centred random crop keeps at least this share")
-    look_p: float = opt(0.0, "joint: this share of samples gets a new look (mirrored and/or recoloured; target, "
-                             "reference and pose frame alike), so few identities look like more")
+    look_p: float = opt(
+        0.0,
+        "joint: this share of samples gets a new look (mirrored and/or recoloured; target, "
+        "reference and pose frame alike), so few identities look like more",
+    )
     look_strength: float = opt(0.3, "per-channel gain/bias range of a new look")
     # bookkeeping
     log_every: int = opt(10, "log the losses every this many steps")
@@ -129,15 +151,19 @@ class TrainConfig:
         if self.min_shift < 1:
             raise ConfigError(f"min_shift must be >= 1, got {self.min_shift}")
         if self.stage == "joint" and self.w_sync > 0 and not self.init.endswith(".pt"):
-            raise ConfigError("w_sync needs --init of a .pt checkpoint from a content (or joint) run: the "
-                              "lip-sync expert is its trained content space; without one it would judge at random")
+            raise ConfigError(
+                "w_sync needs --init of a .pt checkpoint from a content (or joint) run: the "
+                "lip-sync expert is its trained content space; without one it would judge at random"
+            )
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.video_only_frac < 1.0:
             raise ConfigError(f"video_only_frac must be in [0, 1), got {self.video_only_frac}")
         if self.video_only_frac > 0 and (self.stage != "joint" or self.w_content > 0 or self.w_sync > 0):
-            raise ConfigError("video_only_frac is for the joint stage with w_content 0 and w_sync 0: "
-                              "video-only samples have no speech for the contrastive losses")
+            raise ConfigError(
+                "video_only_frac is for the joint stage with w_content 0 and w_sync 0: "
+                "video-only samples have no speech for the contrastive losses"
+            )
         if not 0.0 <= self.same_clip_negatives <= 1.0:
             raise ConfigError(f"same_clip_negatives must be in [0, 1], got {self.same_clip_negatives}")
         if self.temperature <= 0:
@@ -179,12 +205,17 @@ def _bool(s: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     # the parser's own defaults stay None (a flag given overrides the yaml files); --help shows the
     # dataclass default
-    ap.add_argument("--config", action="append", default=[],
-                    help="yaml file of TrainConfig fields; repeat to layer several (later ones win)")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="yaml file of TrainConfig fields; repeat to layer several (later ones win)",
+    )
     for f in dataclasses.fields(TrainConfig):
         kind = type(f.default) if f.default is not dataclasses.MISSING else dict
         shown = f.default if f.default is not dataclasses.MISSING else {}
@@ -229,10 +260,16 @@ def git_revision() -> str:
     """Commit of the working tree, with '+dirty' when it has local changes ('unknown' outside git)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (rev or "unknown") + ("+dirty" if dirty else "")

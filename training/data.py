@@ -112,13 +112,24 @@ def read_index(root: str | Path) -> list[dict]:
 class ClipStore:
     """All clips of a cache in memory, filtered by holdout and by what the stage needs."""
 
-    def __init__(self, root: str | Path, holdout: set[str] | None = None, need_audio: bool = True,
-                 max_clips: int | None = None, only_ids: set[str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        holdout: set[str] | None = None,
+        need_audio: bool = True,
+        max_clips: int | None = None,
+        only_ids: set[str] | None = None,
+    ):
         self.root = Path(root)
         entries = read_index(self.root)
         holdout = holdout or set()
-        kept = [e for e in entries if e["identity"] not in holdout and (e["has_audio"] or not need_audio)
-                and (only_ids is None or e["id"] in only_ids)]
+        kept = [
+            e
+            for e in entries
+            if e["identity"] not in holdout
+            and (e["has_audio"] or not need_audio)
+            and (only_ids is None or e["id"] in only_ids)
+        ]
         if max_clips is not None:
             kept = kept[:max_clips]
         if not kept:
@@ -138,8 +149,18 @@ class ClipStore:
                 log.warning("clip %s: fewer than 2 usable frames, left out", e["id"])
                 continue
             raw = load_opening(d / "mouth.npy", len(frames))
-            self.clips.append(Clip(e["id"], e["identity"], self.identities.index(e["identity"]), frames, mel,
-                                   valid, z_score_opening(raw), raw))
+            self.clips.append(
+                Clip(
+                    e["id"],
+                    e["identity"],
+                    self.identities.index(e["identity"]),
+                    frames,
+                    mel,
+                    valid,
+                    z_score_opening(raw),
+                    raw,
+                )
+            )
         if not self.clips:
             raise InputError(f"{self.root}: every clip is too short")
         # sample clips in proportion to their usable frames
@@ -151,8 +172,13 @@ class ClipStore:
             w = np.where(speech == kind, sizes, 0.0)
             if w.sum() > 0:
                 self.pool_p[kind] = w / w.sum()
-        log.info("data: %d clips, %d identities, %d frames (holdout %d identities)", len(self.clips),
-                 len(self.identities), int(sizes.sum()), len(holdout))
+        log.info(
+            "data: %d clips, %d identities, %d frames (holdout %d identities)",
+            len(self.clips),
+            len(self.identities),
+            int(sizes.sum()),
+            len(holdout),
+        )
 
     @property
     def has_opening(self) -> bool:
@@ -172,8 +198,15 @@ class ClipStore:
         return c, int(rng.choice(self.clips[c].valid))
 
 
-def sample_negatives(rng: np.random.Generator, valid: list[np.ndarray], clip: int, frame: int, n: int,
-                     min_shift: int, same_frac: float = 0.5) -> list[tuple[int, int]]:
+def sample_negatives(
+    rng: np.random.Generator,
+    valid: list[np.ndarray],
+    clip: int,
+    frame: int,
+    n: int,
+    min_shift: int,
+    same_frac: float = 0.5,
+) -> list[tuple[int, int]]:
     """N negatives for the positive (clip, frame): a fraction ``same_frac`` from the same clip at
     least ``min_shift`` frames away (negative m is one when floor((m+1)*same_frac) > floor(m*same_frac):
     0.5 gives every second one), the rest from other clips. Falls back to the other kind when one
@@ -206,14 +239,27 @@ class AugmentParams:
 class Batcher:
     """Makes the batch of a given step; a pure function of (seed, step, rank)."""
 
-    def __init__(self, store: ClipStore, batch_size: int, num_negatives: int, min_shift: int, seed: int,
-                 rank: int = 0, aug: AugmentParams | None = None, negatives: bool = True,
-                 same_frac: float = 0.5, video_only_frac: float = 0.0, look_p: float = 0.0,
-                 look_strength: float = 0.3):
+    def __init__(
+        self,
+        store: ClipStore,
+        batch_size: int,
+        num_negatives: int,
+        min_shift: int,
+        seed: int,
+        rank: int = 0,
+        aug: AugmentParams | None = None,
+        negatives: bool = True,
+        same_frac: float = 0.5,
+        video_only_frac: float = 0.0,
+        look_p: float = 0.0,
+        look_strength: float = 0.3,
+    ):
         self.store = store
         if video_only_frac > 0 and (negatives or False not in store.pool_p or True not in store.pool_p):
-            raise InputError("video_only_frac needs clips with and without speech, and no negatives "
-                             "(video-only samples have no speech to contrast)")
+            raise InputError(
+                "video_only_frac needs clips with and without speech, and no negatives "
+                "(video-only samples have no speech to contrast)"
+            )
         self.video_only_frac = video_only_frac
         self.look_p = look_p  # share of samples given a new Look (mirror / recolour, all frames alike)
         self.look_strength = look_strength
@@ -232,8 +278,7 @@ class Batcher:
 
     def _aug(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         a = self.aug
-        return official_crop(augment_nonidentity(img, rng, a.color_strength, a.persp_margin, a.persp_shift,
-                                                 a.crop_min))
+        return official_crop(augment_nonidentity(img, rng, a.color_strength, a.persp_margin, a.persp_shift, a.crop_min))
 
     def batch(self, step: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
@@ -266,13 +311,17 @@ class Batcher:
                 k, f = self.store.draw(rng, speech=True)
                 mel.append(audio_in.mel_window(clips[k].mel, f))
             if self.negatives and clip.mel is not None:
-                for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift,
-                                             self.same_frac):
+                for k, f in sample_negatives(rng, self._valid, c, i, self.n_neg, self.min_shift, self.same_frac):
                     neg_mel.append(audio_in.mel_window(clips[k].mel, f))
                     neg_aug.append(self._aug(clips[k].frames[f], rng))
-        out = {"target": to_tensor(np.stack(tgt)), "ref": to_tensor(np.stack(ref)), "aug": to_tensor(np.stack(aug)),
-               "label": torch.tensor(lab, dtype=torch.long), "pos": torch.tensor(pos, dtype=torch.long),
-               "speech": torch.tensor(speech, dtype=torch.bool)}  # [B] the mel is this frame's audio
+        out = {
+            "target": to_tensor(np.stack(tgt)),
+            "ref": to_tensor(np.stack(ref)),
+            "aug": to_tensor(np.stack(aug)),
+            "label": torch.tensor(lab, dtype=torch.long),
+            "pos": torch.tensor(pos, dtype=torch.long),
+            "speech": torch.tensor(speech, dtype=torch.bool),
+        }  # [B] the mel is this frame's audio
         if self.store.has_opening:
             out["opening"] = torch.tensor(opening, dtype=torch.float32)  # [B] z-scored, NaN = no label
             out["opening_raw"] = torch.tensor(opening_raw, dtype=torch.float32)  # [B] as measured

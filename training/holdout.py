@@ -45,8 +45,9 @@ def write_holdout_folder(table: str | Path, out: str | Path, holdout: str | Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.holdout", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m training.holdout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("table", help="data table, e.g. ../shared/data/train.csv")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--holdout", default=str(HOLDOUT))

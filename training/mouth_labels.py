@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="folder written by python -m training.preprocess")
     ap.add_argument("--force", action="store_true", help="recompute clips that already have labels")
-    ap.add_argument("--all", action="store_true",
-                    help="label video-only clips too (training needs labels of the clips with speech only)")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="label video-only clips too (training needs labels of the clips with speech only)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from rt_engine.inputs.landmarks import FaceAnalyzer

@@ -34,14 +34,23 @@ class Heads(nn.Module):
         super().__init__()
         self.id_classifier = nn.Linear(cfg.id_dim, max(1, num_identities))  # id_feature0 -> identity logits
         # non-identity feature -> speech content space (same width as the audio content feature)
-        self.visual_content = nn.Sequential(nn.Linear(cfg.fan_feature, cfg.fan_feature), nn.ReLU(),
-                                            nn.Linear(cfg.fan_feature, cfg.audio_feature))
+        self.visual_content = nn.Sequential(
+            nn.Linear(cfg.fan_feature, cfg.fan_feature), nn.ReLU(), nn.Linear(cfg.fan_feature, cfg.audio_feature)
+        )
         # audio content -> mouth opening (z-scored within the clip); the w_open auxiliary
         self.audio_opening = nn.Sequential(nn.Linear(cfg.audio_feature, 64), nn.ReLU(), nn.Linear(64, 1))
         # mouth box of an image -> mouth opening: learns on real targets, judges generated frames (w_open_img)
         self.image_opening = nn.Sequential(
-            nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1))
+            nn.Conv2d(3, 16, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 1),
+        )
 
 
 # ------------------------------------------------------------------------------------ contrastive
@@ -128,8 +137,9 @@ class MultiScaleDiscriminator(nn.Module):
 
 
 def d_hinge_loss(real: list[list[Tensor]], fake: list[list[Tensor]]) -> Tensor:
-    return sum(F.relu(1 - r[-1].float()).mean() + F.relu(1 + f[-1].float()).mean()
-               for r, f in zip(real, fake, strict=True)) / len(real)
+    return sum(
+        F.relu(1 - r[-1].float()).mean() + F.relu(1 + f[-1].float()).mean() for r, f in zip(real, fake, strict=True)
+    ) / len(real)
 
 
 def g_hinge_loss(fake: list[list[Tensor]]) -> Tensor:
@@ -146,8 +156,7 @@ def feature_matching_loss(real: list[list[Tensor]], fake: list[list[Tensor]]) ->
 
 
 # ------------------------------------------------------------------------------------ VGG19
-VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-                512, 512, 512, 512, "M")
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 VGG_SLICES = (2, 7, 12, 21, 30)  # after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (features index + 1)
 VGG_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 
@@ -183,8 +192,10 @@ def load_vgg19(source: str) -> VGG19 | None:
     """VGG19 with ImageNet weights from a file path or an http(s) URL; None (and a warning that the
     perceptual loss is off) when ``source`` is empty or unusable."""
     if not source:
-        log.warning("VGG perceptual loss DISABLED: no ImageNet VGG19 weights given (--vgg-weights PATH|URL, "
-                    "e.g. torchvision's vgg19-dcbb9e9d.pth)")
+        log.warning(
+            "VGG perceptual loss DISABLED: no ImageNet VGG19 weights given (--vgg-weights PATH|URL, "
+            "e.g. torchvision's vgg19-dcbb9e9d.pth)"
+        )
         return None
     try:
         if source.startswith(("http://", "https://")):
@@ -200,8 +211,9 @@ def load_vgg19(source: str) -> VGG19 | None:
         if missing:
             raise KeyError(f"missing VGG19 keys, e.g. {missing[0]}")
     except Exception as e:  # any failure leaves the loss off, loudly
-        log.warning("VGG perceptual loss DISABLED: cannot load VGG19 weights from %s (%s: %s)", source,
-                    type(e).__name__, e)
+        log.warning(
+            "VGG perceptual loss DISABLED: cannot load VGG19 weights from %s (%s: %s)", source, type(e).__name__, e
+        )
         return None
     for p in vgg.parameters():
         p.requires_grad_(False)

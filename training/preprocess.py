@@ -82,8 +82,11 @@ def index_csv(path: str | Path, keep_silent: bool = False) -> tuple[list[Source]
             audio: str | None = None
             m = re.search(r"wav at (\S+?\.wav)", notes)
             if m:  # separate, aligned speech file: path is relative to the source repository root
-                rel = row["file"][: len(row["file"]) - len(row["path_in_repo"])] if row.get("path_in_repo") and \
-                    row["file"].endswith(row["path_in_repo"]) else str(Path(row["file"]).parent) + "/"
+                rel = (
+                    row["file"][: len(row["file"]) - len(row["path_in_repo"])]
+                    if row.get("path_in_repo") and row["file"].endswith(row["path_in_repo"])
+                    else str(Path(row["file"]).parent) + "/"
+                )
                 cand = [base / rel / m.group(1), base / rel / Path(m.group(1)).with_suffix(".flac")]
                 hit = next((c for c in cand if c.is_file()), None)
                 if hit is None:
@@ -95,21 +98,28 @@ def index_csv(path: str | Path, keep_silent: bool = False) -> tuple[list[Source]
                 skipped.append({"id": row["id"], "video": str(video), "reason": "no usable speech audio (per notes)"})
                 continue
             ident = row.get("identity_label") or row["id"]
-            out.append(Source(_safe(f"{row['id']}_{Path(row['file']).stem}"), str(video), audio, ident,
-                              want_audio=not no_speech))
+            out.append(
+                Source(
+                    _safe(f"{row['id']}_{Path(row['file']).stem}"), str(video), audio, ident, want_audio=not no_speech
+                )
+            )
     return out, skipped
 
 
 def index_voxceleb2(root: str | Path) -> list[Source]:
     r = Path(root)
-    return [Source(_safe(f"{v.parent.parent.name}_{v.parent.name}_{v.stem}"), str(v), None, v.parent.parent.name)
-            for v in sorted(r.glob("*/*/*.mp4"))]
+    return [
+        Source(_safe(f"{v.parent.parent.name}_{v.parent.name}_{v.stem}"), str(v), None, v.parent.parent.name)
+        for v in sorted(r.glob("*/*/*.mp4"))
+    ]
 
 
 def index_lrw(root: str | Path) -> list[Source]:
     r = Path(root)
-    return [Source(_safe(f"{v.parent.parent.name}_{v.parent.name}_{v.stem}"), str(v), None, _safe(f"lrw_{v.stem}"))
-            for v in sorted(r.glob("*/*/*.mp4"))]
+    return [
+        Source(_safe(f"{v.parent.parent.name}_{v.parent.name}_{v.stem}"), str(v), None, _safe(f"lrw_{v.stem}"))
+        for v in sorted(r.glob("*/*/*.mp4"))
+    ]
 
 
 def index_folder(root: str | Path) -> list[Source]:
@@ -198,8 +208,7 @@ def process_clip(src: Source, out_root: str) -> dict:
     write_frames(tmp / "frames.mp4", crops)
     if mel is not None:
         np.save(tmp / "mel.npy", mel.astype(np.float32))
-    meta = {**asdict(src), "n_frames": len(crops), "n_usable": n_usable, "has_audio": mel is not None,
-            "crop": how}
+    meta = {**asdict(src), "n_frames": len(crops), "n_usable": n_usable, "has_audio": mel is not None, "crop": how}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the clip complete
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
@@ -230,8 +239,11 @@ def run(sources: list[Source], out: str | Path, workers: int = 1, pre_skipped: l
     keys = ("id", "identity", "n_frames", "n_usable", "has_audio", "video", "audio", "crop")
     index = {"fps": FPS, "clips": [{k: r.get(k) for k in keys} for r in ok]}
     (out / "index.json").write_text(json.dumps(index, indent=1))
-    report = {"ok": len(ok), "skipped": skipped,
-              "seconds_with_audio": sum(r["n_usable"] for r in ok if r["has_audio"]) / FPS}
+    report = {
+        "ok": len(ok),
+        "skipped": skipped,
+        "seconds_with_audio": sum(r["n_usable"] for r in ok if r["has_audio"]) / FPS,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log.info("%d clips ready (%.1f s with speech), %d skipped", len(ok), report["seconds_with_audio"], len(skipped))
     for s in skipped:
@@ -241,8 +253,9 @@ def run(sources: list[Source], out: str | Path, workers: int = 1, pre_skipped: l
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.preprocess", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m training.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--csv", help="data table (e.g. ../shared/data/train.csv)")
     g.add_argument("--voxceleb2", help="VoxCeleb2 mp4 root: <id>/<video>/<utt>.mp4")
@@ -250,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--folder", help="any folder of videos")
     ap.add_argument("--out", required=True, help="cache folder, e.g. runs/data/train")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--keep-silent", action="store_true",
-                    help="csv: keep video-only clips (identity stage, joint --video-only-frac)")
+    ap.add_argument(
+        "--keep-silent",
+        action="store_true",
+        help="csv: keep video-only clips (identity stage, joint --video-only-frac)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated clip ids to process (debugging)")
     ap.add_argument("--limit", type=int, default=None, help="process at most this many clips")
     args = ap.parse_args(argv)

@@ -59,9 +59,17 @@ def stage_history(ckpt: Path) -> list[dict[str, Any]]:
 
 def _stage_record(p: Path, ck: dict[str, Any]) -> dict[str, Any]:
     c = ck["config"]
-    return {"stage": c["stage"], "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
-            "batch_size": c["batch_size"], "data": c["data"], "holdout": c["holdout"], "run": str(p.parent),
-            "git": ck.get("git", "unknown"), "losses_last_logged": recent_losses(p.parent / "stats.jsonl")}
+    return {
+        "stage": c["stage"],
+        "steps": ck["step"],
+        "train_seconds": round(ck["elapsed"], 1),
+        "batch_size": c["batch_size"],
+        "data": c["data"],
+        "holdout": c["holdout"],
+        "run": str(p.parent),
+        "git": ck.get("git", "unknown"),
+        "losses_last_logged": recent_losses(p.parent / "stats.jsonl"),
+    }
 
 
 def _released_before(stages: list[dict[str, Any]], chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,8 +83,14 @@ def _released_before(stages: list[dict[str, Any]], chain: list[dict[str, Any]]) 
     return stages
 
 
-def release(ckpt: str | Path, out: str | Path, half: bool = True, command: str = "",
-           extra: dict[str, Any] | None = None, raw: bool = False) -> Path:
+def release(
+    ckpt: str | Path,
+    out: str | Path,
+    half: bool = True,
+    command: str = "",
+    extra: dict[str, Any] | None = None,
+    raw: bool = False,
+) -> Path:
     """Write the model of a training checkpoint; its weight average (``--ema``) when it has one,
     unless ``raw``."""
     p = Path(ckpt)
@@ -89,9 +103,16 @@ def release(ckpt: str | Path, out: str | Path, half: bool = True, command: str =
     model.generator.set_form("ref")
     hist = stage_history(p)
     weights = f"moving average, decay {ck['ema_decay']}" if use_ema else "last step"
-    prov = {"trained_by": "training/train.py (rt_engine)", "command": command, "stages": hist,
-            "total_steps": sum(h["steps"] for h in hist), "total_train_seconds": sum(h["train_seconds"] for h in hist),
-            "identities_trained": len(ck.get("identities", [])), "weights": weights, **(extra or {})}
+    prov = {
+        "trained_by": "training/train.py (rt_engine)",
+        "command": command,
+        "stages": hist,
+        "total_steps": sum(h["steps"] for h in hist),
+        "total_train_seconds": sum(h["train_seconds"] for h in hist),
+        "identities_trained": len(ck.get("identities", [])),
+        "weights": weights,
+        **(extra or {}),
+    }
     path = save_single(model.eval(), out, half=half, provenance=prov)
     log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, json.dumps(prov))
     return path
@@ -99,8 +120,9 @@ def release(ckpt: str | Path, out: str | Path, half: bool = True, command: str =
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.release", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m training.release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("checkpoint", help="last.pt of a training run")
     ap.add_argument("out", help="output .safetensors")
     ap.add_argument("--half", action="store_true", help="store fp16 weights")
@@ -109,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    release(args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None,
-           raw=args.raw)
+    release(
+        args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None, raw=args.raw
+    )
     return 0
 
 

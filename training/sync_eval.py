@@ -45,8 +45,9 @@ def load_run(path: str | Path) -> tuple[PCAVS, Heads, dict]:
 
 
 @torch.no_grad()
-def clip_retrieval(model: PCAVS, heads: Heads, frames: np.ndarray, mel: np.ndarray, valid: np.ndarray,
-                   every: int = 2, max_n: int = 100) -> dict[str, float]:
+def clip_retrieval(
+    model: PCAVS, heads: Heads, frames: np.ndarray, mel: np.ndarray, valid: np.ndarray, every: int = 2, max_n: int = 100
+) -> dict[str, float]:
     """frames [N,224,224,3] u8, mel [T,80], valid frame indices -> top-1 / within-one-sample accuracy."""
     idx = valid[::every][:max_n]
     imgs = to_tensor(np.stack([official_crop(frames[i]) for i in idx]))  # [n,3,224,224]
@@ -57,10 +58,14 @@ def clip_retrieval(model: PCAVS, heads: Heads, frames: np.ndarray, mel: np.ndarr
     n = len(idx)
     ar = torch.arange(n)
     v2a, a2v = sim.argmax(1), sim.argmax(0)
-    return {"n": n, "chance_top1": 1.0 / n,
-            "v2a_top1": (v2a == ar).float().mean().item(), "a2v_top1": (a2v == ar).float().mean().item(),
-            "v2a_within1": ((v2a - ar).abs() <= 1).float().mean().item(),
-            "pos_minus_mean_sim": (sim.diag().mean() - sim.mean()).item()}
+    return {
+        "n": n,
+        "chance_top1": 1.0 / n,
+        "v2a_top1": (v2a == ar).float().mean().item(),
+        "a2v_top1": (a2v == ar).float().mean().item(),
+        "v2a_within1": ((v2a - ar).abs() <= 1).float().mean().item(),
+        "pos_minus_mean_sim": (sim.diag().mean() - sim.mean()).item(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model, heads, _ = load_run(args.checkpoint)
     keep = read_holdout(args.holdout) if args.holdout else None
     entries = [e for e in read_index(args.data) if e["has_audio"] and (keep is None or e["identity"] in keep)]
-    longest = {e["id"] for e in sorted(entries, key=lambda e: -e.get("n_usable", 0))[:args.clips]}
+    longest = {e["id"] for e in sorted(entries, key=lambda e: -e.get("n_usable", 0))[: args.clips]}
     store = ClipStore(args.data, None, need_audio=True, only_ids=longest)  # decodes only those
     clips = sorted(store.clips, key=lambda c: -len(c.valid))
     rows = {}
@@ -89,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("mean over %d clips: %s", len(rows), {k: round(v, 3) for k, v in mean.items()})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "mean": mean, "clips": rows},
-                                             indent=1))
+        Path(args.out).write_text(
+            json.dumps({"checkpoint": str(args.checkpoint), "mean": mean, "clips": rows}, indent=1)
+        )
     return 0
 
 

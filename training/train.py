@@ -119,7 +119,7 @@ def sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
     all_reduce_mean([flat], world)
     o = 0
     for g in grads:
-        g.copy_(flat[o:o + g.numel()].view_as(g))
+        g.copy_(flat[o : o + g.numel()].view_as(g))
         o += g.numel()
 
 
@@ -148,20 +148,34 @@ class Trainer:
         need_audio = cfg.stage != "identity"
         self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio and cfg.video_only_frac == 0)
         if (cfg.w_open > 0 or cfg.w_open_img > 0) and not self.store.has_opening:
-            raise ConfigError(f"w_open / w_open_img need mouth-opening labels in {cfg.data}: run "
-                              f"python -m training.mouth_labels {cfg.data}")
+            raise ConfigError(
+                f"w_open / w_open_img need mouth-opening labels in {cfg.data}: run "
+                f"python -m training.mouth_labels {cfg.data}"
+            )
         aug = AugmentParams(cfg.color_strength, cfg.persp_margin, cfg.persp_shift, cfg.crop_min)
-        self.batcher = Batcher(self.store, cfg.batch_size, cfg.num_negatives, cfg.min_shift, cfg.seed, rank, aug,
-                               negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0 or
-                                                         cfg.w_sync > 0),
-                               same_frac=cfg.same_clip_negatives, video_only_frac=cfg.video_only_frac,
-                               look_p=cfg.look_p, look_strength=cfg.look_strength)
+        self.batcher = Batcher(
+            self.store,
+            cfg.batch_size,
+            cfg.num_negatives,
+            cfg.min_shift,
+            cfg.seed,
+            rank,
+            aug,
+            negatives=need_audio and (cfg.stage == "content" or cfg.w_content > 0 or cfg.w_sync > 0),
+            same_frac=cfg.same_clip_negatives,
+            video_only_frac=cfg.video_only_frac,
+            look_p=cfg.look_p,
+            look_strength=cfg.look_strength,
+        )
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = PCAVS(self.mcfg).to(self.device)
         self.model.generator.set_form("static")  # equal maths, dense convs: faster for training batches
         self.heads = Heads(self.mcfg, self.store.num_identities).to(self.device)
-        self.D = (MultiScaleDiscriminator(cfg.d_scales, cfg.d_channels, cfg.d_layers).to(self.device)
-                  if cfg.stage == "joint" else None)
+        self.D = (
+            MultiScaleDiscriminator(cfg.d_scales, cfg.d_channels, cfg.d_layers).to(self.device)
+            if cfg.stage == "joint"
+            else None
+        )
         self.vgg = None
         if cfg.stage == "joint" and cfg.w_vgg > 0:
             vgg = load_vgg19(cfg.vgg_weights)
@@ -177,8 +191,11 @@ class Trainer:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.g_params = self._trainable()
         self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-                      if self.D is not None else None)
+        self.opt_d = (
+            torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+            if self.D is not None
+            else None
+        )
         self.step = 0
         self.elapsed = 0.0  # training wall seconds over all sessions
         self.stop_requested = False
@@ -191,8 +208,11 @@ class Trainer:
         elif stage == "content":
             mods = [m.pose_encoder.model, m.audio_encoder, h.visual_content, h.audio_opening]
         elif self.cfg.freeze_encoders:
-            mods = [m.generator, h] + ([m.identity_encoder.appearance] if hasattr(m.identity_encoder, "appearance")
-                                       else [m.identity_encoder.conv1x1])
+            mods = [m.generator, h] + (
+                [m.identity_encoder.appearance]
+                if hasattr(m.identity_encoder, "appearance")
+                else [m.identity_encoder.conv1x1]
+            )
         else:
             mods = [m, h]
         for p in list(m.parameters()) + list(h.parameters()):
@@ -289,8 +309,9 @@ class Trainer:
             opt.step()
             losses.append(loss.item())
         tail = float(np.mean(losses[-20:]))
-        log.info("image mouth-opening head: %d warm-up steps, loss %.3f -> %.3f", steps,
-                 float(np.mean(losses[:20])), tail)
+        log.info(
+            "image mouth-opening head: %d warm-up steps, loss %.3f -> %.3f", steps, float(np.mean(losses[:20])), tail
+        )
         return tail
 
     def _content_loss(self, noid: Tensor, audio: Tensor, neg_noid: Tensor, neg_a: Tensor) -> Tensor:
@@ -340,8 +361,11 @@ class Trainer:
     def _target(self, b: dict[str, Tensor]) -> Tensor:
         t = b["target"]  # [B,3,224,224]
         s = self.mcfg.size
-        return t if t.shape[-1] == s else F.interpolate(t, size=(s, s), mode="bilinear", antialias=True,
-                                                         align_corners=False)
+        return (
+            t
+            if t.shape[-1] == s
+            else F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        )
 
     def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, float]) -> tuple[Tensor, Tensor]:
         cfg, m = self.cfg, self.model
@@ -456,12 +480,19 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         return {
-            "step": self.step, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
-            "model_config": self.mcfg.to_dict(), "identities": self.store.identities, "git": self.git,
-            "model": self.model.state_dict(), "heads": self.heads.state_dict(),
-            "model_ema": self.ema.state_dict() if self.ema is not None else None, "ema_decay": self.cfg.ema,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "config": self.cfg.to_dict(),
+            "model_config": self.mcfg.to_dict(),
+            "identities": self.store.identities,
+            "git": self.git,
+            "model": self.model.state_dict(),
+            "heads": self.heads.state_dict(),
+            "model_ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_decay": self.cfg.ema,
             "D": self.D.state_dict() if self.D is not None else None,
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "expert": self.expert.state_dict() if self.expert is not None else None,
             "init_stages": self.init_stages,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -480,10 +511,13 @@ class Trainer:
     def resume(self, path: Path) -> None:
         ck = torch.load(path, map_location=self.device, weights_only=False)
         if ck["config"]["stage"] != self.cfg.stage:
-            raise RtEngineError(f"{path}: checkpoint of stage {ck['config']['stage']!r}, this run is "
-                                f"{self.cfg.stage!r}; use another --out")
-        changed = sorted(k for k, v in ck["config"].items() if k not in ("steps", "out") and
-                         self.cfg.to_dict().get(k) != v)
+            raise RtEngineError(
+                f"{path}: checkpoint of stage {ck['config']['stage']!r}, this run is "
+                f"{self.cfg.stage!r}; use another --out"
+            )
+        changed = sorted(
+            k for k, v in ck["config"].items() if k not in ("steps", "out") and self.cfg.to_dict().get(k) != v
+        )
         if changed:
             log.warning("resuming with changed config fields %s: the schedule is no longer the same", changed)
         self.model.load_state_dict(ck["model"])
@@ -495,8 +529,9 @@ class Trainer:
         if unexpected:
             raise RtEngineError(f"{path}: heads this code does not have: {unexpected[:3]}")
         if missing:  # a head added to the code after this checkpoint was written starts fresh
-            log.warning("resume: heads not in the checkpoint start fresh: %s",
-                        sorted({k.split(".")[0] for k in missing}))
+            log.warning(
+                "resume: heads not in the checkpoint start fresh: %s", sorted({k.split(".")[0] for k in missing})
+            )
         if self.D is not None and ck["D"] is not None:
             self.D.load_state_dict(ck["D"])
         if ck.get("init_stages") is not None:
@@ -557,8 +592,9 @@ class Trainer:
         if missing:
             raise RtEngineError(f"{path}: encoder weights missing: {missing[:3]}")
         self.model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in enc.items()}})
-        log.info("%s has another generator: took its encoders, the %s generator starts fresh", path,
-                 self.mcfg.generator)
+        log.info(
+            "%s has another generator: took its encoders, the %s generator starts fresh", path, self.mcfg.generator
+        )
 
     # -------------------------------------------------------------- outputs
     def write_samples(self) -> None:
@@ -573,8 +609,9 @@ class Trainer:
         k = min(4, fake.shape[0])
         ref = F.interpolate(b["ref"][:k], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         rows = [np.concatenate(list(to_uint8(x)), axis=1) for x in (ref, fake[:k], self._target(b)[:k])]
-        grid = np.concatenate([np.concatenate([r[:, i * s:(i + 1) * s] for r in rows], axis=1) for i in range(k)],
-                              axis=0)  # one row per sample: reference | generated | target
+        grid = np.concatenate(
+            [np.concatenate([r[:, i * s : (i + 1) * s] for r in rows], axis=1) for i in range(k)], axis=0
+        )  # one row per sample: reference | generated | target
         d = self.out / "samples"
         d.mkdir(exist_ok=True)
         cv2.imwrite(str(d / f"step_{self.step:07d}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
@@ -620,8 +657,9 @@ class Trainer:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", disable=self.rank != 0,
-                       mininterval=5)
+            bar = tqdm(
+                total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", disable=self.rank != 0, mininterval=5
+            )
             while self.step < cfg.steps and not self.stop_requested:
                 t0 = time.perf_counter()
                 logs = self.train_step(self.step)
@@ -632,8 +670,13 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if stats_f and (self.step % cfg.log_every == 0 or self.step == 1):
-                    rec = {"step": self.step - 1, "time": time.time(), "sec_per_step": dt,
-                           "elapsed": self.elapsed, **logs}
+                    rec = {
+                        "step": self.step - 1,
+                        "time": time.time(),
+                        "sec_per_step": dt,
+                        "elapsed": self.elapsed,
+                        **logs,
+                    }
                     stats_f.write(json.dumps(rec) + "\n")
                     stats_f.flush()
                     bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "loss"}, refresh=False)
@@ -677,8 +720,11 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     cfg = resolve(argv)
     rank, world, device = setup_distributed(cfg)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -687,8 +733,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, rank, world, device)
         logs = trainer.fit()
         if rank == 0:
-            log.info("done: step %d, %.0f s of training, last losses %s", trainer.step, trainer.elapsed,
-                     {k: round(v, 4) for k, v in logs.items()})
+            log.info(
+                "done: step %d, %.0f s of training, last losses %s",
+                trainer.step,
+                trainer.elapsed,
+                {k: round(v, 4) for k, v in logs.items()},
+            )
         return 0
     finally:
         torch.set_num_threads(old_threads)  # main() may run inside another program (tests)

@@ -90,8 +90,13 @@ def _load(checkpoint: str | Path | None, model: PCAVS | None) -> PCAVS:
     return load_checkpoint(checkpoint)
 
 
-def make_backend(name: str, checkpoint: str | Path | None = None, precision: str | None = None,
-                 model: PCAVS | None = None, **options: Any) -> Runner:
+def make_backend(
+    name: str,
+    checkpoint: str | Path | None = None,
+    precision: str | None = None,
+    model: PCAVS | None = None,
+    **options: Any,
+) -> Runner:
     """Build the runner ``name`` for a checkpoint (None: bundled default) or an in-memory ``model``.
 
     ``options`` go to the runner (e.g. ``compile``, ``upsample`` for torch-fast; ``onnx_dir``,
@@ -105,8 +110,9 @@ def make_backend(name: str, checkpoint: str | Path | None = None, precision: str
 
         engine_dir = options.pop("engine_dir", checkpoint)
         if engine_dir is None:
-            raise ConfigError("the tensorrt backend needs engine_dir= (a folder of .engine files from "
-                              "`python -m export trt`)")
+            raise ConfigError(
+                "the tensorrt backend needs engine_dir= (a folder of .engine files from `python -m export trt`)"
+            )
         return TensorRTRunner(engine_dir, **options)
     if name == "torch-cuda":
         from rt_engine.backends.cuda_backend import TorchCudaRunner, require_cuda
@@ -166,15 +172,19 @@ class Probe:
     @classmethod
     def random(cls, seed: int = 0) -> Probe:
         g = torch.Generator().manual_seed(seed)
-        return cls(torch.rand(1, 3, 224, 224, generator=g) * 2 - 1, torch.rand(1, 3, 224, 224, generator=g) * 2 - 1,
-                   torch.rand(1, 1, 80, 20, generator=g))
+        return cls(
+            torch.rand(1, 3, 224, 224, generator=g) * 2 - 1,
+            torch.rand(1, 3, 224, 224, generator=g) * 2 - 1,
+            torch.rand(1, 1, 80, 20, generator=g),
+        )
 
 
 def run_frame(runner: Runner, probe: Probe) -> Tensor:
     """Full pipeline for one frame: identity, pose, audio, generator (stored noise). -> [1,3,H,W]"""
     id0, id1 = runner.encode_identity(probe.id_img)
-    return runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img),
-                           NoiseMode.STORED)
+    return runner.generate(
+        id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img), NoiseMode.STORED
+    )
 
 
 @dataclass
@@ -194,8 +204,11 @@ class Selection:
     candidates: list[Candidate]
 
     def summary(self) -> str:
-        rows = [f"{c.name}: {c.status}, {c.ms_per_frame:.1f} ms/frame, {c.psnr_db:.1f} dB"
-                + (f" ({c.reason})" if c.reason else "") for c in self.candidates]
+        rows = [
+            f"{c.name}: {c.status}, {c.ms_per_frame:.1f} ms/frame, {c.psnr_db:.1f} dB"
+            + (f" ({c.reason})" if c.reason else "")
+            for c in self.candidates
+        ]
         return f"picked {self.name}; " + "; ".join(rows)
 
 
@@ -204,15 +217,20 @@ def _time_frame(runner: Runner, probe: Probe, repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):  # steady-state per-frame work: pose + audio + generator
         t = time.perf_counter()
-        runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img),
-                        NoiseMode.STORED)
+        runner.generate(id0, id1, runner.encode_audio(probe.mel), runner.encode_pose(probe.pose_img), NoiseMode.STORED)
         best = min(best, time.perf_counter() - t)
     return best * 1e3
 
 
-def select_backend(model: PCAVS, candidates: Sequence[str] | None = None, precision: str | None = None,
-                   min_psnr: float = DEFAULT_MIN_PSNR, probe: Probe | None = None, repeats: int = 3,
-                   factories: dict[str, Callable[[], Runner]] | None = None) -> Selection:
+def select_backend(
+    model: PCAVS,
+    candidates: Sequence[str] | None = None,
+    precision: str | None = None,
+    min_psnr: float = DEFAULT_MIN_PSNR,
+    probe: Probe | None = None,
+    repeats: int = 3,
+    factories: dict[str, Callable[[], Runner]] | None = None,
+) -> Selection:
     """Pick a candidate whose probe frame is within ``min_psnr`` dB of the fp32 reference: the first
     listed, unless a later one is faster by more than ``AUTO_MARGIN``.
 
@@ -229,8 +247,11 @@ def select_backend(model: PCAVS, candidates: Sequence[str] | None = None, precis
     results: list[Candidate] = []
     for name in names:
         try:
-            runner = factories[name]() if factories and name in factories else make_backend(
-                name, model=model, precision=precision)
+            runner = (
+                factories[name]()
+                if factories and name in factories
+                else make_backend(name, model=model, precision=precision)
+            )
             out = run_frame(runner, probe)
         except Exception as e:  # any runtime may fail in its own way; auto must go on
             log.warning("auto: backend %s unavailable: %s", name, e)
@@ -238,12 +259,14 @@ def select_backend(model: PCAVS, candidates: Sequence[str] | None = None, precis
             continue
         p = psnr(out, ref)
         if not p >= min_psnr:  # also catches NaN
-            log.warning("auto: backend %s rejected: PSNR %.1f dB < %.1f dB against the fp32 reference", name, p,
-                        min_psnr)
+            log.warning(
+                "auto: backend %s rejected: PSNR %.1f dB < %.1f dB against the fp32 reference", name, p, min_psnr
+            )
             results.append(Candidate(name, "rejected", psnr_db=p, reason=f"PSNR {p:.1f} dB < {min_psnr:.1f} dB"))
             continue
-        results.append(Candidate(name, "ok", psnr_db=p, ms_per_frame=_time_frame(runner, probe, repeats),
-                                 runner=runner))
+        results.append(
+            Candidate(name, "ok", psnr_db=p, ms_per_frame=_time_frame(runner, probe, repeats), runner=runner)
+        )
     ok = [c for c in results if c.status == "ok"]
     if ok:
         # The earliest-listed passing candidate wins unless another is faster by more than
@@ -257,8 +280,9 @@ def select_backend(model: PCAVS, candidates: Sequence[str] | None = None, precis
                 best = c
         sel = Selection(best.runner, best.name, results)
     else:
-        results.append(Candidate("torch", "ok", psnr_db=math.inf, reason="fallback: no candidate passed",
-                                 runner=ref_runner))
+        results.append(
+            Candidate("torch", "ok", psnr_db=math.inf, reason="fallback: no candidate passed", runner=ref_runner)
+        )
         sel = Selection(ref_runner, "torch", results)
     for c in results:
         c.runner = None if c.name != sel.name else c.runner

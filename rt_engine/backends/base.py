@@ -41,8 +41,13 @@ def compare(ref: np.ndarray | Tensor, out: np.ndarray | Tensor, value_range: flo
     mse = float(np.mean(err**2))
     psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
     scale = max(float(np.abs(ref).max()), 1.0)
-    return {"max_abs": float(err.max()), "max_rel": float(err.max()) / scale, "psnr_db": psnr,
-            "ref_max_abs": float(np.abs(ref).max()), "finite": bool(np.isfinite(out).all())}
+    return {
+        "max_abs": float(err.max()),
+        "max_rel": float(err.max()) / scale,
+        "psnr_db": psnr,
+        "ref_max_abs": float(np.abs(ref).max()),
+        "finite": bool(np.isfinite(out).all()),
+    }
 
 
 class Runner(ABC):
@@ -60,11 +65,13 @@ class Runner(ABC):
     def encode_audio(self, mel: Tensor) -> Tensor: ...
 
     @abstractmethod
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                 noise: str = NoiseMode.STORED) -> Tensor: ...
+    def generate(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> Tensor: ...
 
-    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = NoiseMode.STORED) -> np.ndarray:
+    def generate_uint8(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> np.ndarray:
         """Like :meth:`generate`, but the frames come out as [B,H,W,3] uint8 (what a stream sends).
         Backends that can fold the conversion into their model call override this."""
         from rt_engine.inputs.image import to_uint8

@@ -52,8 +52,11 @@ def ensure_graphs(model: PCAVS, out_dir: str | Path | None = None) -> Path:
     d = Path(out_dir) if out_dir else onnx_cache_dir() / key
     try:
         man = read_manifest(d, model.cfg)
-        if man.get("noise") == "input" and man.get("weights_sha256") == weights_sha256(model) and all(
-                s in man.get("graphs", {}) for s in STAGE_NAMES):
+        if (
+            man.get("noise") == "input"
+            and man.get("weights_sha256") == weights_sha256(model)
+            and all(s in man.get("graphs", {}) for s in STAGE_NAMES)
+        ):
             return d
     except Exception as e:  # ExportError / missing: (re-)export below
         log.debug("no usable export in %s (%s)", d, e)
@@ -96,16 +99,16 @@ class _OnnxRunnerBase(Runner):
     def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = self.style(id0, mouth, pose)  # [B,S]
         b = style.shape[0]
-        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)),
-                 **self._noise_feeds(b, noise)}
+        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)), **self._noise_feeds(b, noise)}
         return torch.from_numpy(self._run("generator", feeds)[0])
 
 
 class OnnxRuntimeRunner(_OnnxRunnerBase):
     """ONNX Runtime, CPU execution provider, fp32, all graph optimisations."""
 
-    def __init__(self, model: PCAVS, precision: str = "fp32", onnx_dir: str | Path | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, model: PCAVS, precision: str = "fp32", onnx_dir: str | Path | None = None, threads: int | None = None
+    ):
         if precision not in ("fp32", "auto"):
             raise ValueError(f"onnxruntime runs fp32 on the CPU; precision {precision!r} is not available")
         super().__init__(model, onnx_dir, threads)
@@ -120,8 +123,9 @@ class OnnxRuntimeRunner(_OnnxRunnerBase):
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._sessions[stage] = ort.InferenceSession(str(self.dir / f"{stage}.onnx"), so,
-                                                         providers=["CPUExecutionProvider"])
+            self._sessions[stage] = ort.InferenceSession(
+                str(self.dir / f"{stage}.onnx"), so, providers=["CPUExecutionProvider"]
+            )
         return self._sessions[stage]
 
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -132,8 +136,9 @@ class OpenVINORunner(_OnnxRunnerBase):
     """OpenVINO CPU plugin; ``precision`` bf16 sets ``INFERENCE_PRECISION_HINT`` (native on AMX /
     AVX512-BF16 CPUs), fp32 forces f32, auto lets the plugin use bf16 only where it is native."""
 
-    def __init__(self, model: PCAVS, precision: str = "auto", onnx_dir: str | Path | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, model: PCAVS, precision: str = "auto", onnx_dir: str | Path | None = None, threads: int | None = None
+    ):
         from rt_engine.backends.torch_backend import resolve_precision
 
         super().__init__(model, onnx_dir, threads)
@@ -148,14 +153,14 @@ class OpenVINORunner(_OnnxRunnerBase):
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, plugin runs {self.effective_precision}, model '{self.cfg.name}')"
 
-    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = NoiseMode.STORED) -> np.ndarray:
+    def generate_uint8(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> np.ndarray:
         """The generator graph with the [-1,1] -> uint8 NHWC conversion compiled into it (an OpenVINO
         post-processing step: scale, clamp, truncate, convert, transpose) -> [B,H,W,3] uint8."""
         style = self.style(id0, mouth, pose)  # [B,S]
         b = style.shape[0]
-        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)),
-                 **self._noise_feeds(b, noise)}
+        feeds = {"style": self._np(style), "id_map": self._np(id1.expand(b, -1, -1, -1)), **self._noise_feeds(b, noise)}
         req = self._compiled("generator", feeds, uint8=True)
         res = req.infer(feeds)
         return np.array(res[req.model_outputs[0]], dtype=np.uint8, copy=True)
@@ -191,9 +196,12 @@ class OpenVINORunner(_OnnxRunnerBase):
                 m.reshape({name: ov.PartialShape([ov.Dimension(-1), *arr.shape[1:]]) for name, arr in feeds.items()})
             if uint8:
                 m = self._uint8_output(m)
-            cfg = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.threads),
-                   "NUM_STREAMS": "1"}
+            cfg = {
+                "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": str(self.threads),
+                "NUM_STREAMS": "1",
+            }
             compiled = self._core.compile_model(m, "CPU", cfg)
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
             self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)

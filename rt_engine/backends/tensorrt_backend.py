@@ -66,10 +66,25 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise EngineError(f"{side}: unreadable sidecar ({e})") from None
     if s.get("format") != ENGINE_FORMAT:
-        raise EngineError(f"{side}: sidecar format {s.get('format')!r}, this rt_engine reads {ENGINE_FORMAT!r}; "
-                          "rebuild the engines")
-    missing = [k for k in ("runtime", "trt_version", "stage", "precision", "targets", "profiles", "inputs",
-                           "outputs", "model_config", "source_onnx_sha256") if k not in s]
+        raise EngineError(
+            f"{side}: sidecar format {s.get('format')!r}, this rt_engine reads {ENGINE_FORMAT!r}; rebuild the engines"
+        )
+    missing = [
+        k
+        for k in (
+            "runtime",
+            "trt_version",
+            "stage",
+            "precision",
+            "targets",
+            "profiles",
+            "inputs",
+            "outputs",
+            "model_config",
+            "source_onnx_sha256",
+        )
+        if k not in s
+    ]
     if missing:
         raise EngineError(f"{side}: sidecar lacks {missing}")
     return s
@@ -80,9 +95,16 @@ def sm_name(capability: tuple[int, int]) -> str:
     return f"SM{capability[0]}{capability[1]}"
 
 
-def check_sidecar(side: dict[str, Any], *, runtime: str, trt_version: str,
-                  capability: tuple[int, int] | None, cfg: ModelConfig | None = None,
-                  stage: str | None = None, where: str = "engine") -> None:
+def check_sidecar(
+    side: dict[str, Any],
+    *,
+    runtime: str,
+    trt_version: str,
+    capability: tuple[int, int] | None,
+    cfg: ModelConfig | None = None,
+    stage: str | None = None,
+    where: str = "engine",
+) -> None:
     """Raise :class:`EngineError` if an engine described by ``side`` cannot run here.
 
     ``runtime``/``trt_version``: the imported TensorRT flavour and version (TensorRT engines are
@@ -92,20 +114,25 @@ def check_sidecar(side: dict[str, Any], *, runtime: str, trt_version: str,
     if side["runtime"] != runtime:
         raise EngineError(f"{where}: built with {side['runtime']}, but this process uses {runtime}")
     if side["trt_version"] != trt_version:
-        raise EngineError(f"{where}: built with {side['runtime']} {side['trt_version']}, this process has "
-                          f"{trt_version}; engines are tied to the TensorRT version that built them, rebuild "
-                          "with `python -m export trt`")
+        raise EngineError(
+            f"{where}: built with {side['runtime']} {side['trt_version']}, this process has "
+            f"{trt_version}; engines are tied to the TensorRT version that built them, rebuild "
+            "with `python -m export trt`"
+        )
     if capability is not None:
         sm = sm_name(capability)
         targets = side["targets"]
         if sm not in targets:
-            raise EngineError(f"{where}: built for GPU architecture {'/'.join(targets)} "
-                              f"({side.get('device') or 'no device'}), this GPU is {sm}; rebuild on this GPU")
+            raise EngineError(
+                f"{where}: built for GPU architecture {'/'.join(targets)} "
+                f"({side.get('device') or 'no device'}), this GPU is {sm}; rebuild on this GPU"
+            )
     if stage is not None and side["stage"] != stage:
         raise EngineError(f"{where}: is the '{side['stage']}' engine, expected '{stage}'")
     if cfg is not None and ModelConfig.from_dict(side["model_config"]) != cfg:
-        raise EngineError(f"{where}: built for model config '{side['model_config'].get('name')}', the runner "
-                          f"expects '{cfg.name}'")
+        raise EngineError(
+            f"{where}: built for model config '{side['model_config'].get('name')}', the runner expects '{cfg.name}'"
+        )
 
 
 def import_trt(runtime: str = "tensorrt"):
@@ -146,8 +173,13 @@ class _Binding:
     warm: bool = False
 
 
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int32": torch.int32, "int64": torch.int64}
+_TORCH_DTYPE = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
 
 
 @dataclass
@@ -250,8 +282,9 @@ class TrtStage:
         """Capture the (already warmed-up) launch of this bucket in a CUDA graph."""
         capturable = getattr(bd.context, "is_stream_capturable", None)
         if capturable is not None and not capturable(self.stream.cuda_stream):
-            log.info("%s bucket %d: TensorRT says the stream is not capturable; launching directly",
-                     self.name, bd.batch)
+            log.info(
+                "%s bucket %d: TensorRT says the stream is not capturable; launching directly", self.name, bd.batch
+            )
             self.use_graphs = False
             return
         g = torch.cuda.CUDAGraph()
@@ -279,8 +312,15 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, engine_dir: str | Path, cfg: ModelConfig | None = None, device: str = "cuda:0",
-                 runtime: str = "tensorrt", cuda_graphs: bool = True, stages: Sequence[str] = STAGES):
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        cfg: ModelConfig | None = None,
+        device: str = "cuda:0",
+        runtime: str = "tensorrt",
+        cuda_graphs: bool = True,
+        stages: Sequence[str] = STAGES,
+    ):
         self.dir = Path(engine_dir)
         if not self.dir.is_dir():
             raise EngineError(f"engine directory not found: {self.dir}")
@@ -302,14 +342,23 @@ class TensorRTRunner(Runner):
         self.noise_mode = main.get("noise", NoiseMode.STORED.value)
         self.cuda_graphs = cuda_graphs
         if not torch.cuda.is_available():
-            raise EngineError("the TensorRT runner needs an NVIDIA GPU with a working driver; none is visible "
-                              "(use the torch or onnx backend on this machine)")
+            raise EngineError(
+                "the TensorRT runner needs an NVIDIA GPU with a working driver; none is visible "
+                "(use the torch or onnx backend on this machine)"
+            )
         self.device = torch.device(device)
         self.trt = import_trt(runtime)
         cap = torch.cuda.get_device_capability(self.device)
         for stage, s in self.sides.items():  # every check before TensorRT reads a byte of an engine
-            check_sidecar(s, runtime=runtime, trt_version=self.trt.__version__, capability=cap, cfg=self.cfg,
-                          stage=stage, where=str(self.dir / f"{stage}.engine"))
+            check_sidecar(
+                s,
+                runtime=runtime,
+                trt_version=self.trt.__version__,
+                capability=cap,
+                cfg=self.cfg,
+                stage=stage,
+                where=str(self.dir / f"{stage}.engine"),
+            )
         self.stream = torch.cuda.Stream(device=self.device)
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._rt = None
@@ -329,8 +378,9 @@ class TensorRTRunner(Runner):
             engine = self._rt.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise EngineError(f"{path}: TensorRT could not deserialize the engine (see its log above)")
-            st = self._stages[name] = TrtStage(name, path, self.sides[name], engine, self.stream, self.device,
-                                               self.cuda_graphs, self.trt)
+            st = self._stages[name] = TrtStage(
+                name, path, self.sides[name], engine, self.stream, self.device, self.cuda_graphs, self.trt
+            )
             log.info("loaded %s (%s, max batch %d)", path.name, self.sides[name]["precision"], st.max_batch)
         return st
 
@@ -354,8 +404,9 @@ class TensorRTRunner(Runner):
         """[B,1,80,20] (device) -> [B,500] (device)."""
         return torch.cat([self.stage("audio").run({"mel": mel[s]})["mouth"].clone() for s in self._chunks(len(mel))])
 
-    def generate_device(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                        noise: str = NoiseMode.STORED) -> Tensor:
+    def generate_device(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> Tensor:
         """Device tensors: id0 [B|1,2048], id1 [B|1,C,7,7], mouth [B,500], pose [B,12] -> [B,3,H,W] (device)."""
         style = self.style(id0, mouth, pose)  # [B,S]
         b = style.shape[0]
@@ -371,8 +422,10 @@ class TensorRTRunner(Runner):
         """Noise inputs of a generator engine exported with ``--noise input`` (none otherwise)."""
         if self.noise_mode != "input":
             if noise != self.noise_mode:
-                raise EngineError(f"generator engine has noise '{self.noise_mode}' built in; noise={noise!r} needs "
-                                  "an export with `--noise input`")
+                raise EngineError(
+                    f"generator engine has noise '{self.noise_mode}' built in; noise={noise!r} needs "
+                    "an export with `--noise input`"
+                )
             return {}
         noise = noise_mode(noise, error=EngineError)
         feeds = {}
@@ -394,8 +447,10 @@ class TensorRTRunner(Runner):
         if self._noises is None:
             p = self.dir / "noises.npz"
             if not p.is_file():
-                raise EngineError(f"{p} missing: noise='stored' with a noise-input generator engine needs the "
-                                  "noise maps written by `python -m export onnx --noise input`")
+                raise EngineError(
+                    f"{p} missing: noise='stored' with a noise-input generator engine needs the "
+                    "noise maps written by `python -m export onnx --noise input`"
+                )
             import numpy as np
 
             with np.load(p) as z:

@@ -29,8 +29,14 @@ FAST_PRECISIONS = ("fp32", "bf16", "auto")
 
 
 class TorchRunner(Runner):
-    def __init__(self, model: PCAVS, precision: str = "fp32", form: str | None = None,
-                 channels_last: bool | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        model: PCAVS,
+        precision: str = "fp32",
+        form: str | None = None,
+        channels_last: bool | None = None,
+        device: str = "cpu",
+    ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model = model.eval().to(device)
@@ -83,8 +89,9 @@ class TorchRunner(Runner):
             out = self.model.generate(style, self._in(id1), noise, form=self.form)
         return self._out(out)
 
-    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = NoiseMode.STORED) -> np.ndarray:  # -> [B,H,W,3] u8
+    def generate_uint8(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> np.ndarray:  # -> [B,H,W,3] u8
         return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place
 
 
@@ -116,8 +123,14 @@ class FastTorchRunner(Runner):
     the first call per batch size compiles (tens of seconds at the official size).
     """
 
-    def __init__(self, model: PCAVS, precision: str = "auto", compile: bool = False, upsample: str = "auto",
-                 channels_last: bool = True):
+    def __init__(
+        self,
+        model: PCAVS,
+        precision: str = "auto",
+        compile: bool = False,
+        upsample: str = "auto",
+        channels_last: bool = True,
+    ):
         from rt_engine.models.fast_generator import FastGenerator
 
         self.precision = resolve_precision(precision)
@@ -221,6 +234,7 @@ class FastTorchRunner(Runner):
             raise ValueError(f"id1 batch {id_map.shape[0]} does not match the frame batch {b}")
         return self._out(self._gen(base.expand(b, -1), var, id_map, noise))
 
-    def generate_uint8(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor,
-                       noise: str = NoiseMode.STORED) -> np.ndarray:  # -> [B,H,W,3] u8
+    def generate_uint8(
+        self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED
+    ) -> np.ndarray:  # -> [B,H,W,3] u8
         return to_uint8(self.generate(id0, id1, mouth, pose, noise), inplace=True)  # a fresh tensor: scaled in place

@@ -163,7 +163,7 @@ def mel_basis() -> np.ndarray:
         lower = -ramps[i] / fdiff[i]
         upper = ramps[i + 2] / fdiff[i + 1]
         w[i] = np.maximum(0, np.minimum(lower, upper))
-    w *= (2.0 / (mel_f[2:N_MELS + 2] - mel_f[:N_MELS]))[:, None]
+    w *= (2.0 / (mel_f[2 : N_MELS + 2] - mel_f[:N_MELS]))[:, None]
     w.setflags(write=False)
     return w
 
@@ -198,11 +198,10 @@ def log_mel(x: np.ndarray) -> np.ndarray:
     """Whole-clip normalised log-mel of an already normalised signal. [N] -> [T,80] f32"""
     x = np.asarray(x, dtype=np.float32)
     t = num_mel_rows(x.size)
-    xp = np.concatenate([np.zeros(LEFT_PAD, np.float64), x.astype(np.float64),
-                         np.zeros(t * HOP + N_FFT, np.float64)])
+    xp = np.concatenate([np.zeros(LEFT_PAD, np.float64), x.astype(np.float64), np.zeros(t * HOP + N_FFT, np.float64)])
     out = np.empty((t, N_MELS), np.float32)
     for m in range(t):
-        out[m] = frame_to_mel(xp[m * HOP: m * HOP + N_FFT])
+        out[m] = frame_to_mel(xp[m * HOP : m * HOP + N_FFT])
     return out
 
 
@@ -221,13 +220,12 @@ def mel_window(mel: np.ndarray, i: int) -> np.ndarray:
     s = MEL_ROWS_PER_FRAME * (i - FIRST_FRAME)
     if s < 0 or s + MEL_WINDOW > mel.shape[0]:
         raise IndexError(f"frame {i} needs mel rows [{s},{s + MEL_WINDOW}) of {mel.shape[0]}")
-    return np.ascontiguousarray(mel[s:s + MEL_WINDOW].T[None])
+    return np.ascontiguousarray(mel[s : s + MEL_WINDOW].T[None])
 
 
 def mel_windows(mel: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """[T,80], [F] -> [F,1,80,20] f32"""
-    return np.stack([mel_window(mel, int(i)) for i in frames]) if len(frames) else np.zeros((0, 1, 80, 20),
-                                                                                          np.float32)
+    return np.stack([mel_window(mel, int(i)) for i in frames]) if len(frames) else np.zeros((0, 1, 80, 20), np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -298,13 +296,13 @@ class StreamingMel:
         if limit is not None:
             n = min(n, limit - self._next_row)
         for m in range(max(0, n)):
-            row = frame_to_mel(self._buf[m * HOP: m * HOP + N_FFT])
+            row = frame_to_mel(self._buf[m * HOP : m * HOP + N_FFT])
             if self.outputs != "windows":
                 self._rows.append(row)
             if self.outputs != "rows":
                 self._all_rows.append(row)
         if n > 0:
-            self._buf = self._buf[n * HOP:]
+            self._buf = self._buf[n * HOP :]
             self._next_row += n
 
     @property
@@ -347,15 +345,14 @@ class StreamingMel:
         wins = []
         for i in idx:
             s = MEL_ROWS_PER_FRAME * (int(i) - FIRST_FRAME) - self._rows_dropped
-            wins.append(np.stack(self._all_rows[s:s + MEL_WINDOW]).T[None])
+            wins.append(np.stack(self._all_rows[s : s + MEL_WINDOW]).T[None])
         self._next_frame += k
         # keep only the rows a future window can still use
         keep_from = MEL_ROWS_PER_FRAME * (self._next_frame - FIRST_FRAME) - self._rows_dropped
         if keep_from > 0:
             del self._all_rows[:keep_from]
             self._rows_dropped += keep_from
-        return idx, (np.stack(wins).astype(np.float32) if wins else np.zeros((0, 1, N_MELS, MEL_WINDOW),
-                                                                              np.float32))
+        return idx, (np.stack(wins).astype(np.float32) if wins else np.zeros((0, 1, N_MELS, MEL_WINDOW), np.float32))
 
 
 def audio_features(path_or_wav: str | Path | np.ndarray, sr: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:

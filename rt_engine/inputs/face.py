@@ -38,7 +38,13 @@ log = logging.getLogger(__name__)
 # mouth corners (image-left first).
 KEYPOINT_INDICES: tuple[int, ...] = (33, 133, 362, 263, 1, 61, 291)
 KEYPOINT_NAMES: tuple[str, ...] = (
-    "eye_r_outer", "eye_r_inner", "eye_l_inner", "eye_l_outer", "nose_tip", "mouth_r", "mouth_l",
+    "eye_r_outer",
+    "eye_r_inner",
+    "eye_l_inner",
+    "eye_l_outer",
+    "nose_tip",
+    "mouth_r",
+    "mouth_l",
 )
 
 # Mean (x, y) pixel positions of KEYPOINT_INDICES in 224x224 aligned VoxCeleb2 crops.
@@ -64,8 +70,44 @@ TEMPLATE_224 = np.array(
 TEMPLATE_SIZE = 224
 
 # Mesh indices used to derive a dlib-style face box from the mesh (face oval + brows + chin).
-_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-         152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+_OVAL = (
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
+)
 
 
 @dataclass
@@ -91,8 +133,7 @@ class FaceBox:
     def mesh_box(self) -> tuple[float, float, float, float]:
         """Tight box around the face oval of the mesh (forehead top to chin), (x0, y0, x1, y1)."""
         pts = self.landmarks[list(_OVAL)]
-        return (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()),
-                float(pts[:, 1].max()))
+        return (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
 
 
 def fit_scale_translation(src: np.ndarray, dst: np.ndarray) -> tuple[float, float, float]:
@@ -179,12 +220,17 @@ class FaceCropper:
             ) from e
         with _quiet_native_stderr():  # mediapipe's C++ start-up chatter would bury our one-line errors
             self._det_full = mp.solutions.face_detection.FaceDetection(
-                model_selection=1, min_detection_confidence=self.min_confidence)
+                model_selection=1, min_detection_confidence=self.min_confidence
+            )
             self._det_short = mp.solutions.face_detection.FaceDetection(
-                model_selection=0, min_detection_confidence=self.min_confidence)
+                model_selection=0, min_detection_confidence=self.min_confidence
+            )
             self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-                min_detection_confidence=self.min_confidence)
+                static_image_mode=True,
+                max_num_faces=1,
+                refine_landmarks=False,
+                min_detection_confidence=self.min_confidence,
+            )
             warm = np.zeros((64, 64, 3), np.uint8)  # first inference logs too
             for g in (self._det_full, self._det_short, self._mesh):
                 g.process(warm)
@@ -271,8 +317,7 @@ class FaceCropper:
             f = s * 1.5
             src = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
             m[:, :2] /= f
-        return cv2.warpAffine(src, m, (self.size, self.size), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REPLICATE)
+        return cv2.warpAffine(src, m, (self.size, self.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     # ---------------------------------------------------------------- public API
     def crop_image(self, img_rgb_u8: np.ndarray, name: str = "image") -> np.ndarray:
@@ -283,9 +328,7 @@ class FaceCropper:
             raise NoFaceError(f"no face found in {name}")
         return self.warp(img, self.transform_for(face))
 
-    def iter_crop_video(
-        self, frames_rgb_u8: Iterable[np.ndarray], name: str = "video"
-    ) -> Iterator[np.ndarray]:
+    def iter_crop_video(self, frames_rgb_u8: Iterable[np.ndarray], name: str = "video") -> Iterator[np.ndarray]:
         """Streaming form of :meth:`crop_video`: yields [size,size,3] crops with a bounded delay."""
         sigma = self.smoothing
         half = int(math.ceil(2.5 * sigma)) if sigma > 0 else 0
@@ -304,7 +347,7 @@ class FaceCropper:
                 med = window.copy()
                 med[1:-1] = np.median(np.stack([window[:-2], window[1:-1], window[2:]]), axis=0)
                 window = med
-            wts = weights[lo - t + half:hi - t + half]
+            wts = weights[lo - t + half : hi - t + half]
             return (window * wts[:, None]).sum(0) / wts.sum()
 
         for k, frame in enumerate(frames_rgb_u8):
@@ -350,8 +393,9 @@ def alignment_error(face: FaceBox, size: int = 224) -> tuple[float, float]:
     return abs(math.log(max(s, 1e-6))), math.hypot(tx, ty)
 
 
-def looks_aligned(img_rgb_u8: np.ndarray, cropper: FaceCropper, max_log_scale: float = 0.12,
-                  max_shift: float = 12.0) -> bool:
+def looks_aligned(
+    img_rgb_u8: np.ndarray, cropper: FaceCropper, max_log_scale: float = 0.12, max_shift: float = 12.0
+) -> bool:
     """True for a 224x224 image whose face already sits at the template framing (``cropper`` detects it).
 
     The bounds (12% scale, 12 px shift) cover the spread of the aligned VoxCeleb2 demo crops

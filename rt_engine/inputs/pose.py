@@ -121,8 +121,7 @@ def idle_transforms(n: int, seed: int = 0, fps: float = FPS) -> np.ndarray:
         periods = rng.uniform(2.3, 9.0, size=3)
         phases = rng.uniform(0, 2 * np.pi, size=3)
         w = np.array([0.6, 0.3, 0.1])
-        out[:, j] = a * sum(wk * np.sin(2 * np.pi * t / pk + ph) for wk, pk, ph in zip(w, periods, phases,
-                                                                                       strict=True))
+        out[:, j] = a * sum(wk * np.sin(2 * np.pi * t / pk + ph) for wk, pk, ph in zip(w, periods, phases, strict=True))
     out[:, 3] += 1.0
     return out
 
@@ -143,5 +142,4 @@ def interpolate_codes(key_codes: np.ndarray, n: int, key_fps: float = IDLE_KEY_F
     """Linear interpolation of key-frame pose codes [K,D] to n frames at ``fps``. -> [n,D]"""
     tk = np.arange(key_codes.shape[0]) / key_fps
     t = np.arange(n) / fps
-    return np.stack([np.interp(t, tk, key_codes[:, d]) for d in range(key_codes.shape[1])], axis=1).astype(
-        np.float32)
+    return np.stack([np.interp(t, tk, key_codes[:, d]) for d in range(key_codes.shape[1])], axis=1).astype(np.float32)

@@ -17,8 +17,9 @@ from rt_engine.config import ModelConfig
 class SELayer(nn.Module):
     def __init__(self, c: int, reduction: int = 8):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(c, c // reduction), nn.ReLU(inplace=True),
-                                nn.Linear(c // reduction, c), nn.Sigmoid())
+        self.fc = nn.Sequential(
+            nn.Linear(c, c // reduction), nn.ReLU(inplace=True), nn.Linear(c // reduction, c), nn.Sigmoid()
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # [B,C,F,T]
         return x * self.fc(x.mean(dim=(2, 3)))[:, :, None, None]
@@ -32,8 +33,11 @@ class SEBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.se = SELayer(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                         nn.BatchNorm2d(cout)) if (stride != 1 or cin != cout) else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            if (stride != 1 or cin != cout)
+            else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(F.relu(self.conv1(x)))
@@ -50,14 +54,14 @@ class ResNetSE(nn.Module):
         cin = width
         for li, n in enumerate(layers):
             cout = width * 2**li
-            blocks = [SEBasicBlock(cin if b == 0 else cout, cout, 2 if (b == 0 and li > 0) else 1)
-                      for b in range(n)]
+            blocks = [SEBasicBlock(cin if b == 0 else cout, cout, 2 if (b == 0 and li > 0) else 1) for b in range(n)]
             cin = cout
             setattr(self, f"layer{li + 1}", nn.Sequential(*blocks))
         freq = n_mels // 2 ** (len(layers) - 1)  # 80 -> 10
         dim = cin * freq
-        self.attention = nn.Sequential(nn.Conv1d(dim, 128, 1), nn.ReLU(), nn.BatchNorm1d(128),
-                                       nn.Conv1d(128, dim, 1), nn.Softmax(dim=2))
+        self.attention = nn.Sequential(
+            nn.Conv1d(dim, 128, 1), nn.ReLU(), nn.BatchNorm1d(128), nn.Conv1d(128, dim, 1), nn.Softmax(dim=2)
+        )
         self.fc = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:  # [B,1,80,20] -> [B,512]

@@ -105,14 +105,18 @@ def load_state_into(model: PCAVS, net: str, sd: Mapping[str, Tensor], fname: str
     missing = [k for k in expected if k not in sd]
     if missing:
         k = missing[0]
-        raise CheckpointError(f"{fname}: missing key '{k}' (expected shape {_shape(expected[k])})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{fname}: missing key '{k}' (expected shape {_shape(expected[k])})"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     out = {}
     for k, v in sd.items():
         if k in expected:
             if tuple(v.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{fname}: key '{k}' has shape {_shape(v)}, the model config "
-                                      f"'{model.cfg.name}' expects {_shape(expected[k])}")
+                raise CheckpointError(
+                    f"{fname}: key '{k}' has shape {_shape(v)}, the model config "
+                    f"'{model.cfg.name}' expects {_shape(expected[k])}"
+                )
             out[k] = v.to(expected[k].dtype)
         elif _is_fir(k):
             if v.shape != (4, 4) or not torch.allclose(v.float(), blur_kernel(), atol=1e-6):
@@ -148,8 +152,10 @@ def official_state_dicts(model: PCAVS) -> dict[str, dict[str, Tensor]]:
     cfg = model.cfg
     out: dict[str, dict[str, Tensor]] = {}
     for net, name in OFFICIAL_NETS.items():
-        sd = {k: v.detach().float().clone() if torch.is_floating_point(v) else v.detach().clone()
-              for k, v in getattr(model, name).state_dict().items()}
+        sd = {
+            k: v.detach().float().clone() if torch.is_floating_point(v) else v.detach().clone()
+            for k, v in getattr(model, name).state_dict().items()
+        }
         for k in [k for k in sd if k.endswith("running_var")]:
             sd[k[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
         out[net] = sd
@@ -164,9 +170,14 @@ def official_state_dicts(model: PCAVS) -> dict[str, dict[str, Tensor]]:
     out["A_sync"]["fc.weight"] = torch.zeros(N_CLASSES, cfg.audio_feature)
     out["A_sync"]["fc.bias"] = torch.zeros(N_CLASSES)
     e, f = out["E"], cfg.fan_feature
-    for pre, shape in (("classifier.0", (f, f)), ("classifier.2", (N_CLASSES, f)), ("to_mouth.0", (f, f)),
-                       ("to_mouth.2", (f, f)), ("mouth_fc.1", (N_CLASSES, f)),
-                       ("headpose_fc.1", (N_CLASSES, cfg.pose_dim))):
+    for pre, shape in (
+        ("classifier.0", (f, f)),
+        ("classifier.2", (N_CLASSES, f)),
+        ("to_mouth.0", (f, f)),
+        ("to_mouth.2", (f, f)),
+        ("mouth_fc.1", (N_CLASSES, f)),
+        ("headpose_fc.1", (N_CLASSES, cfg.pose_dim)),
+    ):
         e[pre + ".weight"], e[pre + ".bias"] = torch.zeros(shape), torch.zeros(shape[0])
     v = out["V"]
     v["model.fc.weight"], v["model.fc.bias"] = torch.zeros(1000, cfg.id_dim), torch.zeros(1000)
@@ -182,8 +193,7 @@ def save_official(model: PCAVS, out_dir: str | Path, legacy: bool = False) -> Pa
     return d
 
 
-def save_single(model: PCAVS, path: str | Path, half: bool = False,
-                provenance: dict[str, Any] | None = None) -> Path:
+def save_single(model: PCAVS, path: str | Path, half: bool = False, provenance: dict[str, Any] | None = None) -> Path:
     """Write our single-file format (safetensors + config JSON). ``half`` stores fp16."""
     from safetensors.torch import save_file
 
@@ -209,8 +219,9 @@ def read_single_meta(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{Path(path).name}: cannot read safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{Path(path).name}: not an rt_engine checkpoint (format {meta.get('format')!r}, "
-                              f"expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{Path(path).name}: not an rt_engine checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     return {"config": json.loads(meta["config"]), "provenance": json.loads(meta.get("provenance", "{}"))}
 
 
@@ -226,8 +237,9 @@ def load_single(path: str | Path, cfg: ModelConfig | None = None) -> PCAVS:
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{p.name}: bad embedded config ({e})") from None
     if cfg is not None and cfg != file_cfg:
-        raise CheckpointError(f"{p.name}: checkpoint config '{file_cfg.name}' does not match the requested "
-                              f"config '{cfg.name}'")
+        raise CheckpointError(
+            f"{p.name}: checkpoint config '{file_cfg.name}' does not match the requested config '{cfg.name}'"
+        )
     model = PCAVS(file_cfg)
     sd = load_file(str(p))
     expected = model.state_dict()
@@ -268,8 +280,11 @@ def count_params(model: torch.nn.Module) -> int:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rt_engine.models.checkpoint", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m rt_engine.models.checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official dir <-> .safetensors")
     c.add_argument("src")

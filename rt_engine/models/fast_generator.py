@@ -81,8 +81,9 @@ class FastGenerator(nn.Module):
     id_map: [1|B,C,7,7]; noise: 'stored' | 'zero' | 'random'. Output fp32 in [-1, 1].
     """
 
-    def __init__(self, gen: Generator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
-                 upsample: str = "dense"):
+    def __init__(
+        self, gen: Generator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True, upsample: str = "dense"
+    ):
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
@@ -95,8 +96,8 @@ class FastGenerator(nn.Module):
         with torch.no_grad():
             w_mod = torch.cat([m.modulation.weight * m.modulation.scale for m in mods])  # [N,S]
             b_mod = torch.cat([m.modulation.bias for m in mods])  # [N]
-            self.register_buffer("mod_w_id", w_mod[:, :cfg.id_dim].t().contiguous().float())  # [id_dim,N]
-            self.register_buffer("mod_w_var", w_mod[:, cfg.id_dim:].t().contiguous().float())  # [512,N]
+            self.register_buffer("mod_w_id", w_mod[:, : cfg.id_dim].t().contiguous().float())  # [id_dim,N]
+            self.register_buffer("mod_w_var", w_mod[:, cfg.id_dim :].t().contiguous().float())  # [512,N]
             self.register_buffer("mod_b", b_mod.float())  # [N]
             # Input gain: every layer but conv1 reads a leaky-ReLU output whose sqrt(2) gain we skip.
             gain = torch.cat([torch.full((m.cin,), 1.0 if i == 0 else LRELU_GAIN) for i, m in enumerate(mods)])
@@ -228,4 +229,3 @@ def generator_flops(cfg, batch: int = 1, upsample: str = "transpose") -> int:
         r *= 2
         macs += up + cout * cout * 9 * r * r + 3 * cout * r * r
     return 2 * batch * macs
-

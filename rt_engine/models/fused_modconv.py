@@ -59,10 +59,17 @@ _native_module: ModuleType | None = None
 
 
 # ----------------------------------------------------------------------------- reference
-def modulated_conv2d_fused_ref(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None = None,
-                               noise_weight: float | Tensor = 0.0, bias: Tensor | None = None,
-                               demodulate: bool = True, activate: bool = True,
-                               form: str = "static") -> Tensor:
+def modulated_conv2d_fused_ref(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    noise: Tensor | None = None,
+    noise_weight: float | Tensor = 0.0,
+    bias: Tensor | None = None,
+    demodulate: bool = True,
+    activate: bool = True,
+    form: str = "static",
+) -> Tensor:
     """Pure-PyTorch reference of the fused op. ``form`` is ``"static"`` or ``"ref"`` (grouped conv).
 
     x: [B,Cin,H,W]; style: [B,Cin]; weight: [Cout,Cin,3,3] (scaled); noise: [1 or B,1,H,W];
@@ -111,8 +118,9 @@ def build_native(verbose: bool = False) -> Path:
     if target.is_file():
         return target
     if importlib.util.find_spec("pybind11") is None:
-        raise RuntimeError("rt_engine._kernels is not installed and pybind11 is missing to build it "
-                           "(pip install 'pybind11>=2.13')")
+        raise RuntimeError(
+            "rt_engine._kernels is not installed and pybind11 is missing to build it (pip install 'pybind11>=2.13')"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources
@@ -120,8 +128,16 @@ def build_native(verbose: bool = False) -> Path:
             if target.is_file():
                 return target
             build_dir = out_dir / "build"
-            cfg = ["cmake", "-S", str(KERNEL_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                   f"-DPython_EXECUTABLE={sys.executable}", "-DRT_ENGINE_BUILD_KERNELS=ON"]
+            cfg = [
+                "cmake",
+                "-S",
+                str(KERNEL_DIR),
+                "-B",
+                str(build_dir),
+                "-DCMAKE_BUILD_TYPE=Release",
+                f"-DPython_EXECUTABLE={sys.executable}",
+                "-DRT_ENGINE_BUILD_KERNELS=ON",
+            ]
             if os.environ.get("RT_ENGINE_KERNELS_CUDA", "1") == "0":
                 cfg.append("-DRT_ENGINE_WITH_CUDA=OFF")
             if os.environ.get("RT_ENGINE_CUDA_ARCHS"):
@@ -134,11 +150,18 @@ def build_native(verbose: bool = False) -> Path:
             for cmd in (cfg, ["cmake", "--build", str(build_dir), "-j", jobs]):
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if verbose or res.returncode != 0:
-                    log.log(logging.ERROR if res.returncode else logging.INFO, "%s\n%s%s", " ".join(cmd),
-                            res.stdout[-4000:], res.stderr[-4000:])
+                    log.log(
+                        logging.ERROR if res.returncode else logging.INFO,
+                        "%s\n%s%s",
+                        " ".join(cmd),
+                        res.stdout[-4000:],
+                        res.stderr[-4000:],
+                    )
                 if res.returncode != 0:
-                    raise RuntimeError(f"building rt_engine._kernels failed ({' '.join(cmd[:2])}): "
-                                       f"{(res.stderr or res.stdout)[-2000:]}")
+                    raise RuntimeError(
+                        f"building rt_engine._kernels failed ({' '.join(cmd[:2])}): "
+                        f"{(res.stderr or res.stdout)[-2000:]}"
+                    )
             built = sorted(build_dir.glob("_kernels*" + suffix))
             if not built:
                 raise RuntimeError(f"building rt_engine._kernels produced no _kernels{suffix} in {build_dir}")
@@ -193,9 +216,11 @@ def cuda_kernels_available() -> bool:
 def _cuda_module() -> ModuleType:
     mod = load_native()
     if not mod.has_cuda():
-        raise RuntimeError(f"impl='cuda' on a CUDA tensor, but rt_engine._kernels ({native_path()}) "
-                           "was built without CUDA (nvcc not found at build time); rebuild it with the "
-                           "CUDA toolkit or use impl='ref'")
+        raise RuntimeError(
+            f"impl='cuda' on a CUDA tensor, but rt_engine._kernels ({native_path()}) "
+            "was built without CUDA (nvcc not found at build time); rebuild it with the "
+            "CUDA toolkit or use impl='ref'"
+        )
     return mod
 
 
@@ -208,8 +233,7 @@ def _check_args(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None, 
         raise ValueError(f"weight must be [Cout,{cin},3,3], got {tuple(weight.shape)}")
     if tuple(style.shape) != (b, cin):
         raise ValueError(f"style must be [{b},{cin}], got {tuple(style.shape)}")
-    if noise is not None and (noise.ndim != 4 or noise.shape[0] not in (1, b)
-                              or tuple(noise.shape[1:]) != (1, h, w)):
+    if noise is not None and (noise.ndim != 4 or noise.shape[0] not in (1, b) or tuple(noise.shape[1:]) != (1, h, w)):
         raise ValueError(f"noise must be [1 or {b},1,{h},{w}], got {tuple(noise.shape)}")
     if bias is not None and bias.numel() != weight.shape[0]:
         raise ValueError(f"bias must have {weight.shape[0]} elements, got {tuple(bias.shape)}")
@@ -232,8 +256,17 @@ def _resolve_impl(impl: str, x: Tensor, weight: Tensor) -> str:
 
 # ----------------------------------------------------------------------------- custom op
 @torch.library.custom_op("rt_engine::fused_modconv", mutates_args=())
-def fused_modconv_op(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None, noise_weight: float,
-                     bias: Tensor | None, demodulate: bool, activate: bool, impl: str) -> Tensor:
+def fused_modconv_op(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    noise: Tensor | None,
+    noise_weight: float,
+    bias: Tensor | None,
+    demodulate: bool,
+    activate: bool,
+    impl: str,
+) -> Tensor:
     """Native fused modulated 3x3 conv; impl is "cpu" or "cuda". Shapes as in :func:`modulated_conv2d`."""
     _check_args(x, style, weight, noise, bias)
     if impl == "cuda" and not x.is_cuda:
@@ -258,9 +291,24 @@ def fused_modconv_op(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | N
     def addr(t: Tensor | None) -> int:
         return 0 if t is None else t.data_ptr()
 
-    args = dict(dtype=code, x=addr(xc), style=addr(sc), weight=addr(wc), demod=addr(d), noise=addr(nc),
-                noise_batched=nc is not None and nc.shape[0] == b and b > 1, noise_weight=float(noise_weight),
-                bias=addr(bc), out=addr(out), B=b, Cin=cin, Cout=cout, H=h, W=w, activate=activate)
+    args = dict(
+        dtype=code,
+        x=addr(xc),
+        style=addr(sc),
+        weight=addr(wc),
+        demod=addr(d),
+        noise=addr(nc),
+        noise_batched=nc is not None and nc.shape[0] == b and b > 1,
+        noise_weight=float(noise_weight),
+        bias=addr(bc),
+        out=addr(out),
+        B=b,
+        Cin=cin,
+        Cout=cout,
+        H=h,
+        W=w,
+        activate=activate,
+    )
     if impl == "cpu":
         if d is not None:
             mod.demod_cpu(code, addr(sc), addr(wc), addr(d), b, cin, cout)
@@ -275,15 +323,32 @@ def fused_modconv_op(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | N
 
 
 @fused_modconv_op.register_fake
-def _fused_modconv_fake(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None, noise_weight: float,
-                        bias: Tensor | None, demodulate: bool, activate: bool, impl: str) -> Tensor:
+def _fused_modconv_fake(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    noise: Tensor | None,
+    noise_weight: float,
+    bias: Tensor | None,
+    demodulate: bool,
+    activate: bool,
+    impl: str,
+) -> Tensor:
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))  # [B,Cout,H,W]
 
 
 # ----------------------------------------------------------------------------- public entry point
-def modulated_conv2d(x: Tensor, style: Tensor, weight: Tensor, noise: Tensor | None = None,
-                     noise_weight: float | Tensor = 0.0, bias: Tensor | None = None, demodulate: bool = True,
-                     activate: bool = True, impl: str = "auto") -> Tensor:
+def modulated_conv2d(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    noise: Tensor | None = None,
+    noise_weight: float | Tensor = 0.0,
+    bias: Tensor | None = None,
+    demodulate: bool = True,
+    activate: bool = True,
+    impl: str = "auto",
+) -> Tensor:
     """Modulated 3x3 conv + demodulation + noise + bias + scaled leaky ReLU, fused.
 
     x: [B,Cin,H,W]; style: [B,Cin] (modulation output, one per sample); weight: [Cout,Cin,3,3]

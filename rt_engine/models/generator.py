@@ -76,8 +76,14 @@ class Generator(StyledGenerator):
             self.to_rgbs.append(ToRGB(ch[j + 1], sd))
         self._register_noises(cfg)
 
-    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
-                taps: dict[str, Tensor] | None = None, form: str | None = None) -> Tensor:
+    def forward(
+        self,
+        style: Tensor,
+        id_map: Tensor,
+        noise: str | list[Tensor] = NoiseMode.STORED,
+        taps: dict[str, Tensor] | None = None,
+        form: str | None = None,
+    ) -> Tensor:
         """style [B,S], id_map [B,C,7,7] -> image [B,3,size,size]. ``taps`` collects intermediates.
 
         ``form``: the modulated-conv form of this call ("ref" or "static"; None: each layer's own,

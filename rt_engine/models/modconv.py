@@ -76,8 +76,14 @@ def demodulation(style: Tensor, weight: Tensor) -> Tensor:
     return torch.rsqrt(style.to(dt).square() @ w2.t() + DEMOD_EPS)
 
 
-def modulated_conv2d_ref(x: Tensor, style: Tensor, weight: Tensor, demodulate: bool = True,
-                         upsample: bool = False, padding: int | None = None) -> Tensor:
+def modulated_conv2d_ref(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    demodulate: bool = True,
+    upsample: bool = False,
+    padding: int | None = None,
+) -> Tensor:
     """Per-sample-weight form (the official computation).
 
     x: [B,Cin,H,W]; style: [B,Cin]; weight: [Cout,Cin,k,k] (equalized-lr scale applied).
@@ -101,8 +107,14 @@ def modulated_conv2d_ref(x: Tensor, style: Tensor, weight: Tensor, demodulate: b
     return out.reshape(b, cout, h, w_)
 
 
-def modulated_conv2d_static(x: Tensor, style: Tensor, weight: Tensor, demodulate: bool = True,
-                            upsample: bool = False, padding: int | None = None) -> Tensor:
+def modulated_conv2d_static(
+    x: Tensor,
+    style: Tensor,
+    weight: Tensor,
+    demodulate: bool = True,
+    upsample: bool = False,
+    padding: int | None = None,
+) -> Tensor:
     """Static-weight form: same arguments and result as :func:`modulated_conv2d_ref`."""
     k = weight.shape[-1]
     xs = x * style[:, :, None, None].to(x.dtype)  # [B,Cin,H,W]
@@ -116,8 +128,9 @@ def modulated_conv2d_static(x: Tensor, style: Tensor, weight: Tensor, demodulate
     return out
 
 
-def modulated_conv2d(x: Tensor, style: Tensor, weight: Tensor, demodulate: bool = True,
-                     upsample: bool = False, form: str = "ref") -> Tensor:
+def modulated_conv2d(
+    x: Tensor, style: Tensor, weight: Tensor, demodulate: bool = True, upsample: bool = False, form: str = "ref"
+) -> Tensor:
     if form == "ref":
         return modulated_conv2d_ref(x, style, weight, demodulate, upsample)
     if form == "static":
@@ -143,8 +156,7 @@ class EqualLinear(nn.Module):
 class ModulatedConv2d(nn.Module):
     """Weight stored as the official ``[1,Cout,Cin,k,k]`` parameter (unscaled)."""
 
-    def __init__(self, cin: int, cout: int, k: int, style_dim: int, demodulate: bool = True,
-                 upsample: bool = False):
+    def __init__(self, cin: int, cout: int, k: int, style_dim: int, demodulate: bool = True, upsample: bool = False):
         super().__init__()
         self.cin, self.cout, self.k = cin, cout, k
         self.weight = nn.Parameter(torch.randn(1, cout, cin, k, k))
@@ -160,8 +172,9 @@ class ModulatedConv2d(nn.Module):
     def forward(self, x: Tensor, style: Tensor, form: str | None = None) -> Tensor:
         """``form``: this call's form (None: the module's ``form``), so a runner never flips a shared model."""
         s = self.modulation(style)  # [B,Cin]
-        return modulated_conv2d(x, s, self.scaled_weight(), self.demodulate, self.upsample,
-                                library_form(form or self.form))
+        return modulated_conv2d(
+            x, s, self.scaled_weight(), self.demodulate, self.upsample, library_form(form or self.form)
+        )
 
 
 class NoiseInjection(nn.Module):
@@ -199,8 +212,15 @@ class StyledConv(nn.Module):
             # x [B,Cin,H,W] -> [B,Cout,H,W]: conv, demodulation, noise, bias and scaled leaky ReLU in one op;
             # the noise is pre-scaled by its weight here (a tensor op: CUDA-graph safe)
             nz = self.noise.weight.to(x.dtype) * noise.to(x.dtype)
-            return fm.modulated_conv2d(x, c.modulation(style), c.scaled_weight().to(x.dtype), nz, 1.0,
-                                       self.activate.bias.reshape(-1).float(), impl=form.split("-", 1)[1])
+            return fm.modulated_conv2d(
+                x,
+                c.modulation(style),
+                c.scaled_weight().to(x.dtype),
+                nz,
+                1.0,
+                self.activate.bias.reshape(-1).float(),
+                impl=form.split("-", 1)[1],
+            )
         return self.activate(self.noise(c(x, style, form), noise))
 
 

@@ -1,10 +1,10 @@
 """The four PC-AVS networks together, with the inference-time data flow.
 
-    identity image --V--> id_feature0 [B,2048], id_feature1 [B,512,7,7]   (once per identity)
-    pose frame     --E--> pose code [B,12]                                 (per frame, or ahead)
-    mel window     --A_sync--> audio content [B,512] --E.mouth_embed(x1.2)--> mouth [B,500]
-    style = [id_feature0 | mouth | pose]  [B,2560]
-    G(style, id_feature1) -> frame [B,3,224,224] in [-1,1]
+identity image --V--> id_feature0 [B,2048], id_feature1 [B,512,7,7]   (once per identity)
+pose frame     --E--> pose code [B,12]                                 (per frame, or ahead)
+mel window     --A_sync--> audio content [B,512] --E.mouth_embed(x1.2)--> mouth [B,500]
+style = [id_feature0 | mouth | pose]  [B,2560]
+G(style, id_feature1) -> frame [B,3,224,224] in [-1,1]
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class PCAVS(nn.Module):
 
     make_style = staticmethod(make_style)
 
-    def generate(self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
-                 form: str | None = None) -> Tensor:
+    def generate(
+        self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = NoiseMode.STORED, form: str | None = None
+    ) -> Tensor:
         """style [B,2560], id map [B|1,*cfg.id_map_shape] -> [B,3,224,224] (``form``: see Generator.forward)."""
         return self.generator(style, id_feature1.expand(style.shape[0], -1, -1, -1), noise, form=form)
 

@@ -30,8 +30,11 @@ class ConvBlock(nn.Module):
         self.conv2 = conv3x3(cout // 2, cout // 4)
         self.bn3 = nn.BatchNorm2d(cout // 4)
         self.conv3 = conv3x3(cout // 4, cout // 4)
-        self.downsample = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(True),
-                                         nn.Conv2d(cin, cout, 1, bias=False)) if cin != cout else None)
+        self.downsample = (
+            nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(True), nn.Conv2d(cin, cout, 1, bias=False))
+            if cin != cout
+            else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.conv1(F.relu(self.bn1(x)))

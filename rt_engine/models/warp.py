@@ -112,16 +112,24 @@ class WarpGenerator(StyledGenerator):
         # motion net: S/4 -> S/16 plain, then style-driven back up to S/4
         self.down1 = nn.Conv2d(f, m, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(m, m, 3, stride=2, padding=1)
-        self.motion = nn.ModuleList([StyledConv(m, m, sd), StyledConv(m, m, sd, upsample=True),
-                                     StyledConv(m, m, sd, upsample=True)])
+        self.motion = nn.ModuleList(
+            [StyledConv(m, m, sd), StyledConv(m, m, sd, upsample=True), StyledConv(m, m, sd, upsample=True)]
+        )
         self.flow_head = nn.Conv2d(m, 3, 3, padding=1)  # flow x, flow y, occlusion logit
         nn.init.zeros_(self.flow_head.weight)
         with torch.no_grad():
             self.flow_head.bias.copy_(torch.tensor([0.0, 0.0, MASK_INIT]))
         # decoder: S/4 -> S
-        self.decoder = nn.ModuleList([StyledConv(f, d0, sd), StyledConv(d0, d0, sd),
-                                      StyledConv(d0, d1, sd, upsample=True), StyledConv(d1, d1, sd),
-                                      StyledConv(d1, d2, sd, upsample=True), StyledConv(d2, d2, sd)])
+        self.decoder = nn.ModuleList(
+            [
+                StyledConv(f, d0, sd),
+                StyledConv(d0, d0, sd),
+                StyledConv(d0, d1, sd, upsample=True),
+                StyledConv(d1, d1, sd),
+                StyledConv(d1, d2, sd, upsample=True),
+                StyledConv(d2, d2, sd),
+            ]
+        )
         self.to_rgbs = nn.ModuleList([ToRGB(d0, sd), ToRGB(d1, sd), ToRGB(d2, sd)])
         self.mask_head = nn.Conv2d(d2, 1, 3, padding=1)  # blend logit: warped photo vs drawn image
         nn.init.zeros_(self.mask_head.weight)
@@ -132,8 +140,9 @@ class WarpGenerator(StyledGenerator):
         self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
         self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
 
-    def motion_field(self, style: Tensor, feat: Tensor, noises: list[Tensor],
-                     form: str | None = None) -> tuple[Tensor, Tensor]:
+    def motion_field(
+        self, style: Tensor, feat: Tensor, noises: list[Tensor], form: str | None = None
+    ) -> tuple[Tensor, Tensor]:
         """-> flow [B,2,S/4,S/4] (normalised units), occlusion [B,1,S/4,S/4] in (0,1)."""
         h1 = F.leaky_relu(self.down1(feat), LRELU_SLOPE)  # [B,M,S/8,S/8]
         h = F.leaky_relu(self.down2(h1), LRELU_SLOPE)  # [B,M,S/16,S/16]
@@ -143,8 +152,14 @@ class WarpGenerator(StyledGenerator):
         out = self.flow_head(h).float()  # [B,3,S/4,S/4]
         return out[:, :2], torch.sigmoid(out[:, 2:])
 
-    def forward(self, style: Tensor, id_map: Tensor, noise: str | list[Tensor] = NoiseMode.STORED,
-                taps: dict[str, Tensor] | None = None, form: str | None = None) -> Tensor:
+    def forward(
+        self,
+        style: Tensor,
+        id_map: Tensor,
+        noise: str | list[Tensor] = NoiseMode.STORED,
+        taps: dict[str, Tensor] | None = None,
+        form: str | None = None,
+    ) -> Tensor:
         """``form``: the modulated-conv form of this call (None: each layer's own), as Generator.forward."""
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
         f = self.cfg.warp_feat
@@ -179,8 +194,9 @@ class FastWarpGenerator(nn.Module):
     fp32). A copy: the caller's model is left as it is.
     """
 
-    def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
-                 form: str = "static"):
+    def __init__(
+        self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True, form: str = "static"
+    ):
         super().__init__()
         import copy
 
@@ -198,8 +214,9 @@ class FastWarpGenerator(nn.Module):
         for m in self.gen.modules():
             if isinstance(m, StyledConv):
                 fused = impl is not None and not m.conv.upsample
-                out.append(f"fused_modconv[{impl}]" if fused else ("conv_transpose2d+blur" if m.conv.upsample
-                                                                   else "conv2d"))
+                out.append(
+                    f"fused_modconv[{impl}]" if fused else ("conv_transpose2d+blur" if m.conv.upsample else "conv2d")
+                )
             elif isinstance(m, ToRGB):
                 out.append("conv2d_1x1")
         return out

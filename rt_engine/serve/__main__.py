@@ -1,8 +1,8 @@
 """``python -m rt_engine.serve``: serve the live talking face over WebRTC.
 
-    python -m rt_engine.serve                       # bundled model, http://127.0.0.1:8080/
-    python -m rt_engine.serve --checkpoint m.safetensors --port 9000
-    python -m rt_engine.serve --host 0.0.0.0 --token SECRET   # other addresses need a token
+python -m rt_engine.serve                       # bundled model, http://127.0.0.1:8080/
+python -m rt_engine.serve --checkpoint m.safetensors --port 9000
+python -m rt_engine.serve --host 0.0.0.0 --token SECRET   # other addresses need a token
 """
 
 from __future__ import annotations
@@ -26,34 +26,65 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="bind address")
     ap.add_argument("--port", type=int, default=8080, help="HTTP port of the page and the API")
     ap.add_argument("--token", default=None, help="required on /offer and /upload; mandatory off loopback")
-    ap.add_argument("--max-sessions", type=int, default=4,
-                    help="upper bound on sessions; within it a session is admitted only while the measured "
-                         "model time serves it at the full fresh rate")
-    ap.add_argument("--no-capacity-admission", action="store_true",
-                    help="admit by --max-sessions alone (benchmarks that look for the real limit)")
-    ap.add_argument("--max-pending", type=int, default=4,
-                    help="answered offers not yet connected (they hold no session slot)")
-    ap.add_argument("--connect-timeout", type=float, default=5.0,
-                    help="an answered offer must connect within this many seconds")
-    ap.add_argument("--ice-any-address", action="store_true",
-                    help="let WebRTC media bind every local address (otherwise only where --host binds)")
-    ap.add_argument("--backend", default="auto",
-                    help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, torch-cuda, "
-                         "onnxruntime, openvino, tensorrt")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="model threads: torch intra-op threads and OpenVINO/onnxruntime inference threads "
-                         "(0: one per core)")
-    ap.add_argument("--codec-threads", type=int, default=0,
-                    help="threads of the event loop's executor, where aiortc encodes and decodes video and "
-                         "faces are cropped (0: one per core)")
+    ap.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="upper bound on sessions; within it a session is admitted only while the measured "
+        "model time serves it at the full fresh rate",
+    )
+    ap.add_argument(
+        "--no-capacity-admission",
+        action="store_true",
+        help="admit by --max-sessions alone (benchmarks that look for the real limit)",
+    )
+    ap.add_argument(
+        "--max-pending", type=int, default=4, help="answered offers not yet connected (they hold no session slot)"
+    )
+    ap.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="an answered offer must connect within this many seconds"
+    )
+    ap.add_argument(
+        "--ice-any-address",
+        action="store_true",
+        help="let WebRTC media bind every local address (otherwise only where --host binds)",
+    )
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        help="runner backend: auto (fastest that passes a fidelity check), torch, torch-fast, torch-cuda, "
+        "onnxruntime, openvino, tensorrt",
+    )
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 where the CPU runs it natively (AVX512-BF16/AMX), else fp32",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="model threads: torch intra-op threads and OpenVINO/onnxruntime inference threads (0: one per core)",
+    )
+    ap.add_argument(
+        "--codec-threads",
+        type=int,
+        default=0,
+        help="threads of the event loop's executor, where aiortc encodes and decodes video and "
+        "faces are cropped (0: one per core)",
+    )
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
-    ap.add_argument("--mouth-gain", type=float, default=1.0,
-                    help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider")
-    ap.add_argument("--margin-ms", type=float, default=80.0,
-                    help="budget after the 120 ms audio lookahead for audio packet arrival (Opus: 20 ms packets) "
-                         "and compute; frames not ready by then are held (80 ms: two frames)")
+    ap.add_argument(
+        "--mouth-gain", type=float, default=1.0, help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider"
+    )
+    ap.add_argument(
+        "--margin-ms",
+        type=float,
+        default=80.0,
+        help="budget after the 120 ms audio lookahead for audio packet arrival (Opus: 20 ms packets) "
+        "and compute; frames not ready by then are held (80 ms: two frames)",
+    )
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
@@ -97,8 +128,9 @@ async def _process_setup(app, codec_threads: int) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("aioice", "aiortc", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from aiohttp import web
@@ -109,21 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     from rt_engine.stream.scheduler import SchedulerConfig
     from rt_engine.stream.session import Engine
 
-    cfg = ServerConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-                       peer_timeout_s=args.peer_timeout, max_pending=args.max_pending,
-                       connect_timeout_s=args.connect_timeout, ice_any_address=args.ice_any_address,
-                       admit_by_capacity=not args.no_capacity_admission).validate()
+    cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_sessions=args.max_sessions,
+        peer_timeout_s=args.peer_timeout,
+        max_pending=args.max_pending,
+        connect_timeout_s=args.connect_timeout,
+        ice_any_address=args.ice_any_address,
+        admit_by_capacity=not args.no_capacity_admission,
+    ).validate()
     sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
     model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
     try:
         runner = make_runner(args.checkpoint, args.precision, args.backend)
     except CheckpointError as e:
         if args.checkpoint is None:
-            raise CheckpointError(f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
-                                  f"checkpoint folder) until the bundled model ships") from None
+            raise CheckpointError(
+                f"{e}; pass --checkpoint PATH (a .safetensors model or an official "
+                f"checkpoint folder) until the bundled model ships"
+            ) from None
         raise
-    engine = Engine(runner, sched_cfg,
-                    ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
+    engine = Engine(runner, sched_cfg, ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
     app = create_app(engine, cfg, warm_default=True)
     app.on_startup.append(lambda app: _process_setup(app, codec_threads))
     log.info("model %s; serving http://%s:%d/", runner.describe(), args.host, args.port)

@@ -72,8 +72,9 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         if self.host not in LOOPBACK_HOSTS and not self.token:
-            raise ConfigError(f"listening on {self.host} (not loopback) requires --token: every /offer must "
-                              f"then carry it")
+            raise ConfigError(
+                f"listening on {self.host} (not loopback) requires --token: every /offer must then carry it"
+            )
         if not 1 <= self.max_sessions <= 64:
             raise ConfigError(f"max_sessions must be in [1, 64], got {self.max_sessions}")
         if not 0 <= self.port <= 65535:
@@ -194,7 +195,7 @@ async def _read_json(request: web.Request, limit: int) -> dict | web.Response:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"options\": {...}}")
+        return error(400, 'body must be JSON: {"sdp": ..., "type": "offer", "options": {...}}')
     return body
 
 
@@ -210,8 +211,9 @@ async def _read_upload(request: web.Request, kind: str) -> tuple[str, bytes] | w
             continue
         name = Path(part.filename or f"{kind}.bin").name
         if Path(name).suffix.lower() not in exts:
-            return error(415, f"unsupported {kind} file type '{Path(name).suffix or name}'; accepted: "
-                              f"{', '.join(exts)}")
+            return error(
+                415, f"unsupported {kind} file type '{Path(name).suffix or name}'; accepted: {', '.join(exts)}"
+            )
         data = bytearray()
         while chunk := await part.read_chunk(1 << 16):
             data += chunk
@@ -251,19 +253,22 @@ async def health(request: web.Request) -> web.Response:
     app = request.app
     eng: Engine = app[ENGINE]
     warm = app.get(WARM_TASK)
-    return web.json_response({
-        "status": "ok" if eng.scheduler.alive else "model worker stopped",
-        "warm": warm is None or warm.done(),  # false while start-up still prepares the default identity/model
-        "sessions": _connected(app),
-        "sessions_connecting": len(app[STATE].sessions) - _connected(app),
-        "max_sessions": app[CFG].max_sessions,
-        "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
-        "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
-        "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
-        "model": eng.runner.describe(),
-        "output_size": eng.runner.cfg.size,
-        "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
-    }, status=200 if eng.scheduler.alive else 503)
+    return web.json_response(
+        {
+            "status": "ok" if eng.scheduler.alive else "model worker stopped",
+            "warm": warm is None or warm.done(),  # false while start-up still prepares the default identity/model
+            "sessions": _connected(app),
+            "sessions_connecting": len(app[STATE].sessions) - _connected(app),
+            "max_sessions": app[CFG].max_sessions,
+            "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
+            "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
+            "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
+            "model": eng.runner.describe(),
+            "output_size": eng.runner.cfg.size,
+            "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
+        },
+        status=200 if eng.scheduler.alive else 503,
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -283,8 +288,9 @@ async def metrics(request: web.Request) -> web.Response:
     m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
-    return web.Response(text=m.render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Prometheus-Format": "0.0.4"})
+    return web.Response(
+        text=m.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"}
+    )
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -358,10 +364,14 @@ def _options(app: web.Application, raw: dict) -> SessionOptions:
     if isinstance(fps, bool) or not isinstance(fps, int | float):
         raise ConfigError(f"webcam_fps must be a number, got {fps!r}")
     return SessionOptions(
-        identity=upload_path("identity_upload", "identity"), audio=str(raw.get("audio", "mic")),
-        audio_file=upload_path("audio_upload", "audio"), pose=str(raw.get("pose", "idle")),
-        pose_file=upload_path("pose_upload", "pose"), stamp=bool(raw.get("stamp", False)),
-        loop_audio=bool(raw.get("loop_audio", True)), webcam_fps=float(fps),
+        identity=upload_path("identity_upload", "identity"),
+        audio=str(raw.get("audio", "mic")),
+        audio_file=upload_path("audio_upload", "audio"),
+        pose=str(raw.get("pose", "idle")),
+        pose_file=upload_path("pose_upload", "pose"),
+        stamp=bool(raw.get("stamp", False)),
+        loop_audio=bool(raw.get("loop_audio", True)),
+        webcam_fps=float(fps),
     ).validate()
 
 
@@ -392,8 +402,9 @@ async def _validate_offer(request: web.Request) -> tuple[dict, dict, SessionOpti
         eng.metrics.inc("requests_rejected_total", reason="sdp")
         return error(400, problem)
     if "video" not in media or media["video"][0] not in ("recvonly", "sendrecv"):
-        return error(400, "the offer has no video receiver: add a video transceiver with direction "
-                          "'recvonly' or 'sendrecv'")
+        return error(
+            400, "the offer has no video receiver: add a video transceiver with direction 'recvonly' or 'sendrecv'"
+        )
     if not any(c in VIDEO_CODECS for c in media["video"][1]):
         return error(400, f"unsupported video codec(s) {media['video'][1]}: the server sends VP8 or H264")
     if "audio" in media and "opus" not in media["audio"][1]:
@@ -403,8 +414,9 @@ async def _validate_offer(request: web.Request) -> tuple[dict, dict, SessionOpti
     except RtEngineError as e:
         return error(400, f"bad options: {e}")
     if opts.audio == "mic" and ("audio" not in media or media["audio"][0] not in ("sendonly", "sendrecv")):
-        return error(400, "options.audio='mic' but the offer sends no audio track (add the microphone, or "
-                          "use audio='file')")
+        return error(
+            400, "options.audio='mic' but the offer sends no audio track (add the microphone, or use audio='file')"
+        )
     if opts.pose == "webcam" and media["video"][0] != "sendrecv":
         return error(400, "options.pose='webcam' but the offer sends no video track (add the webcam)")
     return body, media, opts
@@ -433,8 +445,11 @@ def _check_room(app: web.Application) -> web.Response | None:
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
     if cfg.admit_by_capacity and not eng.plan(connected + 1).full_rate:
         eng.metrics.inc("sessions_rejected_total", reason="capacity")
-        return error(503, f"server at model capacity: {connected} session(s) use what the model makes "
-                          f"({eng.plan(connected).model_fps:.0f} frames/s); try again later")
+        return error(
+            503,
+            f"server at model capacity: {connected} session(s) use what the model makes "
+            f"({eng.plan(connected).model_fps:.0f} frames/s); try again later",
+        )
     if connecting >= cfg.max_pending:
         eng.metrics.inc("sessions_rejected_total", reason="pending")
         return error(503, f"too many offers still connecting ({connecting}); try again in a few seconds")
@@ -622,8 +637,9 @@ async def _on_cleanup(app: web.Application) -> None:
     shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
 
 
-def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool = True,
-               warm_default: bool = False) -> web.Application:
+def create_app(
+    engine: Engine, cfg: ServerConfig | None = None, own_engine: bool = True, warm_default: bool = False
+) -> web.Application:
     """The aiohttp application. ``own_engine``: close the engine on cleanup."""
     cfg = (cfg or ServerConfig()).validate()
     compat.check()
@@ -635,8 +651,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, own_engine: bool
     app[OWN_ENGINE] = own_engine
     app[STATE] = ServerState(upload_dir=tempfile.mkdtemp(prefix="rt_engine_uploads_"))
     m = engine.metrics
-    m.describe("stage_latency_seconds", "histogram", "per-stage latency: mel (window complete to job), queue, model "
-               "(batch compute), media_to_send (input media time to frame send)")
+    m.describe(
+        "stage_latency_seconds",
+        "histogram",
+        "per-stage latency: mel (window complete to job), queue, model "
+        "(batch compute), media_to_send (input media time to frame send)",
+    )
     m.describe("frames_dropped_total", "counter", "frames not shown fresh, by reason")
     m.describe("frames_fresh_total", "counter", "sent frames generated for their own slot (the rest hold)")
     m.describe("frames_computed_late_total", "counter", "frames computed and then too late for their slot")

@@ -9,5 +9,15 @@ from rt_engine.stream.clock import ClockConfig, MediaClock
 from rt_engine.stream.scheduler import Metrics, Scheduler, SchedulerConfig
 from rt_engine.stream.session import Engine, Session, SessionOptions, read_stamp, stamp_index
 
-__all__ = ["ClockConfig", "Engine", "MediaClock", "Metrics", "Scheduler", "SchedulerConfig", "Session",
-           "SessionOptions", "read_stamp", "stamp_index"]
+__all__ = [
+    "ClockConfig",
+    "Engine",
+    "MediaClock",
+    "Metrics",
+    "Scheduler",
+    "SchedulerConfig",
+    "Session",
+    "SessionOptions",
+    "read_stamp",
+    "stamp_index",
+]

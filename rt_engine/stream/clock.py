@@ -92,8 +92,7 @@ class MediaClock:
     number ``np.quantile`` gives (linear interpolation).
     """
 
-    def __init__(self, cfg: ClockConfig | None = None, quantile: float = 0.9, window: int = 250,
-                 slew_s: float = 5e-4):
+    def __init__(self, cfg: ClockConfig | None = None, quantile: float = 0.9, window: int = 250, slew_s: float = 5e-4):
         self.cfg = (cfg or ClockConfig()).validate()
         self._t0: float | None = None
         self._lock = threading.Lock()

@@ -138,6 +138,7 @@ class _Families:
     def collect(self):
         return iter(self.metrics.families())
 
+
 class JobOwner(Protocol):
     """What the scheduler needs from a session."""
 
@@ -178,8 +179,9 @@ class SchedulerConfig:
 class Scheduler:
     """Owns the Runner; everything that touches the model goes through its single thread."""
 
-    def __init__(self, runner: Runner, cfg: SchedulerConfig | None = None, metrics: Metrics | None = None,
-                 threads: int = 0):
+    def __init__(
+        self, runner: Runner, cfg: SchedulerConfig | None = None, metrics: Metrics | None = None, threads: int = 0
+    ):
         self.runner = runner
         self.cfg = (cfg or SchedulerConfig()).validate()
         self.mouth_gain = MouthGain(self.cfg.mouth_gain)
@@ -249,6 +251,7 @@ class Scheduler:
         """Run every batch size the scheduler can form twice: the first call takes any first-call cost
         of a runner (OpenVINO compiles and allocates per shape) out of the stream, the second is timed
         and seeds the cost model, so the first sessions are planned on measured figures."""
+
         def run(r: Runner) -> None:
             wall = cpu = 0.0
             for b in range(1, self.cfg.max_batch + 1):
@@ -261,8 +264,11 @@ class Scheduler:
             # process CPU seconds per model-busy second, with nothing else running: lets a benchmark
             # tell the model's share of the server's CPU from the rest (model_busy_seconds x this)
             self.model_cpu_per_busy_s = cpu / wall if wall > 0 else 0.0
-            log.info("model seconds per batch size: %s",
-                     ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in self.cost.table().items()))
+            log.info(
+                "model seconds per batch size: %s",
+                ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in self.cost.table().items()),
+            )
+
         return self.call(run)
 
     def forget(self, owner: JobOwner) -> None:
@@ -317,8 +323,9 @@ class Scheduler:
             # cautious estimate: a frame that is likely in time is computed rather than thrown away)
             if now + self.cost.batch_s(1, spread=False) > deadline:
                 late.append(j)
-            elif (len(batch) < self.cfg.max_batch
-                  and now + self.cost.batch_s(len(batch) + 1) <= min(batch_deadline, deadline)):
+            elif len(batch) < self.cfg.max_batch and now + self.cost.batch_s(len(batch) + 1) <= min(
+                batch_deadline, deadline
+            ):
                 batch.append(j)
                 batch_deadline = min(batch_deadline, deadline)
             else:
@@ -337,8 +344,9 @@ class Scheduler:
             self.metrics.inc("frames_dropped_total", reason="late_compute")
         return batch, rest
 
-    def _compute(self, r: Runner, id0: torch.Tensor, id1: torch.Tensor, wins: torch.Tensor,
-                 pose: torch.Tensor) -> np.ndarray:
+    def _compute(
+        self, r: Runner, id0: torch.Tensor, id1: torch.Tensor, wins: torch.Tensor, pose: torch.Tensor
+    ) -> np.ndarray:
         """wins [B,1,80,20], pose [B,12], id0 [B|1,id_dim], id1 [B|1,C,7,7] -> images [B,H,W,3] uint8."""
         mouth = self.mouth_gain(r, r.encode_audio(wins))  # [B,500]
         generate_uint8 = getattr(r, "generate_uint8", None)  # Runner subclasses have it (duck-typed ones may not)

@@ -86,7 +86,7 @@ def stamp_index(img: np.ndarray, i: int) -> None:
     for k, bit in enumerate(_stamp_bits(i)):
         r, c = divmod(k, 12)
         y0 = h - 2 * b + r * b
-        img[y0:y0 + b, c * b:(c + 1) * b] = 255 if bit else 0
+        img[y0 : y0 + b, c * b : (c + 1) * b] = 255 if bit else 0
 
 
 def read_stamp(img: np.ndarray) -> int | None:
@@ -98,7 +98,7 @@ def read_stamp(img: np.ndarray) -> int | None:
         r, c = divmod(k, 12)
         y0 = h - 2 * b + r * b
         m = b // 4
-        v = float(img[y0 + m:y0 + b - m, c * b + m:(c + 1) * b - m].mean())
+        v = float(img[y0 + m : y0 + b - m, c * b + m : (c + 1) * b - m].mean())
         word |= (1 if v > 127 else 0) << k
     idx = word & 0xFFFFF
     return idx if _stamp_bits(idx) == [(word >> k) & 1 for k in range(STAMP_BITS)] else None
@@ -176,9 +176,16 @@ class _Lane:
 
 
 class Session:
-    def __init__(self, engine: Engine, opts: SessionOptions, id0: torch.Tensor, id1: torch.Tensor,
-                 pose_source: sources.PoseSource, file_audio: sources.FileAudio | None,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        engine: Engine,
+        opts: SessionOptions,
+        id0: torch.Tensor,
+        id1: torch.Tensor,
+        pose_source: sources.PoseSource,
+        file_audio: sources.FileAudio | None,
+        loop: asyncio.AbstractEventLoop,
+    ):
         self.sid = uuid.uuid4().hex[:12]
         self.engine = engine
         self.opts = opts
@@ -332,8 +339,14 @@ class Session:
         self.metrics.inc("barge_ins_total")
         return cut
 
-    def accept_audio(self, samples: np.ndarray, rate: int, arrival: float | None = None,
-                     start_s: float | None = None, fmt: str | None = None) -> None:
+    def accept_audio(
+        self,
+        samples: np.ndarray,
+        rate: int,
+        arrival: float | None = None,
+        start_s: float | None = None,
+        fmt: str | None = None,
+    ) -> None:
         """Live input audio: samples [N] or [N,C] (float or int16) at ``rate`` Hz that arrived at wall
         time ``arrival`` (default now; it drives the media clock). ``start_s``: the chunk's media time,
         if the source knows it (gaps become silence). ``fmt`` describes the source (stats only).
@@ -580,9 +593,15 @@ class Session:
 class Engine:
     """Runner + scheduler + shared helpers; makes sessions."""
 
-    def __init__(self, runner: Runner, scheduler_cfg: SchedulerConfig | None = None,
-                 clock_cfg: ClockConfig | None = None, threads: int = 0, metrics: Metrics | None = None,
-                 plan_cfg: PlanConfig | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler_cfg: SchedulerConfig | None = None,
+        clock_cfg: ClockConfig | None = None,
+        threads: int = 0,
+        metrics: Metrics | None = None,
+        plan_cfg: PlanConfig | None = None,
+    ):
         self.runner = runner
         self.metrics = metrics or Metrics()
         self.clock_cfg = (clock_cfg or ClockConfig()).validate()
@@ -604,11 +623,13 @@ class Engine:
 
     def run_input(self, fn, *args) -> None:
         """Run per-packet input work ``fn(*args)`` in the input thread (in call order); errors are logged."""
+
         def guarded() -> None:
             try:
                 fn(*args)
             except Exception:
                 log.exception("input processing failed")
+
         try:
             self._inputs.submit(guarded)
         except RuntimeError:  # shut down: the engine is closing
@@ -636,8 +657,9 @@ class Engine:
                 self._id_cache.move_to_end(key)
                 return (*self._id_cache[key], key)
             loop = asyncio.get_running_loop()
-            crop = await loop.run_in_executor(None, sources.identity_crop, self.faces, data,
-                                              Path(path).name if path else "identity")
+            crop = await loop.run_in_executor(
+                None, sources.identity_crop, self.faces, data, Path(path).name if path else "identity"
+            )
             x = to_tensor(official_crop(crop))  # [1,3,224,224]
             id0, id1 = await self._run(lambda r: r.encode_identity(x))
             self._id_cache[key] = (id0, id1, crop)
@@ -656,8 +678,11 @@ class Engine:
             pose = sources.StillPose(still[0])
         elif opts.pose == "webcam":
             if not self.runner.cfg.pose_mouth_mask:
-                log.info("model '%s' reads pose from the whole face (no pose_mouth_mask): the webcam's mouth "
-                         "can weakly move the output through the 12-number pose code", self.runner.cfg.name)
+                log.info(
+                    "model '%s' reads pose from the whole face (no pose_mouth_mask): the webcam's mouth "
+                    "can weakly move the output through the 12-number pose code",
+                    self.runner.cfg.name,
+                )
             pose = sources.WebcamPose(still[0])
         elif opts.pose == "idle":
             pose = sources.CodesPose(await self._idle_codes(key, crop), "idle")
@@ -675,7 +700,7 @@ class Engine:
 
     def _encode_poses(self, crops_u8: np.ndarray) -> np.ndarray:  # [N,224,224,3] -> [N,12]; model thread
         x = to_tensor(crops_u8)
-        return np.concatenate([self.runner.encode_pose(x[s:s + 16]).numpy() for s in range(0, len(x), 16)])
+        return np.concatenate([self.runner.encode_pose(x[s : s + 16]).numpy() for s in range(0, len(x), 16)])
 
     async def _still_code(self, key: str, crop: np.ndarray) -> np.ndarray:
         still = self._pose_cache.get((key, "still"))
@@ -700,8 +725,12 @@ class Engine:
         await self._idle_codes(key, crop)
         t1 = time.perf_counter()
         await asyncio.wrap_future(self.scheduler.warm_up(id0, id1))
-        log.info("default identity and idle motion ready in %.2f s; model warmed up for batches 1-%d in %.2f s",
-                 t1 - t0, self.scheduler.cfg.max_batch, time.perf_counter() - t1)
+        log.info(
+            "default identity and idle motion ready in %.2f s; model warmed up for batches 1-%d in %.2f s",
+            t1 - t0,
+            self.scheduler.cfg.max_batch,
+            time.perf_counter() - t1,
+        )
 
     def _cache_pose(self, key: tuple, codes: np.ndarray) -> None:
         self._pose_cache[key] = codes

@@ -61,8 +61,15 @@ def to_mono_float(samples: np.ndarray) -> np.ndarray:
 class Agc:
     """Slow automatic gain control towards the official RMS target (see module doc)."""
 
-    def __init__(self, target_rms: float = audio_in.TARGET_RMS, time_constant_s: float = 3.0,
-                 gate_rms: float = 1e-3, min_gain: float = 0.1, max_gain: float = 100.0, init_gain: float = 2.0):
+    def __init__(
+        self,
+        target_rms: float = audio_in.TARGET_RMS,
+        time_constant_s: float = 3.0,
+        gate_rms: float = 1e-3,
+        min_gain: float = 0.1,
+        max_gain: float = 100.0,
+        init_gain: float = 2.0,
+    ):
         self.target = target_rms
         self.tc = time_constant_s
         self.gate = gate_rms
@@ -108,8 +115,8 @@ class AudioBuffer:
         size = self._ring.size
         p = start % size
         first = min(x.size, size - p)
-        self._ring[p:p + first] = x[:first]
-        self._ring[:x.size - first] = x[first:]
+        self._ring[p : p + first] = x[:first]
+        self._ring[: x.size - first] = x[first:]
 
     def write(self, start: int, x: np.ndarray) -> None:
         """Write samples at absolute index ``start`` (gaps are zero-filled, overlaps overwrite)."""
@@ -120,9 +127,9 @@ class AudioBuffer:
                 self._put(gap0, np.zeros(start - gap0, np.float32))
             if x.size > size:  # longer than the ring: only its tail fits
                 start += x.size - size
-                x = x[x.size - size:]
+                x = x[x.size - size :]
             if start < self._base:  # older than what we keep
-                x = x[self._base - start:]
+                x = x[self._base - start :]
                 start = self._base
             if x.size:
                 self._put(start, x)
@@ -138,8 +145,8 @@ class AudioBuffer:
             if hi > lo:
                 p = lo % size
                 first = min(hi - lo, size - p)
-                out[lo - start:lo - start + first] = self._ring[p:p + first]
-                out[lo - start + first:hi - start] = self._ring[:hi - lo - first]
+                out[lo - start : lo - start + first] = self._ring[p : p + first]
+                out[lo - start + first : hi - start] = self._ring[: hi - lo - first]
             self._base = max(self._base, min(start - self._keep, self._end))  # trim older than keep_s
         return out, n - max(0, hi - lo)
 
@@ -270,7 +277,7 @@ class SpeechQueue:
             while got < n and self._chunks:
                 c = self._chunks[0]
                 k = min(n - got, c.size)
-                out[got:got + k] = c[:k]
+                out[got : got + k] = c[:k]
                 got += k
                 if k == c.size:
                     self._chunks.popleft()
@@ -317,7 +324,7 @@ class FileAudio:
             raise InputError(f"{self.path.name}: audio is {self.wav16.size / SAMPLE_RATE:.2f} s; need >= 0.2 s")
         self.wav48 = audio_in.load_audio(self.path, OUT_RATE)
         n = min(self.wav16.size, self.wav48.size // RATIO)  # exact 1:3 lengths
-        self.wav16, self.wav48 = self.wav16[:n], self.wav48[:n * RATIO]
+        self.wav16, self.wav48 = self.wav16[:n], self.wav48[: n * RATIO]
         self.gain = audio_in.rms_gain(self.wav16)  # whole-file RMS normalisation (offline semantics)
         self.loop = loop
 
@@ -332,12 +339,12 @@ class FileAudio:
         if self.loop:
             idx16 = idx % n
             x16 = self.wav16[idx16]
-            idx48 = (np.repeat(idx16 * RATIO, RATIO) + np.tile(np.arange(RATIO), n16))
+            idx48 = np.repeat(idx16 * RATIO, RATIO) + np.tile(np.arange(RATIO), n16)
             return x16, self.wav48[idx48]
         x16 = np.where(idx < n, self.wav16[np.minimum(idx, n - 1)], 0).astype(np.float32)
         x48 = np.zeros(n16 * RATIO, np.float32)
         lo = max(0, min(n16, n - start16))
-        x48[:lo * RATIO] = self.wav48[start16 * RATIO:(start16 + lo) * RATIO]
+        x48[: lo * RATIO] = self.wav48[start16 * RATIO : (start16 + lo) * RATIO]
         return x16, x48
 
 

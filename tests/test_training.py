@@ -852,7 +852,9 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
 
     runs = tmp_path / "runs"
     assert main(ci_args(cache, runs / "joint", "joint", 1)) == 0
-    warp_model = CI_MODEL[:-1] + ", generator: warp, warp_feat: 8, warp_motion: 8, warp_dec: [8, 8, 8]}"
+    warp_model = (
+        CI_MODEL[:-1] + ", generator: warp, warp_feat: 8, warp_motion: 8, warp_dec: [8, 8, 8], warp_mouth_mask: true}"
+    )
     args = ci_args(
         cache,
         runs / "warp",

@@ -77,9 +77,9 @@ def mouth_region(img: Tensor) -> Tensor:
 
 def _other_generator(a, b) -> bool:
     """True when model configs ``a`` and ``b`` differ in the generator variant only (same encoders)."""
-    gen = ("name", "generator", "warp_feat", "warp_motion", "warp_dec", "gen_channels", "id_map_channels")
+    gen = ("name", "generator", "gen_channels", "id_map_channels")  # and every warp_* field
     da, db = a.to_dict(), b.to_dict()
-    return a.generator != b.generator and all(da[k] == db[k] for k in da if k not in gen)
+    return a.generator != b.generator and all(da[k] == db[k] for k in da if k not in gen and not k.startswith("warp_"))
 
 
 # ------------------------------------------------------------------------------------ distributed

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -321,27 +320,28 @@ class Trainer:
         t = self.cfg.temperature
         return 0.5 * (info_nce(v, audio, neg_a, t) + info_nce(audio, v, neg_v, t))
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> tuple[list[str], Tensor]:
+        """One optimisation step -> (term names, their values [K] float64, averaged over ranks)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + self.rank)  # noise of this step
         b = {k: v.to(self.device) for k, v in self.batcher.batch(0 if cfg.overfit_one_batch else step).items()}
         self._set_modes()
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor] = {}  # every loss term, detached; read once per logging interval
         m = self.model
         if cfg.stage == "identity":
             with self._autocast():
                 id0, _ = m.encode_identity(torch.cat([b["ref"], b["target"]]))
                 logits = self.heads.id_classifier(id0)
             loss = F.cross_entropy(logits.float(), torch.cat([b["label"], b["label"]]))
-            logs["id"] = loss.item()
-            logs["id_acc"] = (logits.argmax(1) == torch.cat([b["label"], b["label"]])).float().mean().item()
+            logs["id"] = loss.detach()
+            logs["id_acc"] = (logits.argmax(1) == torch.cat([b["label"], b["label"]])).float().mean().detach()
         elif cfg.stage == "content":
             with self._autocast():
                 noid, audio, neg_noid, neg_a = self._content_pass(b)
                 loss = self._content_loss(noid, audio, neg_noid, neg_a)
-            logs["content"] = loss.item()
+            logs["content"] = loss.detach()
             if cfg.w_open > 0:
-                logs["open"] = (op := self._opening_loss(audio, b)).item()
+                logs["open"] = (op := self._opening_loss(audio, b)).detach()
                 loss = loss + cfg.w_open * op
         else:
             loss, fake = self._joint_g_loss(b, logs)
@@ -353,10 +353,12 @@ class Trainer:
         if cfg.stage == "joint":
             self._d_step(b, fake, logs)
             self._last = (b, fake.detach())
-        logs["loss"] = loss.item()
-        vals = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64)
+        logs["loss"] = loss.detach()
+        keys = sorted(logs)
+        # one tensor of every term, left on the device: read once per logging interval, not per term per step
+        vals = torch.stack([logs[k].detach().double().reshape(()) for k in keys])
         all_reduce_mean([vals], self.world)
-        return dict(zip(sorted(logs), vals.tolist(), strict=True))
+        return keys, vals
 
     def _target(self, b: dict[str, Tensor]) -> Tensor:
         t = b["target"]  # [B,3,224,224]
@@ -367,7 +369,7 @@ class Trainer:
             else F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         )
 
-    def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, float]) -> tuple[Tensor, Tensor]:
+    def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         cfg, m = self.cfg, self.model
         target = self._target(b)
         with self._autocast():
@@ -399,10 +401,10 @@ class Trainer:
                 l1 = F.l1_loss(fake, target)
             else:  # mean absolute error over the judged pixels
                 l1 = ((fake - target).abs() * judged).sum() / (judged.sum() * fake.shape[1])
-            logs["l1"] = l1.item()
+            logs["l1"] = l1.detach()
             total = total + cfg.w_l1 * l1
         if cfg.w_mouth > 0 and bool(speech.any()):
-            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake[speech]), mouth_region(target[speech]))).item()
+            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake[speech]), mouth_region(target[speech]))).detach()
             total = total + cfg.w_mouth * ml
         if self._gan_on():
             self.D.requires_grad_(False)
@@ -411,14 +413,14 @@ class Trainer:
                 with torch.no_grad():
                     d_real = self.D(target)
             if cfg.w_gan > 0:
-                logs["g_gan"] = (g := g_hinge_loss(d_fake)).item()
+                logs["g_gan"] = (g := g_hinge_loss(d_fake)).detach()
                 total = total + cfg.w_gan * g
             if cfg.w_fm > 0 and bool(speech.any()):  # speech samples only: else it pulls a video-only mouth
                 # to its target too
                 if not all_speech:
                     d_real = [[f[speech] for f in fs] for fs in d_real]
                     d_fake = [[f[speech] for f in fs] for fs in d_fake]
-                logs["fm"] = (fm := feature_matching_loss(d_real, d_fake)).item()
+                logs["fm"] = (fm := feature_matching_loss(d_real, d_fake)).detach()
                 total = total + cfg.w_fm * fm
             self.D.requires_grad_(True)
         if self.vgg is not None:
@@ -426,28 +428,28 @@ class Trainer:
             shown = fake if judged is None else fake * judged + target * (1 - judged)
             with self._autocast():
                 vl = self.vgg(shown, target)
-            logs["vgg"] = vl.item()
+            logs["vgg"] = vl.detach()
             total = total + cfg.w_vgg * vl
         if cfg.w_open > 0:
-            logs["open"] = (op := self._opening_loss(audio, b)).item()
+            logs["open"] = (op := self._opening_loss(audio, b)).detach()
             total = total + cfg.w_open * op
         if cfg.w_open_img > 0:
             real, gen = self._image_opening_losses(fake, target, b)
-            logs["open_real"], logs["open_fake"] = real.item(), gen.item()
+            logs["open_real"], logs["open_fake"] = real.detach(), gen.detach()
             total = total + real + cfg.w_open_img * gen
         if self.expert is not None:
             with self._autocast():
                 sy = self.expert.loss(fake, b["mel"], b["neg_mel"], cfg.temperature)
-            logs["sync"] = sy.item()
+            logs["sync"] = sy.detach()
             total = total + cfg.w_sync * sy
         if cfg.w_content > 0:
             with self._autocast():
                 c = self._content_loss(noid, audio, neg_noid, neg_a)
-            logs["content"] = c.item()
+            logs["content"] = c.detach()
             total = total + cfg.w_content * c
         if cfg.w_id > 0:
             logits = self.heads.id_classifier(id0.float())
-            logs["id"] = (idl := F.cross_entropy(logits, b["label"])).item()
+            logs["id"] = (idl := F.cross_entropy(logits, b["label"])).detach()
             total = total + cfg.w_id * idl
         return total, fake
 
@@ -464,7 +466,7 @@ class Trainer:
     def _gan_on(self) -> bool:
         return (self.cfg.w_gan > 0 or self.cfg.w_fm > 0) and self.step >= self.cfg.gan_start
 
-    def _d_step(self, b: dict[str, Tensor], fake: Tensor, logs: dict[str, float]) -> None:
+    def _d_step(self, b: dict[str, Tensor], fake: Tensor, logs: dict[str, Tensor]) -> None:
         if not self._gan_on():
             return
         with self._autocast():
@@ -475,7 +477,7 @@ class Trainer:
         loss_d.backward()
         sync_grads(list(self.D.parameters()), self.world)
         self.opt_d.step()
-        logs["d"] = loss_d.item()
+        logs["d"] = loss_d.detach()
 
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -653,7 +655,8 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stats_f = open(self.out / "stats.jsonl", "a") if self.rank == 0 else None
         last_ckpt = time.monotonic()
-        logs: dict[str, float] = {}
+        keys: list[str] = []
+        vals = torch.zeros(0, dtype=torch.float64)  # the last step's terms
         try:
             from tqdm import tqdm
 
@@ -662,14 +665,17 @@ class Trainer:
             )
             while self.step < cfg.steps and not self.stop_requested:
                 t0 = time.perf_counter()
-                logs = self.train_step(self.step)
+                keys, vals = self.train_step(self.step)
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
-                if not all(math.isfinite(v) for v in logs.values()):
-                    raise RtEngineError(f"non-finite loss at step {self.step}: {logs}")
+                if not bool(torch.isfinite(vals).all()):  # the one read of the losses every step
+                    raise RtEngineError(
+                        f"non-finite loss at step {self.step}: {dict(zip(keys, vals.tolist(), strict=True))}"
+                    )
                 self.step += 1
                 bar.update(1)
                 if stats_f and (self.step % cfg.log_every == 0 or self.step == 1):
+                    logs = dict(zip(keys, vals.tolist(), strict=True))  # once per logging interval
                     rec = {
                         "step": self.step - 1,
                         "time": time.time(),
@@ -707,7 +713,7 @@ class Trainer:
                 log.info("DDP: %d ranks in sync (parameter checksum %.6f)", self.world, sums[0])
         if self.stop_requested:
             log.info("stopped at step %d on request; rerun the same command to resume", self.step)
-        return logs
+        return dict(zip(keys, vals.tolist(), strict=True))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop_requested:  # second Ctrl-C: give up at once (the checkpoint is still written)

@@ -129,6 +129,21 @@ def cache(tmp_path_factory) -> Path:
     return make_synthetic_cache(tmp_path_factory.mktemp("cache"))
 
 
+def render_cli(model_file: Path, tmp_path: Path) -> np.ndarray:
+    """Render 0.6 s of a tone on a synthetic face through ``python -m rt_engine.render`` -> frames [N,3,H,W]."""
+    import soundfile as sf
+
+    wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
+    cmd = [sys.executable, "-m", "rt_engine.render", "--identity", str(tmp_path / "id.png"), "--audio",
+           str(tmp_path / "a.wav"), "--checkpoint", str(model_file), "--aligned", "--save-raw",
+           str(tmp_path / "o.npz"), "--threads", "1", "-q"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    return np.load(tmp_path / "o.npz")["frames"]
+
+
 def stats(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "stats.jsonl").read_text().splitlines() if x.strip()]
 
@@ -361,37 +376,7 @@ def test_three_stages_end_to_end_and_render(cache, tmp_path):
     assert _released_before([{"run": "runs/a"}, {"run": "runs/b"}, {"run": "runs/c"}], chain) == [{"run": "runs/a"}]
     assert _released_before([{"run": "runs/a"}], chain) == [{"run": "runs/a"}]
     # the checkpoint renders through the engine's command line
-    wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
-    import soundfile as sf
-
-    sf.write(tmp_path / "a.wav", wav, 16000)
-    cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rt_engine.render",
-            "--identity",
-            str(tmp_path / "id.png"),
-            "--audio",
-            str(tmp_path / "a.wav"),
-            "--checkpoint",
-            str(model_file),
-            "--aligned",
-            "--save-raw",
-            str(tmp_path / "o.npz"),
-            "--threads",
-            "1",
-            "-q",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr
-    frames = np.load(tmp_path / "o.npz")["frames"]
+    frames = render_cli(model_file, tmp_path)
     assert frames.shape[1:] == (3, 112, 112) and len(frames) >= 5 and np.isfinite(frames).all()
 
 
@@ -881,37 +866,7 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
         if k.startswith("decoder") and not torch.equal(v, got["generator." + k])
     ]
     assert moved  # the generator trained
-    wav = np.sin(2 * np.pi * 200 * np.arange(int(0.6 * 16000)) / 16000).astype(np.float32) * 0.3
-    import soundfile as sf
-
-    sf.write(tmp_path / "a.wav", wav, 16000)
-    cv2.imwrite(str(tmp_path / "id.png"), _face(0, 0.2, 30))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rt_engine.render",
-            "--identity",
-            str(tmp_path / "id.png"),
-            "--audio",
-            str(tmp_path / "a.wav"),
-            "--checkpoint",
-            str(tmp_path / "w.safetensors"),
-            "--aligned",
-            "--save-raw",
-            str(tmp_path / "o.npz"),
-            "--threads",
-            "1",
-            "-q",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr
-    frames = np.load(tmp_path / "o.npz")["frames"]
+    frames = render_cli(tmp_path / "w.safetensors", tmp_path)
     assert frames.shape[1:] == (3, 112, 112) and np.isfinite(frames).all()
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rt_engine.cli import cli_main
-from rt_engine.config import mouth_box
+from rt_engine.config import ModelConfig, mouth_box
 from rt_engine.errors import ConfigError, RtEngineError
 from rt_engine.models.pcavs import PCAVS
 from training.config import TrainConfig, git_revision, resolve, save_run_config
@@ -356,7 +356,7 @@ class Trainer:
         logs["loss"] = loss.detach()
         keys = sorted(logs)
         # one tensor of every term, left on the device: read once per logging interval, not per term per step
-        vals = torch.stack([logs[k].detach().double().reshape(()) for k in keys])
+        vals = torch.stack([logs[k].double().reshape(()) for k in keys])
         all_reduce_mean([vals], self.world)
         return keys, vals
 
@@ -554,32 +554,32 @@ class Trainer:
         A ``.safetensors`` model (e.g. the bundled one) gives the model weights only: fine-tuning it
         starts with new heads, discriminator and optimiser state."""
         if str(path).endswith(".safetensors"):
-            from rt_engine.config import ModelConfig
             from rt_engine.models.checkpoint import load_single, read_single_meta
 
             meta = read_single_meta(path)
             file_cfg = ModelConfig.from_dict(meta["config"])
-            if _other_generator(file_cfg, self.mcfg):
-                self._load_encoders(load_single(path).state_dict(), path)
-            else:
-                src = load_single(path, self.mcfg)  # fp32; CheckpointError if its config is not this run's model
-                self.model.load_state_dict(src.state_dict())
+            # fp32; CheckpointError if its config is neither this run's model nor its other generator variant
+            src = load_single(path, None if _other_generator(file_cfg, self.mcfg) else self.mcfg)
+            self._take_model(src.state_dict(), file_cfg, path)
             self.init_stages = meta.get("provenance", {}).get("stages", [])
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
             return
         ck = torch.load(path, map_location=self.device, weights_only=False)
-        from rt_engine.config import ModelConfig
-
-        if _other_generator(ModelConfig.from_dict(ck["model_config"]), self.mcfg):
-            self._load_encoders(ck["model"], path)
-        else:
-            self.model.load_state_dict(ck["model"])
+        self._take_model(ck["model"], ModelConfig.from_dict(ck["model_config"]), path)
         own = self.heads.state_dict()
         ok = {k: v for k, v in ck["heads"].items() if k in own and own[k].shape == v.shape}
         if ck.get("identities") != self.store.identities:
             ok = {k: v for k, v in ok.items() if not k.startswith("id_classifier")}
         self.heads.load_state_dict({**own, **ok})
         log.info("initialised networks from %s (stage %s, step %d)", path, ck["config"]["stage"], ck["step"])
+
+    def _take_model(self, sd: dict[str, Tensor], file_cfg: ModelConfig, path: str) -> None:
+        """This run's model from a state dict of ``file_cfg``: every weight, or only the encoders when
+        ``file_cfg`` has the other generator variant."""
+        if _other_generator(file_cfg, self.mcfg):
+            self._load_encoders(sd, path)
+        else:
+            self.model.load_state_dict(sd)
 
     def _load_encoders(self, sd: dict[str, Tensor], path: str) -> None:
         """Start a model of another generator variant from ``sd``: every encoder weight (V, E, A) is

@@ -154,7 +154,7 @@ class FastTorchRunner(Runner):
         if self.cfg.generator == "warp":
             from rt_engine.models.warp import FastWarpGenerator
 
-            self.generator = FastWarpGenerator(model.generator, self.dtype, channels_last).eval()
+            self.generator = FastWarpGenerator(model.generator, self.dtype).eval()
         else:
             self.generator = FastGenerator(model.generator, self.dtype, channels_last, upsample).eval()
         self._gen = self.generator

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import MOUTH_BOX, ModelConfig
+from rt_engine.config import ModelConfig, mouth_box
+
+
+def mouth_keep(size: int = 224) -> Tensor:
+    """[1,1,S,S]: 0 over the mouth box of the aligned crop (``config.mouth_box``), 1 elsewhere."""
+    y0, y1, x0, x1 = mouth_box(size)
+    keep = torch.ones(1, 1, size, size)
+    keep[..., y0:y1, x0:x1] = 0.0
+    return keep
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -109,10 +117,7 @@ class PoseEncoder(nn.Module):
         self.mouth_weight = cfg.mouth_weight
         self.mouth_mask = cfg.pose_mouth_mask
         if self.mouth_mask:  # not in the state_dict: official checkpoints load unchanged
-            y0, y1, x0, x1 = MOUTH_BOX
-            keep = torch.ones(1, 1, 224, 224)
-            keep[..., y0:y1, x0:x1] = 0.0
-            self.register_buffer("mouth_keep", keep, persistent=False)  # [1,1,224,224]
+            self.register_buffer("mouth_keep", mouth_keep(), persistent=False)  # [1,1,224,224]
 
     def noid_feature(self, img: Tensor) -> Tensor:  # [B,3,224,224] -> [B,512]
         return self.model(img)

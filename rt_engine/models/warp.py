@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import ModelConfig, NoiseMode, mouth_box
+from rt_engine.config import ModelConfig, NoiseMode
 from rt_engine.models.generator import StyledGenerator
 from rt_engine.models.modconv import FUSED_FORMS, LRELU_SLOPE, StyledConv, ToRGB
+from rt_engine.models.pose import mouth_keep
 
 PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
 MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
@@ -44,10 +45,7 @@ class AppearanceEncoder(nn.Module):
         f = cfg.warp_feat
         self.size = cfg.size
         if cfg.warp_mouth_mask:  # not in the state_dict
-            keep = torch.ones(1, 1, 224, 224)
-            y0, y1, x0, x1 = mouth_box(224)
-            keep[..., y0:y1, x0:x1] = 0.0
-            self.register_buffer("mouth_keep", keep, persistent=False)  # [1,1,224,224]
+            self.register_buffer("mouth_keep", mouth_keep(), persistent=False)  # [1,1,224,224]
         self.conv0 = nn.Conv2d(3, f // 2, 3, padding=1)
         self.conv1 = nn.Conv2d(f // 2, f, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(f, f, 3, stride=2, padding=1)
@@ -91,9 +89,7 @@ def mouth_prior(size: int, owned: bool = False) -> Tensor:
     of the aligned crop -MASK_INIT (an even blend of warped photo and drawn image at start, so the
     drawn branch learns the mouth at once) or, ``owned`` (the photo's mouth is blanked), -2 MASK_INIT
     (the drawn image owns the box); 0 far from it (the warped photo), with a smooth edge (no seam)."""
-    y0, y1, x0, x1 = mouth_box(size)
-    box = torch.zeros(1, 1, size, size)
-    box[..., y0:y1, x0:x1] = 1.0
+    box = 1.0 - mouth_keep(size)  # [1,1,S,S]
     k = max(3, size // 16) | 1  # box blur of about size/16: the edge ramps over ~14 px at 224
     soft = F.avg_pool2d(F.pad(box, (k // 2,) * 4, mode="replicate"), k, stride=1)
     return -(2.0 if owned else 1.0) * MASK_INIT * soft
@@ -194,14 +190,12 @@ class FastWarpGenerator(nn.Module):
     fp32). A copy: the caller's model is left as it is.
     """
 
-    def __init__(
-        self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True, form: str = "static"
-    ):
+    def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, form: str = "static"):
         super().__init__()
         import copy
 
         self.gen = copy.deepcopy(gen).eval().requires_grad_(False)
-        self.dtype = dtype  # channels_last: the inputs arrive so; the 5-D modconv weights stay as they are
+        self.dtype = dtype
         self.form = form
 
     def identity_base(self, id0: Tensor) -> Tensor:  # [1|B,id_dim]: the identity part of the style

@@ -76,6 +76,11 @@ class ModelConfig:
     # "warp": blank the photo's mouth box before the appearance encoder, so the output cannot copy the
     # photo's mouth and the generator must draw it from the mouth code (the speech)
     warp_mouth_mask: bool = False
+    # "warp": a mouth-opening channel. A small head reads the opening (z-scored: more or less open than
+    # this speaker's average) off the mouth code, and every modulated conv sees it beside the style.
+    # Training can feed the measured opening instead (teacher forcing), which teaches the motion and
+    # the drawn mouth far faster than the 500-number mouth code alone.
+    warp_open: bool = False
 
     @property
     def n_up(self) -> int:

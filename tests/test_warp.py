@@ -229,3 +229,72 @@ def test_mouth_mask_keeps_the_photos_mouth_out():
         m.generator(m.make_style(id0, m.encode_mouth(mel), m.encode_pose(a)), id1, taps=taps)
     assert torch.equal(fa, fb)
     assert taps["mask"][0, 0, (y0 + y1) // 2, (x0 + x1) // 2].item() < 0.05
+
+
+@pytest.fixture(scope="module")
+def open_model(model) -> PCAVS:
+    """``model`` with the mouth-opening channel (warp_open), widened from it, with a live channel."""
+    from training.train import widen_for_opening
+
+    cfg = dataclasses.replace(model.cfg, warp_open=True)
+    m = PCAVS(cfg).eval()
+    m.load_state_dict(widen_for_opening(model.state_dict(), m.state_dict(), cfg))
+    return m  # its opening columns are zero: it draws what ``model`` draws (next test)
+
+
+@pytest.fixture(scope="module")
+def live_open_model(open_model) -> PCAVS:
+    """``open_model`` as if trained: non-zero opening columns in every modulation."""
+    import copy
+
+    m = copy.deepcopy(open_model)
+    with torch.no_grad():
+        for name, p in m.generator.named_parameters():
+            if name.endswith("modulation.weight"):
+                p[:, m.cfg.style_dim :].normal_(0, 0.05)
+    return m
+
+
+def test_widened_model_draws_what_the_old_one_drew(model, open_model):
+    probe = Probe.random(seed=4)
+    with torch.no_grad():
+        a = model(probe.id_img, probe.pose_img, probe.mel)
+        b = open_model(probe.id_img, probe.pose_img, probe.mel)
+    assert (a - b).abs().max().item() < 1e-4
+    # a state dict that cannot widen is refused, not silently padded
+    from rt_engine.errors import RtEngineError
+    from training.train import widen_for_opening
+
+    bad = dict(model.state_dict())
+    bad["generator.flow_head.weight"] = torch.zeros(1)
+    with pytest.raises(RtEngineError, match="flow_head"):
+        widen_for_opening(bad, open_model.state_dict(), open_model.cfg)
+
+
+def test_opening_channel_reaches_the_image_and_defaults_to_the_head(live_open_model):
+    m = live_open_model
+    with torch.no_grad():
+        probe = Probe.random(seed=6)
+        id0, id1 = m.encode_identity(probe.id_img)
+        style = m.make_style(id0, m.encode_mouth(probe.mel), m.encode_pose(probe.pose_img))
+        own = m.generator.predict_opening(style)  # [1,1]
+        assert own.shape == (1, 1)
+        default = m.generate(style, id1)
+        same = m.generate(style, id1, opening=own.reshape(1))
+        wide = m.generate(style, id1, opening=torch.tensor([2.5]))
+        shut = m.generate(style, id1, opening=torch.tensor([-2.5]))
+    assert torch.equal(default, same)  # no opening given: the head's own
+    assert (wide - shut).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "name,precision,min_psnr", [("torch-fast", "fp32", 80.0), ("onnxruntime", "fp32", 80.0), ("openvino", "fp32", 60.0)]
+)
+def test_backends_run_the_opening_channel(live_open_model, name, precision, min_psnr):
+    """Every runner reads the opening off the mouth code inside the generator: no new input."""
+    if name not in available_backends():
+        pytest.skip(f"backend {name} not available here")
+    probe = Probe.random(seed=7)
+    ref = run_frame(make_backend("torch", model=live_open_model), probe)
+    out = run_frame(make_backend(name, model=live_open_model, precision=precision), probe)
+    assert psnr(out, ref) > min_psnr

@@ -82,6 +82,11 @@ class TrainConfig:
         "the generated frame's mouth opening, judged by a head that learns it on real "
         "targets in the same step (frozen for the generated frame), against the label",
     )
+    open_teacher: float = opt(
+        0.0,
+        "warp_open models: the share of speech samples whose generator gets the measured mouth "
+        "opening (teacher forcing) instead of the one its head reads off the mouth code",
+    )
     open_img_warmup: int = opt(
         0, "before step 0 of a fresh run, train the w_open_img head alone for this many steps (batch 32 of real frames)"
     )

@@ -81,6 +81,34 @@ def _other_generator(a, b) -> bool:
     return a.generator != b.generator and all(da[k] == db[k] for k in da if k not in gen and not k.startswith("warp_"))
 
 
+def _gains_opening(a, b) -> bool:
+    """True when warp model config ``b`` is ``a`` plus the mouth-opening channel (model.warp_open)."""
+    da, db = a.to_dict(), b.to_dict()
+    same = all(da[k] == db[k] for k in da if k not in ("name", "warp_open"))
+    return same and a.generator == "warp" and b.warp_open and not a.warp_open
+
+
+def widen_for_opening(sd: dict[str, Tensor], own: dict[str, Tensor], mcfg) -> dict[str, Tensor]:
+    """A warp model's state dict -> the same model with warp_open: each modulation weight [Cin,S] gains
+    OPEN_FEATS zero columns and is rescaled by sqrt((S+k)/S), so EqualLinear's product is unchanged and
+    the widened model draws the same frames; the opening head keeps its fresh initialisation."""
+    from rt_engine.models.warp import OPEN_FEATS
+
+    s = mcfg.style_dim
+    out = dict(own)
+    for k, v in sd.items():
+        if k not in own:
+            raise RtEngineError(f"unexpected weight {k} for a warp_open model")
+        if own[k].shape != v.shape:
+            if not k.endswith("modulation.weight") or tuple(own[k].shape) != (v.shape[0], s + OPEN_FEATS):
+                raise RtEngineError(f"{k}: {tuple(v.shape)} does not widen to {tuple(own[k].shape)}")
+            w = torch.zeros_like(own[k])
+            w[:, :s] = v.to(w.dtype) * ((s + OPEN_FEATS) / s) ** 0.5
+            v = w
+        out[k] = v.to(own[k].dtype)
+    return out
+
+
 # ------------------------------------------------------------------------------------ distributed
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE set) joins the process group."""
@@ -146,9 +174,10 @@ class Trainer:
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
         self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio and cfg.video_only_frac == 0)
-        if (cfg.w_open > 0 or cfg.w_open_img > 0) and not self.store.has_opening:
+        wants = cfg.w_open > 0 or cfg.w_open_img > 0 or (cfg.stage == "joint" and self.mcfg.warp_open)
+        if wants and not self.store.has_opening:
             raise ConfigError(
-                f"w_open / w_open_img need mouth-opening labels in {cfg.data}: run "
+                f"w_open / w_open_img / model.warp_open need mouth-opening labels in {cfg.data}: run "
                 f"python -m training.mouth_labels {cfg.data}"
             )
         aug = AugmentParams(cfg.color_strength, cfg.persp_margin, cfg.persp_shift, cfg.crop_min)
@@ -258,6 +287,22 @@ class Trainer:
             return torch.zeros((), device=y.device)
         pred = self.heads.audio_opening(audio.float()).squeeze(1)  # [B]
         return F.smooth_l1_loss(pred[ok], y[ok])
+
+    def _generator_opening(self, style: Tensor, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """warp_open -> (the opening [B] the generator draws, the opening head's loss []).
+
+        The generator's opening head learns the labels (z-scored, smooth L1; its only gradient). A share
+        ``open_teacher`` of the labelled samples gets the measured opening, the rest the head's own
+        (detached). Video-only samples have no label: they get the head's."""
+        pred = self.model.generator.predict_opening(style).squeeze(1)  # [B]
+        y = b.get("opening")  # [B] z-scored, NaN = no label
+        if y is None:
+            return pred.detach(), torch.zeros((), device=style.device)
+        ok = torch.isfinite(y)
+        loss = F.smooth_l1_loss(pred[ok], y[ok]) if bool(ok.any()) else torch.zeros((), device=y.device)
+        g = torch.Generator().manual_seed(int(self.step) * 7919 + self.rank)  # resumable draws
+        teach = ok & (torch.rand(y.shape, generator=g) < self.cfg.open_teacher).to(y.device)
+        return torch.where(teach, torch.nan_to_num(y), pred.detach()), loss
 
     def _image_opening_losses(self, fake: Tensor, target: Tensor, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(head's loss on the real target's mouth box, generated frame's loss under the frozen head).
@@ -386,9 +431,13 @@ class Trainer:
             else:  # official: one feature for both
                 pose = m.pose_encoder.headpose(noid)  # [B,12]
             style = m.make_style(id0, m.pose_encoder.mouth(audio), pose)
-            fake = m.generate(style, id1, noise="random")  # [B,3,S,S]
+            opening, open_g = self._generator_opening(style, b) if self.mcfg.warp_open else (None, None)
+            fake = m.generate(style, id1, noise="random", opening=opening)  # [B,3,S,S]
         fake = fake.float()
         total = torch.zeros((), device=self.device)
+        if open_g is not None:  # the opening head's regression (its only gradient)
+            logs["open_g"] = open_g.detach()
+            total = total + open_g
         speech = b["speech"]  # [B] False: video-only sample, its mel is someone else's: mouth not judged
         all_speech = bool(speech.all())
         judged = None  # [B,1,S,S] 1 where a pixel is judged: all but the video-only samples' mouth boxes
@@ -559,7 +608,8 @@ class Trainer:
             meta = read_single_meta(path)
             file_cfg = ModelConfig.from_dict(meta["config"])
             # fp32; CheckpointError if its config is neither this run's model nor its other generator variant
-            src = load_single(path, None if _other_generator(file_cfg, self.mcfg) else self.mcfg)
+            own_cfg = _other_generator(file_cfg, self.mcfg) or _gains_opening(file_cfg, self.mcfg)
+            src = load_single(path, None if own_cfg else self.mcfg)
             self._take_model(src.state_dict(), file_cfg, path)
             self.init_stages = meta.get("provenance", {}).get("stages", [])
             log.info("initialised the model from %s (heads, discriminator and optimiser start fresh)", path)
@@ -578,6 +628,9 @@ class Trainer:
         ``file_cfg`` has the other generator variant."""
         if _other_generator(file_cfg, self.mcfg):
             self._load_encoders(sd, path)
+        elif _gains_opening(file_cfg, self.mcfg):
+            self.model.load_state_dict(widen_for_opening(sd, self.model.state_dict(), self.mcfg))
+            log.info("%s has no mouth-opening channel: its new style columns and opening head start at zero", path)
         else:
             self.model.load_state_dict(sd)
 

@@ -57,10 +57,19 @@ class PCAVS(nn.Module):
     make_style = staticmethod(make_style)
 
     def generate(
-        self, style: Tensor, id_feature1: Tensor, noise: str | list[Tensor] = NoiseMode.STORED, form: str | None = None
+        self,
+        style: Tensor,
+        id_feature1: Tensor,
+        noise: str | list[Tensor] = NoiseMode.STORED,
+        form: str | None = None,
+        opening: Tensor | None = None,
     ) -> Tensor:
-        """style [B,2560], id map [B|1,*cfg.id_map_shape] -> [B,3,224,224] (``form``: see Generator.forward)."""
-        return self.generator(style, id_feature1.expand(style.shape[0], -1, -1, -1), noise, form=form)
+        """style [B,2560], id map [B|1,*cfg.id_map_shape] -> [B,3,224,224] (``form``: see Generator.forward;
+        ``opening`` [B]: the mouth opening to draw, warp generator with warp_open only)."""
+        id_map = id_feature1.expand(style.shape[0], -1, -1, -1)
+        if opening is not None:
+            return self.generator(style, id_map, noise, form=form, opening=opening)
+        return self.generator(style, id_map, noise, form=form)
 
     def forward(self, id_img: Tensor, pose_img: Tensor, mel: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         id0, id1 = self.encode_identity(id_img)

@@ -18,6 +18,11 @@ where a fixed prior blends in the drawn image evenly, so an untrained model retu
 around a half-drawn mouth; training (self-reconstruction: another frame of the same clip is the
 source) learns motion and mouth. Every op exports to ONNX (GridSample needs opset >= 16).
 
+With ``warp_open`` a small head reads the mouth opening (z-scored within a speaker) off the mouth
+code, and every modulated conv sees it beside the style (:func:`open_features`). Training may pass
+the measured opening instead (``opening=``): with one clean number to follow, the motion net learns
+to open and close the photo's mouth far sooner than from the 500-number code alone.
+
 Noise maps (``ModelConfig.noise_sizes``): one per styled conv, in order motion 14, 28, 56, decoder
 56, 56, 112, 112, 224, 224 (official-size numbers for S = 224).
 """
@@ -35,6 +40,18 @@ from rt_engine.models.pose import mouth_keep
 
 PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor)
 MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
+OPEN_FEATS = 3  # style columns added by warp_open (open_features)
+OPEN_MAX = 3.0  # the opening is clamped to +-3 (z-score units)
+
+
+def open_features(opening: Tensor, style_dim: int) -> Tensor:
+    """Mouth opening [B,1] (z-score) -> the style columns [B,OPEN_FEATS] that warp_open appends.
+
+    [o, relu(o), relu(-o)] lets a modulation bend at the speaker's average. The gain sqrt(style_dim)
+    undoes EqualLinear's 1/sqrt(style_dim): these few columns train at the speed of a plain linear
+    layer instead of being drowned by the 2,560 style numbers."""
+    o = opening.float().clamp(-OPEN_MAX, OPEN_MAX)
+    return torch.cat([o, F.relu(o), F.relu(-o)], dim=1) * style_dim**0.5
 
 
 class AppearanceEncoder(nn.Module):
@@ -103,8 +120,10 @@ class WarpGenerator(StyledGenerator):
         if cfg.generator != "warp":
             raise ValueError("WarpGenerator needs ModelConfig.generator == 'warp'")
         self.cfg = cfg
-        sd, f, m = cfg.style_dim, cfg.warp_feat, cfg.warp_motion
+        sd, f, m = cfg.style_dim + (OPEN_FEATS if cfg.warp_open else 0), cfg.warp_feat, cfg.warp_motion
         d0, d1, d2 = cfg.warp_dec
+        if cfg.warp_open:  # mouth code [B,500] -> opening [B,1] (z-score)
+            self.open_head = nn.Sequential(nn.Linear(cfg.mouth_dim, 64), nn.LeakyReLU(LRELU_SLOPE), nn.Linear(64, 1))
         # motion net: S/4 -> S/16 plain, then style-driven back up to S/4
         self.down1 = nn.Conv2d(f, m, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(m, m, 3, stride=2, padding=1)
@@ -136,6 +155,20 @@ class WarpGenerator(StyledGenerator):
         self.register_buffer("grid_q", base_grid(q, q, torch.empty(0)), persistent=False)  # [1,S/4,S/4,2]
         self.register_buffer("grid_s", base_grid(s, s, torch.empty(0)), persistent=False)  # [1,S,S,2]
 
+    def predict_opening(self, style: Tensor) -> Tensor:
+        """style [B,S] -> the mouth opening its mouth code asks for [B,1] (z-score; warp_open only)."""
+        c = self.cfg
+        with torch.autocast(style.device.type, enabled=False):
+            return self.open_head(style[:, c.id_dim : c.id_dim + c.mouth_dim].float())
+
+    def full_style(self, style: Tensor, opening: Tensor | None = None) -> Tensor:
+        """style [B,S] -> what the modulated convs see: [B,S] or, with warp_open, [B,S+OPEN_FEATS] with
+        the opening ``opening`` [B] if given (teacher forcing in training), else the predicted one."""
+        if not self.cfg.warp_open:
+            return style
+        o = self.predict_opening(style) if opening is None else opening.reshape(-1, 1)
+        return torch.cat([style.float(), open_features(o, self.cfg.style_dim + OPEN_FEATS)], dim=1).to(style.dtype)
+
     def motion_field(
         self, style: Tensor, feat: Tensor, noises: list[Tensor], form: str | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -155,9 +188,12 @@ class WarpGenerator(StyledGenerator):
         noise: str | list[Tensor] = NoiseMode.STORED,
         taps: dict[str, Tensor] | None = None,
         form: str | None = None,
+        opening: Tensor | None = None,
     ) -> Tensor:
-        """``form``: the modulated-conv form of this call (None: each layer's own), as Generator.forward."""
+        """``form``: the modulated-conv form of this call (None: each layer's own), as Generator.forward.
+        ``opening`` [B]: the mouth opening to draw (warp_open; None: read off the mouth code)."""
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
+        style = self.full_style(style, opening)  # [B,S(+OPEN_FEATS)]
         f = self.cfg.warp_feat
         feat = id_map[:, :f]  # [B,F,S/4,S/4]
         photo = F.pixel_shuffle(id_map[:, f:].float(), PACK)  # [B,3,S,S]

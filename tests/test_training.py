@@ -465,19 +465,13 @@ def test_content_positives_and_negatives_share_one_batch_norm_pass(cache, tmp_pa
     assert not torch.allclose(noid, noid2) and not torch.allclose(audio, audio2)
 
 
-def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path, caplog):
-    """w_open: labels from mouth.npy (z-scored per clip, NaN skipped) reach the batch, and the audio
-    head learns them; without labels the run refuses to start."""
+def labelled_copy(cache: Path, data: Path) -> Path:
+    """A copy of the synthetic cache with mouth-opening labels (mouth.npy) the audio can predict:
+    the loudness around each frame; frame 3 of every clip has no label (NaN)."""
     import shutil
 
-    from training.data import ClipStore
-    from training.train import main
-
-    caplog.set_level(logging.INFO)
-    assert main(ci_args(cache, tmp_path / "nolabels", "content", 1, "--w-open", "1")) == 2
-    data = tmp_path / "cache"
     shutil.copytree(cache, data)
-    for d in (data / "clips").iterdir():  # a label the audio can predict: loudness around each frame
+    for d in (data / "clips").iterdir():
         mel = np.load(d / "mel.npy")
         n = json.loads((d / "meta.json").read_text())["n_frames"]
         lab = np.array(
@@ -485,6 +479,18 @@ def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path, caplog):
         )
         lab[3] = np.nan
         np.save(d / "mouth.npy", lab)
+    return data
+
+
+def test_mouth_opening_labels_train_the_audio_head(cache, tmp_path, caplog):
+    """w_open: labels from mouth.npy (z-scored per clip, NaN skipped) reach the batch, and the audio
+    head learns them; without labels the run refuses to start."""
+    from training.data import ClipStore
+    from training.train import main
+
+    caplog.set_level(logging.INFO)
+    assert main(ci_args(cache, tmp_path / "nolabels", "content", 1, "--w-open", "1")) == 2
+    data = labelled_copy(cache, tmp_path / "cache")
     store = ClipStore(data)
     z = store.clips[0].opening
     assert np.isnan(z[3]) and abs(np.nanmean(z)) < 1e-5 and abs(np.nanstd(z) - 1) < 1e-3
@@ -868,6 +874,50 @@ def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     assert moved  # the generator trained
     frames = render_cli(tmp_path / "w.safetensors", tmp_path)
     assert frames.shape[1:] == (3, 112, 112) and np.isfinite(frames).all()
+
+
+def test_opening_channel_widens_a_warp_model_and_trains(cache, tmp_path, caplog):
+    """model.warp_open: a warp run without the channel is the init (its weights carried over, the new
+    columns start at zero), the generator's opening head learns the labels, the teacher-forced
+    opening trains the new columns; without labels the run refuses to start."""
+    from training.train import main
+
+    caplog.set_level(logging.INFO)
+    warp = CI_MODEL[:-1] + ", generator: warp, warp_feat: 8, warp_motion: 8, warp_dec: [8, 8, 8]}"
+    runs = tmp_path / "runs"
+    args = ci_args(cache, runs / "warp", "joint", 1)
+    args[args.index("--model") + 1] = warp
+    assert main(args) == 0
+    opened = warp[:-1] + ", warp_open: true}"
+    extra = (
+        "--init",
+        str(runs / "warp/last.pt"),
+        "--freeze-encoders",
+        "true",
+        "--open-teacher",
+        "1.0",
+        "--w-content",
+        "0",
+        "--w-id",
+        "0",
+    )
+    args = ci_args(cache, runs / "nolabels", "joint", 1, *extra)
+    args[args.index("--model") + 1] = opened
+    assert main(args) == 2
+    data = labelled_copy(cache, tmp_path / "cache")
+    more = ("--lr", "2e-3", "--overfit-one-batch", "true")
+    args = ci_args(data, runs / "open", "joint", 25, *extra, *more)
+    args[args.index("--model") + 1] = opened
+    assert main(args) == 0
+    assert "no mouth-opening channel: its new style columns and opening head start at zero" in caplog.text
+    recs = stats(runs / "open")
+    first, last = np.mean([r["open_g"] for r in recs[:2]]), np.mean([r["open_g"] for r in recs[-2:]])
+    assert last < 0.5 * first, (first, last)
+    init = torch.load(runs / "warp/last.pt", map_location="cpu", weights_only=False)["model"]
+    got = torch.load(runs / "open/last.pt", map_location="cpu", weights_only=False)["model"]
+    key = "generator.decoder.0.conv.modulation.weight"  # [Cin, S + 3]
+    assert got[key].shape[1] == init[key].shape[1] + 3
+    assert got[key][:, -3:].abs().max() > 0  # the teacher-forced opening trained the new columns
 
 
 def test_later_config_files_add_model_overrides(tmp_path):

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rt_engine.cli import cli_main
+from rt_engine.errors import ConfigError
+
 log = logging.getLogger("benchmarks.barge_in")
 
 
@@ -112,21 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.trials < 1:
-        print("error: --trials must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--trials must be >= 1")
     from benchmarks.latency import cpu_info
-    from rt_engine.errors import RtEngineError
     from rt_engine.integrations import load_engine
 
-    try:
-        engine = load_engine(args.checkpoint, args.backend, margin_ms=args.margin_ms, threads=args.threads)
-    except RtEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    engine = load_engine(args.checkpoint, args.backend, margin_ms=args.margin_ms, threads=args.threads)
     load0 = os.getloadavg()
     try:
         res = asyncio.run(run_trials(engine, args.trials, args.seed))

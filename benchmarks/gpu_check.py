@@ -62,7 +62,9 @@ if __package__ in (None, ""):  # run as a script: make `rt_engine` importable fr
 from benchmarks.kernels import _time_cuda  # noqa: E402  (CUDA-event timer, 3 warm-up calls)
 from rt_engine.backends import DEFAULT_MIN_PSNR, psnr  # noqa: E402
 from rt_engine.backends import cuda_backend as cb  # noqa: E402
-from rt_engine.config import ModelConfig, model_preset  # noqa: E402
+from rt_engine.cli import cli_main  # noqa: E402
+from rt_engine.config import ModelConfig, NoiseMode, model_preset  # noqa: E402
+from rt_engine.errors import ConfigError  # noqa: E402
 from rt_engine.models import fused_modconv as fm  # noqa: E402
 from rt_engine.models.pcavs import PCAVS  # noqa: E402
 
@@ -307,13 +309,13 @@ def step_generator_psnr(ctx: Ctx) -> dict:
     ref = TorchRunner(copy.deepcopy(model), "fp32", device=str(ctx.device))
     id0, id1 = ref.encode_identity(inp["id_img"])
     mouth, pose = ref.encode_audio(inp["mel"]), ref.encode_pose(inp["pose_img"])
-    ref_frames = ref.generate(id0, id1, mouth, pose, "stored")
+    ref_frames = ref.generate(id0, id1, mouth, pose, NoiseMode.STORED)
     out: dict[str, Any] = {"batch": b, "reference": "torch fp32 (per-sample weights, TF32 off)", "precisions": {}}
     failures = []
     for prec in ctx.precisions:
         runner = cb.TorchCudaRunner(model, prec, device=str(ctx.device), impl=ctx.impl, max_batch=8)
-        gen = [runner.generate(id0, id1, mouth, pose, "stored") for _ in range(3)]  # eager, capture, replay
-        frame = runner.step(inp["pose_img"], inp["mel"], id0, id1, "stored")
+        gen = [runner.generate(id0, id1, mouth, pose, NoiseMode.STORED) for _ in range(3)]  # eager, capture, replay
+        frame = runner.step(inp["pose_img"], inp["mel"], id0, id1, NoiseMode.STORED)
         per = [psnr(gen[-1][i], ref_frames[i]) for i in range(b)]
         whole = [psnr(frame[i], ref_frames[i]) for i in range(b)]
         row = {
@@ -323,7 +325,8 @@ def step_generator_psnr(ctx: Ctx) -> dict:
             "max_abs_err": float((gen[-1] - ref_frames).abs().max()),
             "ops": runner.ops(),
             "cuda_graphs": runner.cuda_graphs,
-            "graph_captured": runner._gen["stored"].slots[runner._gen["stored"].bucket(b)].graph is not None,
+            "graph_captured": runner._gen[NoiseMode.STORED].slots[runner._gen[NoiseMode.STORED].bucket(b)].graph
+            is not None,
             # the third call replays the graph (on CUDA); the first ran eagerly. Bit equality is likely but
             # not promised (cuDNN may pick non-deterministic algorithms), so the bound is a PSNR.
             "replay_equals_first_call": bool(torch.equal(gen[0], gen[-1])),
@@ -771,6 +774,7 @@ def run_check(ctx: Ctx) -> dict:
     return result
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny sizes, C++ twin and emulator, no timings")
@@ -791,23 +795,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.sanitizer_child:
         return sanitizer_child()
     if not args.dry_run and not torch.cuda.is_available():
-        print(f"error: no CUDA GPU ({cb.cuda_missing()}); use --dry-run on a CPU machine", file=sys.stderr)
-        return 2
+        raise ConfigError(f"no CUDA GPU ({cb.cuda_missing()}); use --dry-run on a CPU machine")
     precisions = tuple(p for p in args.precisions.split(",") if p)
     time_precisions = tuple(p for p in args.time_precisions.split(",") if p)
     for p in precisions + time_precisions:
         if p not in cb.PRECISIONS:
-            print(f"error: unknown precision {p!r}; choose from {sorted(cb.PRECISIONS)}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"unknown precision {p!r}; choose from {sorted(cb.PRECISIONS)}")
     out_json = Path(args.json or ("build/gpu_check_dry.json" if args.dry_run else "benchmarks/results/gpu_check.json"))
     out_json.parent.mkdir(parents=True, exist_ok=True)
     work = REPO / "build" / "gpu_check"  # scratch (ONNX export): git-ignored
     work.mkdir(parents=True, exist_ok=True)
-    try:
-        cfg = model_preset(args.preset or ("tiny" if args.dry_run else "official"))
-    except Exception as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = model_preset(args.preset or ("tiny" if args.dry_run else "official"))  # ConfigError: one line
     ctx = Ctx(
         dry=args.dry_run,
         cfg=cfg,

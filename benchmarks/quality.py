@@ -314,6 +314,7 @@ def render_method(
     method: str, clip: Clip, ref: Reference, checkpoint: str | None, precision: str, mouth_gain: float = 1.0
 ) -> np.ndarray:
     """Runs the model; returns generated frames [M,224,224,3] aligned with ref.inds."""
+    from rt_engine.config import NoiseMode
     from rt_engine.render import render_arrays
 
     pose = "still" if method == "fixed_pose" else clip.frames
@@ -323,7 +324,7 @@ def render_method(
         pose=pose,
         checkpoint=checkpoint,
         aligned=True,
-        noise="stored",
+        noise=NoiseMode.STORED,
         precision=precision,
         frontalize=False,
         max_frames=int(ref.inds[-1]) - 1,

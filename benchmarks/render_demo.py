@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.latency import recipe_checkpoint
+from rt_engine.config import NoiseMode
 from rt_engine.render import render_arrays
 
 SHARED = Path(os.environ.get("RT_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"demo input missing: {p} (set RT_ENGINE_SHARED)")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or recipe_checkpoint(Path(tmp))
-        common = dict(aligned=True, pose_length=160, noise="stored", batch_size=args.batch_size)
+        common = dict(aligned=True, pose_length=160, noise=NoiseMode.STORED, batch_size=args.batch_size)
         fast = make_backend(args.backend, checkpoint=ckpt, precision=args.precision)
         t0 = time.perf_counter()
         res = render_arrays(identity, audio, pose, runner=fast, max_frames=args.max_frames, progress=True, **common)

@@ -71,6 +71,7 @@ def compile_torch_trt(
     cfg = model.cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a copy: moved and cast in place, its generator's form set below, encoders in eval mode (BN)
     m = copy.deepcopy(model).eval().to("cuda", dtype)
     m.generator.set_form("static")  # shared weights: one engine serves samples with different styles
     wrappers = {

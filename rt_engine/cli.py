@@ -1,4 +1,5 @@
-"""The one error exit of every command line (render, serve, checkpoint, export, training).
+"""The one error exit of every command line (render, serve, checkpoint, export, training, the LiveKit
+worker, the GPU check and the barge-in benchmark).
 
     @cli_main
     def main(argv: list[str] | None = None) -> int: ...

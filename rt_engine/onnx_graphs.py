@@ -597,6 +597,7 @@ def export_onnx(
 def _half_copy(model: PCAVS) -> PCAVS:
     import copy
 
+    # a copy: .half() converts the weights in place, and the export traces encoders in eval mode (BN)
     return copy.deepcopy(model).half().eval()
 
 

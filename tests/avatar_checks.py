@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rt_engine.assets import DEFAULT_SPEECH
+from rt_engine.config import NoiseMode
 from rt_engine.inputs import audio as audio_in
 from rt_engine.inputs.image import to_uint8
 from rt_engine.stream.clock import OUT_RATE
@@ -49,7 +50,7 @@ class MouthProbe:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def generate(self, id0, id1, mouth, pose, noise="stored"):  # -> [B,3,H,W]
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):  # -> [B,3,H,W]
         out = self.inner.generate(id0, id1, mouth, pose, noise).clone()
         if self._m0 is None:
             self._m0 = self.inner.encode_audio(torch.from_numpy(audio_in.silence_window().copy())[None])  # [1,D]
@@ -58,7 +59,7 @@ class MouthProbe:
         out[:, :, :8, 8:16] = torch.tanh(20 * pose[:, :1, None, None].float())  # the head pose, visibly
         return out
 
-    def generate_uint8(self, id0, id1, mouth, pose, noise="stored") -> np.ndarray:  # -> [B,H,W,3]
+    def generate_uint8(self, id0, id1, mouth, pose, noise=NoiseMode.STORED) -> np.ndarray:  # -> [B,H,W,3]
         return to_uint8(self.generate(id0, id1, mouth, pose, noise))
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rt_engine.backends import Probe, available_backends, make_backend, psnr, run_frame, select_backend
 from rt_engine.backends.base import Runner
 from rt_engine.backends.torch_backend import FastTorchRunner, TorchRunner, resolve_precision
-from rt_engine.config import model_preset
+from rt_engine.config import NoiseMode, model_preset
 from rt_engine.errors import ConfigError
 from rt_engine.models.fast_generator import FastGenerator, dense_upsample_weight
 from rt_engine.models.modconv import blur_kernel, upfirdn2d
@@ -82,7 +82,7 @@ def test_dense_upsample_weight_equals_transposed_conv_and_blur():
 
 
 @pytest.mark.parametrize("upsample", ["dense", "transpose"])
-@pytest.mark.parametrize("noise", ["stored", "zero"])
+@pytest.mark.parametrize("noise", [NoiseMode.STORED, NoiseMode.ZERO])
 def test_fast_generator_fp32_matches_reference(model, upsample, noise):
     cfg = model.cfg
     id0, id1, mouth, pose = _style_inputs(cfg, 3)
@@ -100,7 +100,11 @@ def test_fast_generator_random_noise_changes_output(model):
     fg = FastGenerator(model.generator, torch.float32)
     with torch.no_grad():
         base, var = fg.identity_base(id0), torch.cat([mouth, pose], 1)
-        a, b, z = fg(base, var, id1, "random"), fg(base, var, id1, "random"), fg(base, var, id1, "zero")
+        a, b, z = (
+            fg(base, var, id1, NoiseMode.RANDOM),
+            fg(base, var, id1, NoiseMode.RANDOM),
+            fg(base, var, id1, NoiseMode.ZERO),
+        )
     assert a.shape == (1, 3, cfg.size, cfg.size) and not torch.equal(a, b)
     assert (a - z).abs().max() > 1e-3
     with pytest.raises(ValueError, match="noise"):
@@ -223,7 +227,7 @@ class _Wrapped(Runner):
     def encode_audio(self, mel):
         return self.inner.encode_audio(mel)
 
-    def generate(self, id0, id1, mouth, pose, noise="stored"):
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
         time.sleep(self.delay)
         out = self.inner.generate(id0, id1, mouth, pose, noise)
         return out + self.corrupt * torch.randn_like(out)

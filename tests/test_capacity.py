@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rt_engine.config import FIRST_FRAME
+from rt_engine.config import FIRST_FRAME, NoiseMode
 from rt_engine.stream.capacity import CostModel, PlanConfig, plan_output, wants_frame
 from rt_engine.stream.clock import LOOKAHEAD_S
 from rt_engine.stream.scheduler import FrameJob, Metrics, Scheduler, SchedulerConfig
@@ -29,7 +29,7 @@ class FakeRunner:
     def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:  # [B,1,80,20] -> [B,4]
         return mel.mean(dim=(2, 3)).repeat(1, 4)
 
-    def generate(self, id0, id1, mouth, pose, noise="stored") -> torch.Tensor:  # -> [B,3,H,W]
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED) -> torch.Tensor:  # -> [B,3,H,W]
         time.sleep(self.batch_s + self.frame_s * mouth.shape[0])
         return torch.zeros(mouth.shape[0], 3, self.cfg.size, self.cfg.size)
 
@@ -87,7 +87,7 @@ class VirtualRunner(FakeRunner):
         super().__init__(frame_s, batch_s)
         self.vt = vt
 
-    def generate(self, id0, id1, mouth, pose, noise="stored") -> torch.Tensor:
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED) -> torch.Tensor:
         self.vt.now += self.batch_s + self.frame_s * mouth.shape[0]
         return torch.zeros(mouth.shape[0], 3, self.cfg.size, self.cfg.size)
 
@@ -196,13 +196,13 @@ class SlowRunner:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate(self, id0, id1, mouth, pose, noise="stored"):
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
         t0 = time.monotonic()
         out = self.inner.generate(id0, id1, mouth, pose, noise)
         time.sleep(max(0.0, self.frame_s * mouth.shape[0] - (time.monotonic() - t0)))
         return out
 
-    def generate_uint8(self, id0, id1, mouth, pose, noise="stored"):
+    def generate_uint8(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
         from rt_engine.inputs.image import to_uint8
 
         return to_uint8(self.generate(id0, id1, mouth, pose, noise))

@@ -17,6 +17,7 @@ import torch
 
 from rt_engine.backends import available_backends, make_backend, psnr, run_frame, select_backend
 from rt_engine.backends import cuda_backend as cb
+from rt_engine.config import NoiseMode
 from rt_engine.errors import ConfigError
 from rt_engine.models import fused_modconv as fm
 from tests import test_backends as tb
@@ -34,14 +35,14 @@ def _native_or_skip() -> None:
         pytest.skip(f"rt_engine._kernels unavailable: {e}")
 
 
-def _reference_generator(model, id0, id1, mouth, pose, noise="stored") -> torch.Tensor:
+def _reference_generator(model, id0, id1, mouth, pose, noise=NoiseMode.STORED) -> torch.Tensor:
     style = model.make_style(id0, mouth, pose)
     with torch.no_grad():
         return model.generator.set_form("ref")(style, id1.expand(style.shape[0], -1, -1, -1), noise)
 
 
 @pytest.mark.parametrize("impl", ["ref", "cpu"])
-@pytest.mark.parametrize("noise", ["stored", "zero"])
+@pytest.mark.parametrize("noise", [NoiseMode.STORED, NoiseMode.ZERO])
 def test_kernel_generator_matches_reference_fp32(model, impl, noise):
     if impl == "cpu":
         _native_or_skip()
@@ -59,7 +60,7 @@ def test_kernel_generator_bf16_close_to_reference(model):
     gen = cb.KernelGenerator(model.generator, torch.bfloat16, "cpu")
     id0, id1, mouth, pose = _style_inputs(model.cfg, 2, seed=3)
     with torch.no_grad():
-        out = gen(gen.identity_base(id0), torch.cat([mouth, pose], 1), id1, "stored")
+        out = gen(gen.identity_base(id0), torch.cat([mouth, pose], 1), id1, NoiseMode.STORED)
     assert psnr(out, _reference_generator(model, id0, id1, mouth, pose)) > 40.0
 
 
@@ -82,7 +83,7 @@ def test_every_3x3_styled_conv_is_one_fused_call_per_batch(model, monkeypatch):
     monkeypatch.setattr(fm, "modulated_conv2d", spy)
     id0, id1, mouth, pose = _style_inputs(cfg, 5, seed=4)
     with torch.no_grad():
-        gen(gen.identity_base(id0), torch.cat([mouth, pose], 1), id1, "stored")
+        gen(gen.identity_base(id0), torch.cat([mouth, pose], 1), id1, NoiseMode.STORED)
     want = [(5, c, c, r, r) for (_, c, _, r, _) in cb.fused_layer_shapes(cfg, 5)]
     assert [(x[0], x[1], s[1], x[2], x[3]) for x, s, _ in calls] == want
     assert {impl for _, _, impl in calls} == {"ref"}
@@ -104,7 +105,7 @@ def test_runner_buckets_buffers_and_chunks(model):
     id0, id1, mouth, pose = _style_inputs(cfg, 6, seed=5)
     ref = _reference_generator(model, id0, id1, mouth, pose)
     first = runner.generate(id0, id1, mouth[:3], pose[:3])  # bucket 4
-    stage = runner._gen["stored"]
+    stage = runner._gen[NoiseMode.STORED]
     assert sorted(stage.slots) == [4]
     ptrs = [t.data_ptr() for t in stage.slots[4].inputs]
     again = runner.generate(id0, id1, mouth[3:6], pose[3:6])  # same bucket, other inputs
@@ -262,7 +263,7 @@ def test_cuda_runner_graph_replay_matches_eager(model, probe, reference):
     eager = cb.TorchCudaRunner(model, "fp32", cuda_graphs=False, max_batch=4)
     for _ in range(3):  # warm-up, capture, replay
         out = run_frame(runner, probe)
-    assert runner._gen["stored"].slots[1].graph is not None
+    assert runner._gen[NoiseMode.STORED].slots[1].graph is not None
     assert psnr(out, run_frame(eager, probe)) > 80.0  # bit equality unless cuDNN picks non-deterministic algorithms
     assert psnr(out, reference) > 60.0  # cuDNN may use TF32 in the library layers
 
@@ -285,6 +286,6 @@ def test_kernel_generator_official_size_matches_reference():
         kg = cb.KernelGenerator(g, torch.float32, "ref")
         assert kg.ops().count("fused_modconv[ref]") == 6
         id0, id1, var = torch.rand(1, cfg.id_dim), torch.randn(1, 512, 7, 7), torch.randn(1, 512)
-        out = kg(kg.identity_base(id0), var, id1, "stored")
-        ref = g.set_form("ref")(torch.cat([id0, var], 1), id1, "stored")
+        out = kg(kg.identity_base(id0), var, id1, NoiseMode.STORED)
+        ref = g.set_form("ref")(torch.cat([id0, var], 1), id1, NoiseMode.STORED)
     assert psnr(out, ref) > 100.0

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rt_engine.backends.torch_backend import TorchRunner
+from rt_engine.config import NoiseMode
 from rt_engine.inputs import audio as A
 from rt_engine.inputs import image as I
 from rt_engine.models.checkpoint import OFFICIAL_NETS, UNUSED_PREFIXES, load_official
@@ -142,15 +143,17 @@ def test_generator(fx, model, form):
     taps = {}
     n = 8 if form == "ref" else 3  # the static form on fewer frames: it is proven equal in test_modconv
     id1 = torch.from_numpy(g["id_feature1"]).expand(8, -1, -1, -1)
-    out = model.generator(torch.from_numpy(g["style"][:n]), id1[:n], "stored", taps)
+    out = model.generator(torch.from_numpy(g["style"][:n]), id1[:n], NoiseMode.STORED, taps)
     check(fx, "out", out, rows=n)
     for k in ("conv1", "convs0", "convs1", "skip7", "skip14", "skip28", "skip56", "skip112", "skip224"):
         check(fx, f"g0_{k}", taps[k][0])
     check(fx, "out_uint8", I.to_uint8(out), rows=n)
     if form == "ref":
-        check(fx, "out_ref_pose", model.generator(torch.from_numpy(g["style_ref"][:3]), id1[:3], "stored"), rows=3)
+        check(
+            fx, "out_ref_pose", model.generator(torch.from_numpy(g["style_ref"][:3]), id1[:3], NoiseMode.STORED), rows=3
+        )
         # noise matters: zero noise must NOT pass (guards against a test that cannot fail)
-        zero = model.generator(torch.from_numpy(g["style"][:2]), id1[:2], "zero")
+        zero = model.generator(torch.from_numpy(g["style"][:2]), id1[:2], NoiseMode.ZERO)
         assert np.abs(zero.numpy() - g["out"][:2]).max() > 100 * 1e-4 * np.abs(g["out"]).max()
 
 
@@ -169,7 +172,7 @@ def test_bf16_psnr(fx, model, n):
         id0, id1 = r.encode_identity(I.to_tensor(g["input_id_u8"]))
         mouth = r.encode_audio(torch.from_numpy(g["mel_windows"][:n]))
         pose = r.encode_pose(I.to_tensor(g["pose_frames_u8"][:n]))
-        out = r.generate(id0, id1, mouth, pose, "stored").numpy()
+        out = r.generate(id0, id1, mouth, pose, NoiseMode.STORED).numpy()
     finally:
         for m in model.modules():  # back to the reference layout for the other tests
             if isinstance(m, torch.nn.Conv2d):

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from rt_engine.config import model_preset
+from rt_engine.config import NoiseMode, model_preset
 from rt_engine.models.checkpoint import save_official, save_single
 from rt_engine.models.pcavs import PCAVS
 from rt_engine.render import render_arrays
@@ -84,8 +84,8 @@ def test_pose_modes_and_noise(assets):
     assert still.frames.shape == idle.frames.shape == front.frames.shape == (6, 3, 112, 112)
     assert not np.allclose(still.frames, front.frames)
     assert np.abs(np.diff(idle.frames, axis=0)).mean() > 0
-    z1 = render_arrays(a["id"], a["audio"], "still", noise="zero", **kw)
-    z2 = render_arrays(a["id"], a["audio"], "still", noise="zero", **kw)
+    z1 = render_arrays(a["id"], a["audio"], "still", noise=NoiseMode.ZERO, **kw)
+    z2 = render_arrays(a["id"], a["audio"], "still", noise=NoiseMode.ZERO, **kw)
     assert np.array_equal(z1.frames, z2.frames)
     # bf16 stays close to fp32
     bf = render_arrays(a["id"], a["audio"], "still", precision="bf16", **kw)
@@ -101,7 +101,7 @@ def test_mouth_gain(assets, tmp_path):
     from rt_engine.inputs import audio as audio_in
 
     a = assets
-    kw = dict(checkpoint=a["ckpt"], aligned=True, max_frames=8, noise="zero")
+    kw = dict(checkpoint=a["ckpt"], aligned=True, max_frames=8, noise=NoiseMode.ZERO)
     base = render_arrays(a["id"], a["audio"], "still", **kw)
     assert np.array_equal(base.frames, render_arrays(a["id"], a["audio"], "still", mouth_gain=1.0, **kw).frames)
     motion = np.abs(np.diff(base.frames, axis=0)).max()  # the speech moves the frames (a random

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rt_engine.config import FIRST_FRAME, SAMPLE_RATE
+from rt_engine.config import FIRST_FRAME, SAMPLE_RATE, NoiseMode
 from rt_engine.errors import InputError
 from rt_engine.inputs import audio as audio_in
 from rt_engine.stream import sources
@@ -329,7 +329,7 @@ class _Recording:
         self.gate.wait(10)
         return self.inner.encode_audio(mel)
 
-    def generate(self, id0, id1, mouth, pose, noise="stored"):
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
         self.batches.append(mouth.shape[0])
         return self.inner.generate(id0, id1, mouth, pose, noise)
 
@@ -350,7 +350,7 @@ def test_scheduler_applies_the_mouth_gain(tiny_engine):
             super().__init__(inner)
             self.mouths: list[torch.Tensor] = []
 
-        def generate(self, id0, id1, mouth, pose, noise="stored"):
+        def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
             self.mouths.append(mouth.clone())
             return super().generate(id0, id1, mouth, pose, noise)
 

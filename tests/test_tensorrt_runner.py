@@ -22,7 +22,7 @@ import torch
 from rt_engine.backends import tensorrt_backend as tb
 from rt_engine.backends.tensorrt_backend import ENGINE_FORMAT, EngineError, TensorRTRunner
 from rt_engine.backends.torch_backend import TorchRunner
-from rt_engine.config import model_preset
+from rt_engine.config import NoiseMode, model_preset
 from rt_engine.models.modconv import NoiseInjection
 from rt_engine.models.pcavs import PCAVS
 
@@ -90,7 +90,7 @@ class FakeContext:
             elif self.engine.noise == "input":
                 res = (m.generator(x["style"], x["id_map"], [x[f"noise_{i}"] for i in range(m.cfg.num_noises)]),)
             else:
-                res = (m.generator(x["style"], x["id_map"], "stored"),)
+                res = (m.generator(x["style"], x["id_map"], NoiseMode.STORED),)
         for spec, r in zip(outs, res, strict=True):
             shape = tuple(b if d == "batch" else d for d in spec["shape"])
             _view(self.addr[spec["name"]], shape).copy_(r)
@@ -227,8 +227,8 @@ def test_runner_noise_modes(fake_gpu):
         torch.rand(1, c.pose_dim),
     )
     with pytest.raises(EngineError, match="noise 'stored' built in; noise='random' needs an export with"):
-        runner.generate(*args, noise="random")
-    assert runner.generate(*args, noise="stored").shape == (1, 3, c.size, c.size)
+        runner.generate(*args, noise=NoiseMode.RANDOM)
+    assert runner.generate(*args, noise=NoiseMode.STORED).shape == (1, 3, c.size, c.size)
 
 
 def test_runner_checks_sidecars_before_deserializing(fake_gpu):
@@ -258,14 +258,14 @@ def test_runner_noise_input_engine(monkeypatch, tmp_path):
     )
     runner = TensorRTRunner(d, device="cpu", cuda_graphs=False)
     with pytest.raises(EngineError, match="noises.npz missing"):
-        runner.generate(*args, noise="stored")
+        runner.generate(*args, noise=NoiseMode.STORED)
     gen = model.generator
     np.savez(d / "noises.npz", **{f"noise_{i}": getattr(gen.noises, f"noise_{i}").numpy() for i in range(c.num_noises)})
     ref = TorchRunner(model, form="static")
     outs = {}
-    for noise in ("stored", "zero"):
+    for noise in (NoiseMode.STORED, NoiseMode.ZERO):
         outs[noise] = runner.generate(*args, noise=noise)
         torch.testing.assert_close(outs[noise], ref.generate(*args, noise=noise), atol=1e-5, rtol=0)
-    assert (outs["stored"] - outs["zero"]).abs().max() > 1e-2  # the noise inputs are really used
-    a, b = runner.generate(*args, noise="random"), runner.generate(*args, noise="random")
+    assert (outs[NoiseMode.STORED] - outs[NoiseMode.ZERO]).abs().max() > 1e-2  # the noise inputs are really used
+    a, b = runner.generate(*args, noise=NoiseMode.RANDOM), runner.generate(*args, noise=NoiseMode.RANDOM)
     assert a.shape == (3, 3, c.size, c.size) and not torch.equal(a, b)

@@ -212,6 +212,26 @@ def test_fused_modconv_runs_the_warp_generator(model, impl, monkeypatch):
     assert psnr(run_frame(runner, probe), run_frame(make_backend("torch", model=model), probe)) > 60
 
 
+def test_fast_runner_leaves_the_callers_warp_model_alone(model):
+    """The inference twin holds the caller's generator (no copy) and changes neither its mode, its
+    form nor its autograd state; the runner's encoders are eval-mode copies (BN), so a caller's
+    train-mode model gives the same frames."""
+    import copy
+
+    from rt_engine.backends.torch_backend import FastTorchRunner
+
+    mine = copy.deepcopy(model).train()
+    forms = [m.form for m in mine.modules() if hasattr(m, "form")]
+    runner = FastTorchRunner(mine, precision="fp32")
+    assert runner.generator.gen is mine.generator
+    assert all(m.training for m in mine.modules()) and all(p.requires_grad for p in mine.parameters())
+    assert [m.form for m in mine.modules() if hasattr(m, "form")] == forms
+    probe = Probe.random(seed=4)
+    out = run_frame(runner, probe)  # [1,3,S,S]
+    assert not out.requires_grad and all(m.training for m in mine.modules())
+    assert psnr(out, run_frame(make_backend("torch", model=model), probe)) > 80.0
+
+
 def test_mouth_mask_keeps_the_photos_mouth_out():
     """warp_mouth_mask: whatever the photo's mouth shows, the frame is the same (the box is blanked
     before the appearance encoder), and the drawn image owns the box from the start."""

@@ -133,16 +133,31 @@ def index_folder(root: str | Path) -> list[Source]:
 
 
 # ------------------------------------------------------------------------------------ one clip
-_CROPPER = None
+class ClipFaces:
+    """The face service of one preprocessing process: one FaceCropper for all its clips, made on
+    first use (a rerun over cached clips, or clips skipped for their audio, never loads mediapipe).
+    One caller at a time: a video crop keeps per-call smoothing state on the cropper."""
 
+    def __init__(self) -> None:
+        self._cropper = None
 
-def _cropper():
-    global _CROPPER
-    if _CROPPER is None:
-        from rt_engine.inputs.face import FaceCropper
+    def cropper(self):  # -> rt_engine.inputs.face.FaceCropper
+        if self._cropper is None:
+            from rt_engine.inputs.face import FaceCropper
 
-        _CROPPER = FaceCropper()
-    return _CROPPER
+            self._cropper = FaceCropper()
+        return self._cropper
+
+    def close(self) -> None:
+        if self._cropper is not None:
+            self._cropper.close()
+            self._cropper = None
+
+    def __enter__(self) -> ClipFaces:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_frames(path: Path, frames: np.ndarray, crf: int = 14) -> None:
@@ -164,8 +179,8 @@ def write_frames(path: Path, frames: np.ndarray, crf: int = 14) -> None:
             c.mux(pkt)
 
 
-def process_clip(src: Source, out_root: str) -> dict:
-    """Crop, resample and cache one clip. Returns {'id', 'status': ok|cached|skipped, ...}."""
+def process_clip(src: Source, out_root: str, faces: ClipFaces) -> dict:
+    """Crop (with ``faces``), resample and cache one clip. Returns {'id', 'status': ok|cached|skipped, ...}."""
     import cv2
 
     from rt_engine.inputs import audio as audio_in
@@ -188,10 +203,10 @@ def process_clip(src: Source, out_root: str) -> dict:
                 return {**base, "status": "skipped", "reason": "no audio (silent track)"}
             _, mel = audio_in.audio_features(wav)
         frames = read_video(src.video)  # [N,H,W,3] at 25 fps
-        if frames.shape[1:3] == (224, 224) and looks_aligned(frames[0], _cropper()):
+        if frames.shape[1:3] == (224, 224) and looks_aligned(frames[0], faces.cropper()):
             crops, how = frames, "already aligned"
         else:
-            crops, how = _cropper().crop_video(frames, name=src.id), "face-tracked"
+            crops, how = faces.cropper().crop_video(frames, name=src.id), "face-tracked"  # [N,224,224,3]
         n_usable = len(frames)
         if mel is not None:
             t = audio_in.target_frames(mel.shape[0])
@@ -215,6 +230,12 @@ def process_clip(src: Source, out_root: str) -> dict:
     return {**meta, "status": "ok"}
 
 
+def process_clips(sources: list[Source], out_root: str) -> list[dict]:
+    """One worker task: a run of clips sharing one face service (its cropper is made once per task)."""
+    with ClipFaces() as faces:
+        return [process_clip(s, out_root, faces) for s in sources]
+
+
 # ------------------------------------------------------------------------------------ driver
 def run(sources: list[Source], out: str | Path, workers: int = 1, pre_skipped: list[dict] | None = None) -> dict:
     """Process every source (in parallel), then write index.json and report.json."""
@@ -227,13 +248,21 @@ def run(sources: list[Source], out: str | Path, workers: int = 1, pre_skipped: l
         raise InputError("clip ids are not unique; rename the inputs")
     results = []
     if workers <= 1:
-        for s in tqdm(sources, desc="preprocess", unit="clip"):
-            results.append(process_clip(s, str(out)))
+        with ClipFaces() as faces:
+            for s in tqdm(sources, desc="preprocess", unit="clip"):
+                results.append(process_clip(s, str(out), faces))
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-            futs = [ex.submit(process_clip, s, str(out)) for s in sources]
-            for f in tqdm(futs, desc="preprocess", unit="clip"):
-                results.append(f.result())
+        # consecutive runs of clips, a few per worker (balance) and at most 32 (progress, one cropper each)
+        size = max(1, min(32, -(-len(sources) // (4 * workers))))
+        chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
+        with (
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex,
+            tqdm(total=len(sources), desc="preprocess", unit="clip") as bar,
+        ):
+            futs = [ex.submit(process_clips, c, str(out)) for c in chunks]
+            for c, f in zip(chunks, futs, strict=True):  # in source order
+                results.extend(f.result())
+                bar.update(len(c))
     ok = [r for r in results if r["status"] in ("ok", "cached")]
     skipped = list(pre_skipped or []) + [r for r in results if r["status"] == "skipped"]
     keys = ("id", "identity", "n_frames", "n_usable", "has_audio", "video", "audio", "crop")

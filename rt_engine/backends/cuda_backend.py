@@ -284,15 +284,17 @@ class TorchCudaRunner(Runner):
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.cfg = model.cfg
-        model = model.eval()
+        # the caller's model is left untouched (device and mode included)
         self.identity_encoder = self._prep(model.identity_encoder)
         self.pose_encoder = self._prep(model.pose_encoder)
         self.audio_encoder = self._prep(model.audio_encoder)
         if self.cfg.generator == "warp":  # the appearance-preserving variant: fused op on its plain 3x3 convs
             from rt_engine.models.warp import FastWarpGenerator
 
-            self.generator = FastWarpGenerator(model.generator, self.dtype, form=f"fused-{self.impl}")
-            self.generator = self.generator.to(self.device).eval()
+            gen = model.generator
+            if any(p.device != self.device for p in gen.parameters()):
+                gen = copy.deepcopy(gen).to(self.device)  # a copy only to move it: the caller's stays put
+            self.generator = FastWarpGenerator(gen, self.dtype, form=f"fused-{self.impl}")
         else:
             self.generator = KernelGenerator(model.generator, self.dtype, self.impl).to(self.device).eval()
         self.stream = torch.cuda.Stream(self.device) if on_cuda else None
@@ -322,6 +324,7 @@ class TorchCudaRunner(Runner):
 
     # -- set-up helpers
     def _prep(self, enc: nn.Module) -> nn.Module:
+        # a copy: moved to the runner's device in place, and BN needs eval mode whatever the caller's
         return copy.deepcopy(enc).eval().requires_grad_(False).to(self.device)
 
     def _ctx(self) -> contextlib.AbstractContextManager:

@@ -423,7 +423,7 @@ class TensorRTRunner(Runner):
         if self.noise_mode != "input":
             if noise != self.noise_mode:
                 raise EngineError(
-                    f"generator engine has noise '{self.noise_mode}' built in; noise={noise!r} needs "
+                    f"generator engine has noise '{self.noise_mode}' built in; noise='{noise}' needs "
                     "an export with `--noise input`"
                 )
             return {}

@@ -146,15 +146,14 @@ class FastTorchRunner(Runner):
         self.channels_last = channels_last
         self.compiled = compile
         self.upsample = upsample
-        model = model.eval()
-        # copies: the caller's model (often shared with the reference runner) is left untouched
+        # the caller's model (often shared with the reference runner) is left untouched, mode included
         self.identity_encoder = self._prep(model.identity_encoder)
         self.pose_encoder = self._prep(model.pose_encoder)
         self.audio_encoder = self._prep(model.audio_encoder)
         if self.cfg.generator == "warp":
             from rt_engine.models.warp import FastWarpGenerator
 
-            self.generator = FastWarpGenerator(model.generator, self.dtype).eval()
+            self.generator = FastWarpGenerator(model.generator, self.dtype)  # holds model.generator, no copy
         else:
             self.generator = FastGenerator(model.generator, self.dtype, channels_last, upsample).eval()
         self._gen = self.generator
@@ -172,6 +171,7 @@ class FastTorchRunner(Runner):
         self.name = "torch-fast" + ("+compile" if compile else "")
 
     def _prep(self, enc: nn.Module) -> nn.Module:
+        # a copy: its weights are re-laid out channels-last in place, and BN needs eval mode whatever the caller's
         enc = copy.deepcopy(enc).eval().requires_grad_(False)
         if self.channels_last:
             enc.to(memory_format=torch.channels_last)

@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 from livekit import rtc  # noqa: E402
 from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator  # noqa: E402
 
+from rt_engine.cli import cli_main  # noqa: E402
+from rt_engine.errors import ConfigError  # noqa: E402
 from rt_engine.stream.avatar import AvatarStream  # noqa: E402
 from rt_engine.stream.session import Engine  # noqa: E402
 
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     """``python -m rt_engine.integrations.livekit [our options] start|dev|...``: our options, then
     LiveKit's own CLI (commands ``start``, ``dev``, ...; see ``-- --help``)."""
@@ -193,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args, theirs = build_parser().parse_known_args(argv)
     theirs = [a for a in theirs if a != "--"]
     if not 0.0 < args.load_threshold <= 1.0:
-        print(f"error: --load-threshold must be in (0, 1], got {args.load_threshold}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--load-threshold must be in (0, 1], got {args.load_threshold}")
     server = make_server(
         lambda: load_engine(args.checkpoint, args.backend),
         identity=args.identity,

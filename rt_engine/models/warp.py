@@ -223,14 +223,14 @@ class FastWarpGenerator(nn.Module):
     ``form``: "static" (shared weights, pre-packable; torch-fast) or a fused form of
     ``modconv.FUSED_FORMS`` (the fused modulated-conv op on every plain 3x3 StyledConv; torch-cuda).
     ``dtype`` bf16/fp16: autocast storage (modulation, demodulation, flow, warps and the blend stay
-    fp32). A copy: the caller's model is left as it is.
+    fp32). No copy: the twin holds the caller's generator, passes ``form`` per call and runs without
+    autograd, so that module's weights, form and mode stay as they are (it has no mode-dependent
+    layers). ``.to()`` / ``.eval()`` on the twin reach that module: the runners call neither.
     """
 
     def __init__(self, gen: WarpGenerator, dtype: torch.dtype = torch.bfloat16, form: str = "static"):
         super().__init__()
-        import copy
-
-        self.gen = copy.deepcopy(gen).eval().requires_grad_(False)
+        self.gen = gen
         self.dtype = dtype
         self.form = form
 
@@ -251,6 +251,7 @@ class FastWarpGenerator(nn.Module):
                 out.append("conv2d_1x1")
         return out
 
+    @torch.no_grad()
     def forward(self, base: Tensor, var: Tensor, id_map: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
         style = torch.cat([base.float().expand(var.shape[0], -1), var.float()], dim=1)  # [B, id | mouth | pose]
         with torch.autocast(id_map.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):

@@ -35,7 +35,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,37 @@ def params_checksum(modules: list[torch.nn.Module]) -> float:
 
 
 # ------------------------------------------------------------------------------------ trainer
+@dataclass
+class JointPass:
+    """One joint-stage forward pass: what the generator's loss terms read (B samples, S output size)."""
+
+    b: dict[str, Tensor]  # the batch
+    target: Tensor  # [B,3,S,S] the target frame at the model's size
+    fake: Tensor  # [B,3,S,S] float32, generated
+    speech: Tensor  # [B] bool; False: video-only sample, its mel is someone else's: mouth not judged
+    any_speech: bool
+    all_speech: bool
+    judged: Tensor | None  # [B,1,S,S] 1 where a pixel is judged: all but the video-only samples' mouth boxes;
+    # None when every sample is speech
+    id0: Tensor  # [B,I] identity feature of the reference frame
+    audio: Tensor  # [B,D] audio content
+    noid: Tensor | None  # [B,F] visual content of the augmented target (sees the mouth)
+    neg_noid: Tensor | None  # [B,N,F] negatives' visual content (w_content > 0)
+    neg_a: Tensor | None  # [B,N,D] negatives' audio content (w_content > 0)
+    open_g: Tensor | None  # [] loss of the generator's opening head (warp_open)
+    d_out: tuple[list[list[Tensor]], list[list[Tensor]]] | None = None  # cached (D(target), D(fake))
+    open_img: tuple[Tensor, Tensor] | None = None  # cached image-opening losses (real, fake) [], []
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the joint generator loss: ``logs[name] = fn(trainer, pass)``, weighted into the total."""
+
+    name: str  # log key
+    weight: str | float  # a TrainConfig attribute (the term is skipped while it is 0) or a fixed weight
+    fn: Callable[[Trainer, JointPass], Tensor | None]  # -> the term [], None: it does not apply to this batch
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None):
         self.cfg = cfg
@@ -414,9 +447,12 @@ class Trainer:
             else F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         )
 
-    def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _joint_pass(self, b: dict[str, Tensor]) -> JointPass:
+        """The joint stage's forward: identity, content, pose, style, the optional opening channel and
+        the generated frame (random noise: the draws follow the step's seed)."""
         cfg, m = self.cfg, self.model
-        target = self._target(b)
+        target = self._target(b)  # [B,3,S,S]
+        neg_noid = neg_a = None
         with self._autocast():
             id0, id1 = m.encode_identity(b["ref"])  # identity of another frame of the clip
             noid = None  # [B,F] visual content of the augmented target (sees the mouth)
@@ -434,73 +470,128 @@ class Trainer:
             opening, open_g = self._generator_opening(style, b) if self.mcfg.warp_open else (None, None)
             fake = m.generate(style, id1, noise="random", opening=opening)  # [B,3,S,S]
         fake = fake.float()
-        total = torch.zeros((), device=self.device)
-        if open_g is not None:  # the opening head's regression (its only gradient)
-            logs["open_g"] = open_g.detach()
-            total = total + open_g
-        speech = b["speech"]  # [B] False: video-only sample, its mel is someone else's: mouth not judged
+        speech = b["speech"]  # [B]
         all_speech = bool(speech.all())
-        judged = None  # [B,1,S,S] 1 where a pixel is judged: all but the video-only samples' mouth boxes
+        judged = None
         if not all_speech:
-            judged = torch.ones_like(fake[:, :1])
+            judged = torch.ones_like(fake[:, :1])  # [B,1,S,S]
             y0, y1, x0, x1 = mouth_box(fake.shape[-1])
             judged[~speech, :, y0:y1, x0:x1] = 0.0
-        if cfg.w_l1 > 0:
-            if judged is None:
-                l1 = F.l1_loss(fake, target)
-            else:  # mean absolute error over the judged pixels
-                l1 = ((fake - target).abs() * judged).sum() / (judged.sum() * fake.shape[1])
-            logs["l1"] = l1.detach()
-            total = total + cfg.w_l1 * l1
-        if cfg.w_mouth > 0 and bool(speech.any()):
-            logs["mouth"] = (ml := F.l1_loss(mouth_region(fake[speech]), mouth_region(target[speech]))).detach()
-            total = total + cfg.w_mouth * ml
-        if self._gan_on():
+        return JointPass(
+            b, target, fake, speech, bool(speech.any()), all_speech, judged, id0, audio, noid, neg_noid, neg_a, open_g
+        )
+
+    def _joint_g_loss(self, b: dict[str, Tensor], logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The generator's loss of the joint stage, term by term from JOINT_TERMS (each logged detached)
+        -> (total [], generated frame [B,3,S,S])."""
+        p = self._joint_pass(b)
+        total = torch.zeros((), device=self.device)
+        for term in self.JOINT_TERMS:
+            w = getattr(self.cfg, term.weight) if isinstance(term.weight, str) else term.weight
+            if not w > 0:
+                continue
+            value = term.fn(self, p)
+            if value is None:
+                continue
+            logs[term.name] = value.detach()
+            total = total + w * value
+        return total, p.fake
+
+    def _d_outputs(self, p: JointPass) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+        """(D(target), D(fake)): one discriminator pass shared by the GAN and feature-matching terms,
+        with D frozen (the gradient reaches the generator only)."""
+        if p.d_out is None:
             self.D.requires_grad_(False)
             with self._autocast():
-                d_fake = self.D(fake)
+                d_fake = self.D(p.fake)
                 with torch.no_grad():
-                    d_real = self.D(target)
-            if cfg.w_gan > 0:
-                logs["g_gan"] = (g := g_hinge_loss(d_fake)).detach()
-                total = total + cfg.w_gan * g
-            if cfg.w_fm > 0 and bool(speech.any()):  # speech samples only: else it pulls a video-only mouth
-                # to its target too
-                if not all_speech:
-                    d_real = [[f[speech] for f in fs] for fs in d_real]
-                    d_fake = [[f[speech] for f in fs] for fs in d_fake]
-                logs["fm"] = (fm := feature_matching_loss(d_real, d_fake)).detach()
-                total = total + cfg.w_fm * fm
+                    d_real = self.D(p.target)
             self.D.requires_grad_(True)
-        if self.vgg is not None:
-            # video-only samples: their mouth box shows the target's, so it adds nothing
-            shown = fake if judged is None else fake * judged + target * (1 - judged)
-            with self._autocast():
-                vl = self.vgg(shown, target)
-            logs["vgg"] = vl.detach()
-            total = total + cfg.w_vgg * vl
-        if cfg.w_open > 0:
-            logs["open"] = (op := self._opening_loss(audio, b)).detach()
-            total = total + cfg.w_open * op
-        if cfg.w_open_img > 0:
-            real, gen = self._image_opening_losses(fake, target, b)
-            logs["open_real"], logs["open_fake"] = real.detach(), gen.detach()
-            total = total + real + cfg.w_open_img * gen
-        if self.expert is not None:
-            with self._autocast():
-                sy = self.expert.loss(fake, b["mel"], b["neg_mel"], cfg.temperature)
-            logs["sync"] = sy.detach()
-            total = total + cfg.w_sync * sy
-        if cfg.w_content > 0:
-            with self._autocast():
-                c = self._content_loss(noid, audio, neg_noid, neg_a)
-            logs["content"] = c.detach()
-            total = total + cfg.w_content * c
-        if cfg.w_id > 0:
-            logits = self.heads.id_classifier(id0.float())
-            logs["id"] = (idl := F.cross_entropy(logits, b["label"])).detach()
-            total = total + cfg.w_id * idl
-        return total, fake
+            p.d_out = (d_real, d_fake)
+        return p.d_out
+
+    def _open_img(self, p: JointPass) -> tuple[Tensor, Tensor]:
+        """The two image-opening losses (real target, generated frame), from one call."""
+        if p.open_img is None:
+            p.open_img = self._image_opening_losses(p.fake, p.target, p.b)
+        return p.open_img
+
+    # one method per term of JOINT_TERMS: (trainer, pass) -> the term [], or None where it does not apply
+    def _term_open_g(self, p: JointPass) -> Tensor | None:
+        return p.open_g  # the opening head's regression (its only gradient)
+
+    def _term_l1(self, p: JointPass) -> Tensor:
+        if p.judged is None:
+            return F.l1_loss(p.fake, p.target)
+        # mean absolute error over the judged pixels
+        return ((p.fake - p.target).abs() * p.judged).sum() / (p.judged.sum() * p.fake.shape[1])
+
+    def _term_mouth(self, p: JointPass) -> Tensor | None:
+        if not p.any_speech:
+            return None
+        return F.l1_loss(mouth_region(p.fake[p.speech]), mouth_region(p.target[p.speech]))
+
+    def _term_g_gan(self, p: JointPass) -> Tensor | None:
+        if not self._gan_on():
+            return None
+        return g_hinge_loss(self._d_outputs(p)[1])
+
+    def _term_fm(self, p: JointPass) -> Tensor | None:
+        # speech samples only: else it pulls a video-only mouth to its target too
+        if not self._gan_on() or not p.any_speech:
+            return None
+        d_real, d_fake = self._d_outputs(p)
+        if not p.all_speech:
+            d_real = [[f[p.speech] for f in fs] for fs in d_real]
+            d_fake = [[f[p.speech] for f in fs] for fs in d_fake]
+        return feature_matching_loss(d_real, d_fake)
+
+    def _term_vgg(self, p: JointPass) -> Tensor | None:
+        if self.vgg is None:
+            return None
+        # video-only samples: their mouth box shows the target's, so it adds nothing
+        shown = p.fake if p.judged is None else p.fake * p.judged + p.target * (1 - p.judged)
+        with self._autocast():
+            return self.vgg(shown, p.target)
+
+    def _term_open(self, p: JointPass) -> Tensor:
+        return self._opening_loss(p.audio, p.b)
+
+    def _term_open_real(self, p: JointPass) -> Tensor | None:
+        return self._open_img(p)[0] if self.cfg.w_open_img > 0 else None  # trains the image head only
+
+    def _term_open_fake(self, p: JointPass) -> Tensor:
+        return self._open_img(p)[1]  # reaches the generator only
+
+    def _term_sync(self, p: JointPass) -> Tensor | None:
+        if self.expert is None:
+            return None
+        with self._autocast():
+            return self.expert.loss(p.fake, p.b["mel"], p.b["neg_mel"], self.cfg.temperature)
+
+    def _term_content(self, p: JointPass) -> Tensor:
+        with self._autocast():
+            return self._content_loss(p.noid, p.audio, p.neg_noid, p.neg_a)
+
+    def _term_id(self, p: JointPass) -> Tensor:
+        logits = self.heads.id_classifier(p.id0.float())
+        return F.cross_entropy(logits, p.b["label"])
+
+    # the joint generator loss, in this order (the order of the random draws and of the sum)
+    JOINT_TERMS: tuple[LossTerm, ...] = (
+        LossTerm("open_g", 1.0, _term_open_g),
+        LossTerm("l1", "w_l1", _term_l1),
+        LossTerm("mouth", "w_mouth", _term_mouth),
+        LossTerm("g_gan", "w_gan", _term_g_gan),
+        LossTerm("fm", "w_fm", _term_fm),
+        LossTerm("vgg", "w_vgg", _term_vgg),
+        LossTerm("open", "w_open", _term_open),
+        LossTerm("open_real", 1.0, _term_open_real),
+        LossTerm("open_fake", "w_open_img", _term_open_fake),
+        LossTerm("sync", "w_sync", _term_sync),
+        LossTerm("content", "w_content", _term_content),
+        LossTerm("id", "w_id", _term_id),
+    )
 
     @torch.no_grad()
     def _update_ema(self) -> None:

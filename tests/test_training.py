@@ -905,7 +905,7 @@ def test_opening_channel_widens_a_warp_model_and_trains(cache, tmp_path, caplog)
     args[args.index("--model") + 1] = opened
     assert main(args) == 2
     data = labelled_copy(cache, tmp_path / "cache")
-    more = ("--lr", "2e-3", "--overfit-one-batch", "true")
+    more = ("--lr", "2e-3", "--overfit-one-batch", "true", "--open-g-warmup", "20")
     args = ci_args(data, runs / "open", "joint", 25, *extra, *more)
     args[args.index("--model") + 1] = opened
     assert main(args) == 0
@@ -918,6 +918,8 @@ def test_opening_channel_widens_a_warp_model_and_trains(cache, tmp_path, caplog)
     key = "generator.decoder.0.conv.modulation.weight"  # [Cin, S + 3]
     assert got[key].shape[1] == init[key].shape[1] + 3
     assert got[key][:, -3:].abs().max() > 0  # the teacher-forced opening trained the new columns
+    assert all(got[f"generator.open_{t}"].abs().max() > 0 for t in ("flow", "mask", "rgb"))  # and the templates
+    assert "opening head: 20 warm-up steps" in caplog.text
 
 
 def test_later_config_files_add_model_overrides(tmp_path):

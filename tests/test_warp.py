@@ -264,7 +264,7 @@ def open_model(model) -> PCAVS:
 
 @pytest.fixture(scope="module")
 def live_open_model(open_model) -> PCAVS:
-    """``open_model`` as if trained: non-zero opening columns in every modulation."""
+    """``open_model`` as if trained: non-zero opening columns in every modulation, non-zero templates."""
     import copy
 
     m = copy.deepcopy(open_model)
@@ -272,6 +272,8 @@ def live_open_model(open_model) -> PCAVS:
         for name, p in m.generator.named_parameters():
             if name.endswith("modulation.weight"):
                 p[:, m.cfg.style_dim :].normal_(0, 0.05)
+            elif name.startswith("open_") and name != "open_head":  # the flow, blend and colour templates
+                p.normal_(0, 0.05)
     return m
 
 

@@ -87,6 +87,11 @@ class TrainConfig:
         "warp_open models: the share of speech samples whose generator gets the measured mouth "
         "opening (teacher forcing) instead of the one its head reads off the mouth code",
     )
+    open_g_warmup: int = opt(
+        0,
+        "warp_open: before step 0 of a fresh run, fit the generator's opening head alone for this many "
+        "steps (batch 256) on every labelled frame's mouth code",
+    )
     open_img_warmup: int = opt(
         0, "before step 0 of a fresh run, train the w_open_img head alone for this many steps (batch 32 of real frames)"
     )

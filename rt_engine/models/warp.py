@@ -21,7 +21,9 @@ source) learns motion and mouth. Every op exports to ONNX (GridSample needs opse
 With ``warp_open`` a small head reads the mouth opening (z-scored within a speaker) off the mouth
 code, and every modulated conv sees it beside the style (:func:`open_features`). Training may pass
 the measured opening instead (``opening=``): with one clean number to follow, the motion net learns
-to open and close the photo's mouth far sooner than from the 500-number code alone.
+to open and close the photo's mouth far sooner than from the 500-number code alone. The opening
+also weighs three learned templates in the aligned crop (a flow, a blend logit and a colour offset:
+a one-number mouth "blendshape"), which give it a direct path to the pixels from the first step.
 
 Noise maps (``ModelConfig.noise_sizes``): one per styled conv, in order motion 14, 28, 56, decoder
 56, 56, 112, 112, 224, 224 (official-size numbers for S = 224).
@@ -42,6 +44,10 @@ PACK = 4  # pixels packed per side into the identity map (pixel_unshuffle factor
 MASK_INIT = 4.0  # blend logit at start: sigmoid(4) = 0.98 of the warped photo
 OPEN_FEATS = 3  # style columns added by warp_open (open_features)
 OPEN_MAX = 3.0  # the opening is clamped to +-3 (z-score units)
+# warp_open templates (learned, zero at start), in the aligned crop: per unit of opening above and
+# below the speaker's average, a flow at S/4 (normalised units), a blend logit and a drawn-colour
+# offset at S. Gains scale their effective learning rate (a blend logit must travel about 4).
+OPEN_GAIN_FLOW, OPEN_GAIN_MASK, OPEN_GAIN_RGB = 1.0, 10.0, 3.0
 
 
 def open_features(opening: Tensor, style_dim: int) -> Tensor:
@@ -124,6 +130,11 @@ class WarpGenerator(StyledGenerator):
         d0, d1, d2 = cfg.warp_dec
         if cfg.warp_open:  # mouth code [B,500] -> opening [B,1] (z-score)
             self.open_head = nn.Sequential(nn.Linear(cfg.mouth_dim, 64), nn.LeakyReLU(LRELU_SLOPE), nn.Linear(64, 1))
+            q, s = cfg.size // PACK, cfg.size
+            # a mouth opening as a linear "blendshape": index 0 per unit above the average, 1 below
+            self.open_flow = nn.Parameter(torch.zeros(2, 2, q, q))  # [2,2,S/4,S/4]
+            self.open_mask = nn.Parameter(torch.zeros(2, 1, s, s))  # [2,1,S,S]
+            self.open_rgb = nn.Parameter(torch.zeros(2, 3, s, s))  # [2,3,S,S]
         # motion net: S/4 -> S/16 plain, then style-driven back up to S/4
         self.down1 = nn.Conv2d(f, m, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(m, m, 3, stride=2, padding=1)
@@ -161,13 +172,23 @@ class WarpGenerator(StyledGenerator):
         with torch.autocast(style.device.type, enabled=False):
             return self.open_head(style[:, c.id_dim : c.id_dim + c.mouth_dim].float())
 
-    def full_style(self, style: Tensor, opening: Tensor | None = None) -> Tensor:
-        """style [B,S] -> what the modulated convs see: [B,S] or, with warp_open, [B,S+OPEN_FEATS] with
-        the opening ``opening`` [B] if given (teacher forcing in training), else the predicted one."""
+    def full_style(self, style: Tensor, opening: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """style [B,S] -> (what the modulated convs see, the template weights [B,2,1,1] or None).
+
+        Without warp_open: (style, None). With it: [B,S+OPEN_FEATS], the opening ``opening`` [B] if
+        given (teacher forcing in training), else the predicted one; the template weights are the
+        opening above and below the average (relu(o), relu(-o))."""
         if not self.cfg.warp_open:
-            return style
-        o = self.predict_opening(style) if opening is None else opening.reshape(-1, 1)
-        return torch.cat([style.float(), open_features(o, self.cfg.style_dim + OPEN_FEATS)], dim=1).to(style.dtype)
+            return style, None
+        o = self.predict_opening(style) if opening is None else opening.reshape(-1, 1).float()
+        feats = open_features(o, self.cfg.style_dim + OPEN_FEATS)  # [B,3]
+        amount = feats[:, 1:] / (self.cfg.style_dim + OPEN_FEATS) ** 0.5  # [B,2]
+        return torch.cat([style.float(), feats], dim=1).to(style.dtype), amount[:, :, None, None]
+
+    @staticmethod
+    def _template(amount: Tensor, bases: Tensor, gain: float) -> Tensor:
+        """amount [B,2,1,1], bases [2,C,H,W] -> their weighted sum [B,C,H,W] (fp32)."""
+        return gain * (amount[:, 0:1] * bases[0].float() + amount[:, 1:2] * bases[1].float())
 
     def motion_field(
         self, style: Tensor, feat: Tensor, noises: list[Tensor], form: str | None = None
@@ -193,7 +214,7 @@ class WarpGenerator(StyledGenerator):
         """``form``: the modulated-conv form of this call (None: each layer's own), as Generator.forward.
         ``opening`` [B]: the mouth opening to draw (warp_open; None: read off the mouth code)."""
         noises = self.noise_list(noise, style) if isinstance(noise, str) else noise
-        style = self.full_style(style, opening)  # [B,S(+OPEN_FEATS)]
+        style, amount = self.full_style(style, opening)  # [B,S(+OPEN_FEATS)], [B,2,1,1] | None
         f = self.cfg.warp_feat
         feat = id_map[:, :f]  # [B,F,S/4,S/4]
         photo = F.pixel_shuffle(id_map[:, f:].float(), PACK)  # [B,3,S,S]
@@ -201,16 +222,23 @@ class WarpGenerator(StyledGenerator):
         if feat.shape[0] != b:
             feat, photo = feat.expand(b, -1, -1, -1), photo.expand(b, -1, -1, -1)
         flow, occ = self.motion_field(style, feat, noises, form)
+        if amount is not None:
+            flow = flow + self._template(amount, self.open_flow, OPEN_GAIN_FLOW)  # [B,2,S/4,S/4]
         x = warp(feat, flow, self.grid_q) * occ.to(feat.dtype)  # [B,F,S/4,S/4]
         skip = None
         for j in range(3):
             x = self.decoder[2 * j](x, style, noises[3 + 2 * j], form)  # level j: [B,D_j,S/4*2^j,...]
             x = self.decoder[2 * j + 1](x, style, noises[4 + 2 * j], form)
             skip = self.to_rgbs[j](x, style, skip, form)  # [B,3,...]
-        drawn = torch.tanh(skip.float())  # [B,3,S,S]
+        skip = skip.float()
+        logit = self.mask_head(x).float() + self.mask_prior  # [B,1,S,S]
+        if amount is not None:
+            skip = skip + self._template(amount, self.open_rgb, OPEN_GAIN_RGB)
+            logit = logit + self._template(amount, self.open_mask, OPEN_GAIN_MASK)
+        drawn = torch.tanh(skip)  # [B,3,S,S]
         big = F.interpolate(flow, scale_factor=PACK, mode="bilinear", align_corners=False)  # [B,2,S,S]
         warped = warp(photo, big, self.grid_s)  # [B,3,S,S]
-        mask = torch.sigmoid(self.mask_head(x).float() + self.mask_prior)  # [B,1,S,S]
+        mask = torch.sigmoid(logit)  # [B,1,S,S]
         if taps is not None:
             taps.update(flow=flow, occlusion=occ, drawn=drawn, warped=warped, mask=mask)
         return mask * warped + (1 - mask) * drawn

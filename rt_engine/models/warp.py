@@ -24,6 +24,7 @@ the measured opening instead (``opening=``): with one clean number to follow, th
 to open and close the photo's mouth far sooner than from the 500-number code alone. The opening
 also weighs three learned templates in the aligned crop (a flow, a blend logit and a colour offset:
 a one-number mouth "blendshape"), which give it a direct path to the pixels from the first step.
+They are coarse (S/16, S/8, upsampled) and windowed around the mouth and jaw (``mouth_envelope``).
 
 Noise maps (``ModelConfig.noise_sizes``): one per styled conv, in order motion 14, 28, 56, decoder
 56, 56, 112, 112, 224, 224 (official-size numbers for S = 224).
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_engine.config import ModelConfig, NoiseMode
+from rt_engine.config import ModelConfig, NoiseMode, mouth_box
 from rt_engine.models.generator import StyledGenerator
 from rt_engine.models.modconv import FUSED_FORMS, LRELU_SLOPE, StyledConv, ToRGB
 from rt_engine.models.pose import mouth_keep
@@ -48,6 +49,9 @@ OPEN_MAX = 3.0  # the opening is clamped to +-3 (z-score units)
 # below the speaker's average, a flow at S/4 (normalised units), a blend logit and a drawn-colour
 # offset at S. Gains scale their effective learning rate (a blend logit must travel about 4).
 OPEN_GAIN_FLOW, OPEN_GAIN_MASK, OPEN_GAIN_RGB = 1.0, 10.0, 3.0
+# Template resolution (divisor of S; upsampled bilinearly): coarse, so they stay smooth (per-pixel
+# templates under Adam grew pixel noise), and windowed by mouth_envelope (no edits far from the mouth).
+OPEN_DIV_FLOW, OPEN_DIV_IMG = 16, 8
 
 
 def open_features(opening: Tensor, style_dim: int) -> Tensor:
@@ -107,6 +111,17 @@ def warp(x: Tensor, flow: Tensor, grid0: Tensor | None = None) -> Tensor:
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
+def mouth_envelope(size: int) -> Tensor:
+    """[1,1,S,S] window of the mouth-opening templates: 1 over the mouth box of the aligned crop widened
+    by S/14 on the sides and above and by S/5.6 below (the jaw drops), 0 beyond, with a soft edge."""
+    y0, y1, x0, x1 = mouth_box(size)
+    a, b = round(size / 14), round(size / 5.6)
+    box = torch.zeros(1, 1, size, size)
+    box[..., max(0, y0 - a) : min(size, y1 + b), max(0, x0 - a) : min(size, x1 + a)] = 1.0
+    k = max(3, size // 16) | 1
+    return F.avg_pool2d(F.pad(box, (k // 2,) * 4, mode="replicate"), k, stride=1)
+
+
 def mouth_prior(size: int, owned: bool = False) -> Tensor:
     """Blend-logit prior [1,1,S,S], added to the mask head's logit (bias MASK_INIT): over the mouth box
     of the aligned crop -MASK_INIT (an even blend of warped photo and drawn image at start, so the
@@ -130,11 +145,14 @@ class WarpGenerator(StyledGenerator):
         d0, d1, d2 = cfg.warp_dec
         if cfg.warp_open:  # mouth code [B,500] -> opening [B,1] (z-score)
             self.open_head = nn.Sequential(nn.Linear(cfg.mouth_dim, 64), nn.LeakyReLU(LRELU_SLOPE), nn.Linear(64, 1))
-            q, s = cfg.size // PACK, cfg.size
+            s, cf, ci = cfg.size, cfg.size // OPEN_DIV_FLOW, cfg.size // OPEN_DIV_IMG
             # a mouth opening as a linear "blendshape": index 0 per unit above the average, 1 below
-            self.open_flow = nn.Parameter(torch.zeros(2, 2, q, q))  # [2,2,S/4,S/4]
-            self.open_mask = nn.Parameter(torch.zeros(2, 1, s, s))  # [2,1,S,S]
-            self.open_rgb = nn.Parameter(torch.zeros(2, 3, s, s))  # [2,3,S,S]
+            self.open_flow = nn.Parameter(torch.zeros(2, 2, cf, cf))  # [2,2,S/16,S/16]
+            self.open_mask = nn.Parameter(torch.zeros(2, 1, ci, ci))  # [2,1,S/8,S/8]
+            self.open_rgb = nn.Parameter(torch.zeros(2, 3, ci, ci))  # [2,3,S/8,S/8]
+            env = mouth_envelope(s)
+            self.register_buffer("open_env", env, persistent=False)  # [1,1,S,S]
+            self.register_buffer("open_env_q", F.avg_pool2d(env, PACK), persistent=False)  # [1,1,S/4,S/4]
         # motion net: S/4 -> S/16 plain, then style-driven back up to S/4
         self.down1 = nn.Conv2d(f, m, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(m, m, 3, stride=2, padding=1)
@@ -186,9 +204,11 @@ class WarpGenerator(StyledGenerator):
         return torch.cat([style.float(), feats], dim=1).to(style.dtype), amount[:, :, None, None]
 
     @staticmethod
-    def _template(amount: Tensor, bases: Tensor, gain: float) -> Tensor:
-        """amount [B,2,1,1], bases [2,C,H,W] -> their weighted sum [B,C,H,W] (fp32)."""
-        return gain * (amount[:, 0:1] * bases[0].float() + amount[:, 1:2] * bases[1].float())
+    def _template(amount: Tensor, bases: Tensor, gain: float, env: Tensor) -> Tensor:
+        """amount [B,2,1,1], coarse bases [2,C,h,w], window env [1,1,H,W] -> the windowed weighted sum
+        [B,C,H,W] (fp32) of the bases upsampled to H x W."""
+        up = F.interpolate(bases.float(), size=env.shape[-2:], mode="bilinear", align_corners=False)  # [2,C,H,W]
+        return gain * env * (amount[:, 0:1] * up[0:1] + amount[:, 1:2] * up[1:2])
 
     def motion_field(
         self, style: Tensor, feat: Tensor, noises: list[Tensor], form: str | None = None
@@ -223,7 +243,7 @@ class WarpGenerator(StyledGenerator):
             feat, photo = feat.expand(b, -1, -1, -1), photo.expand(b, -1, -1, -1)
         flow, occ = self.motion_field(style, feat, noises, form)
         if amount is not None:
-            flow = flow + self._template(amount, self.open_flow, OPEN_GAIN_FLOW)  # [B,2,S/4,S/4]
+            flow = flow + self._template(amount, self.open_flow, OPEN_GAIN_FLOW, self.open_env_q)  # [B,2,S/4,S/4]
         x = warp(feat, flow, self.grid_q) * occ.to(feat.dtype)  # [B,F,S/4,S/4]
         skip = None
         for j in range(3):
@@ -233,8 +253,8 @@ class WarpGenerator(StyledGenerator):
         skip = skip.float()
         logit = self.mask_head(x).float() + self.mask_prior  # [B,1,S,S]
         if amount is not None:
-            skip = skip + self._template(amount, self.open_rgb, OPEN_GAIN_RGB)
-            logit = logit + self._template(amount, self.open_mask, OPEN_GAIN_MASK)
+            skip = skip + self._template(amount, self.open_rgb, OPEN_GAIN_RGB, self.open_env)
+            logit = logit + self._template(amount, self.open_mask, OPEN_GAIN_MASK, self.open_env)
         drawn = torch.tanh(skip)  # [B,3,S,S]
         big = F.interpolate(flow, scale_factor=PACK, mode="bilinear", align_corners=False)  # [B,2,S,S]
         warped = warp(photo, big, self.grid_s)  # [B,3,S,S]

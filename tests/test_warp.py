@@ -320,3 +320,27 @@ def test_backends_run_the_opening_channel(live_open_model, name, precision, min_
     ref = run_frame(make_backend("torch", model=live_open_model), probe)
     out = run_frame(make_backend(name, model=live_open_model, precision=precision), probe)
     assert psnr(out, ref) > min_psnr
+
+
+def test_release_calibrates_the_opening_around_silence(live_open_model):
+    """training.release --open-gain: the head's output is scaled around its value in silence."""
+    import copy
+
+    from rt_engine.inputs import audio as audio_in
+    from training.release import calibrate_opening
+
+    m = copy.deepcopy(live_open_model)
+    sil = torch.from_numpy(audio_in.silence_window().copy())[None]  # [1,1,80,20]
+    mel = torch.cat([sil, torch.rand(2, 1, 80, 20) * 4 - 2])
+
+    def head_out(model):
+        with torch.no_grad():
+            return model.generator.open_head(model.encode_mouth(mel).float()).squeeze(1)  # [3]
+
+    before = head_out(m)
+    calibrate_opening(m, 2.0)
+    after = head_out(m)
+    assert torch.allclose(after[0], before[0], atol=1e-5)
+    assert torch.allclose(after[1:] - after[0], 2.0 * (before[1:] - before[0]), atol=1e-5)
+    with pytest.raises(ConfigError, match="warp_open"):
+        calibrate_opening(PCAVS(warp_config()), 1.5)

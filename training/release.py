@@ -20,7 +20,7 @@ import torch
 
 from rt_engine.cli import cli_main
 from rt_engine.config import ModelConfig
-from rt_engine.errors import CheckpointError
+from rt_engine.errors import CheckpointError, ConfigError
 from rt_engine.models.checkpoint import save_single
 from rt_engine.models.pcavs import PCAVS
 
@@ -90,9 +90,10 @@ def release(
     command: str = "",
     extra: dict[str, Any] | None = None,
     raw: bool = False,
+    open_gain: float = 1.0,
 ) -> Path:
     """Write the model of a training checkpoint; its weight average (``--ema``) when it has one,
-    unless ``raw``."""
+    unless ``raw``. ``open_gain``: see :func:`calibrate_opening`."""
     p = Path(ckpt)
     if not p.is_file():
         raise CheckpointError(f"training checkpoint not found: {p}")
@@ -101,6 +102,8 @@ def release(
     use_ema = ck.get("model_ema") is not None and not raw
     model.load_state_dict(ck["model_ema"] if use_ema else ck["model"])
     model.generator.set_form("ref")
+    if open_gain != 1.0:
+        calibrate_opening(model, open_gain)
     hist = stage_history(p)
     weights = f"moving average, decay {ck['ema_decay']}" if use_ema else "last step"
     prov = {
@@ -111,11 +114,34 @@ def release(
         "total_train_seconds": sum(h["train_seconds"] for h in hist),
         "identities_trained": len(ck.get("identities", [])),
         "weights": weights,
+        **({"open_gain": open_gain} if open_gain != 1.0 else {}),
         **(extra or {}),
     }
     path = save_single(model.eval(), out, half=half, provenance=prov)
     log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, json.dumps(prov))
     return path
+
+
+@torch.no_grad()
+def calibrate_opening(model: PCAVS, gain: float) -> None:
+    """warp_open: scale the opening head's output around its value in silence, o -> o_sil + gain (o -
+    o_sil), by rewriting its last layer. The head is a regression onto z-scored openings, so its output
+    swings less than the labels (std about 0.76 against 1 on the training frames); the generator was
+    taught with the labels themselves. Raises ConfigError for a model without the channel."""
+    from rt_engine.inputs import audio as audio_in
+
+    gen = model.generator
+    if not getattr(model.cfg, "warp_open", False):
+        raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
+    if not 0.0 < gain <= 3.0:
+        raise ConfigError(f"open_gain must be in (0, 3], got {gain}")
+    model.eval()
+    win = torch.from_numpy(audio_in.silence_window().copy())[None]  # [1,1,80,20]
+    o_sil = float(gen.open_head(model.encode_mouth(win).float()))
+    last = gen.open_head[-1]
+    last.weight.mul_(gain)
+    last.bias.mul_(gain).add_((1.0 - gain) * o_sil)
+    log.info("opening head: gain %.2f around the silence opening %.3f", gain, o_sil)
 
 
 @cli_main
@@ -129,10 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", default="", help="the command that trained it (provenance)")
     ap.add_argument("--note", default="", help="free text stored in the provenance")
     ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
+    ap.add_argument(
+        "--open-gain",
+        type=float,
+        default=1.0,
+        help="warp_open models: scale the opening head's output around silence (calibrates its shrinkage)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     release(
-        args.checkpoint, args.out, args.half, args.command, {"note": args.note} if args.note else None, raw=args.raw
+        args.checkpoint,
+        args.out,
+        args.half,
+        args.command,
+        {"note": args.note} if args.note else None,
+        raw=args.raw,
+        open_gain=args.open_gain,
     )
     return 0
 

@@ -186,6 +186,55 @@ def test_plan_adapts_the_delay_then_thins_frames_evenly():
         assert gaps.max() - gaps.min() <= 1  # evenly spread: never two holes where one would do
 
 
+def test_batches_that_cost_throughput_are_not_formed():
+    """A runtime where batch 2+ makes fewer frames/s than batch 1 (a dynamic-shape CPU graph): the
+    scheduler and the plan use batch 1; where batching pays, every size stays available."""
+    flat = CostModel(max_batch=8)
+    flat.set(1, 0.010)
+    for b in range(2, 9):
+        flat.set(b, 0.014 * b)  # 71 frames/s against 100 at batch 1
+    assert flat.batch_cap() == 1
+    p = plan_output(flat, 3, 0.08, LOOKAHEAD_S)
+    assert p.batch == 1 and p.model_fps == pytest.approx(100.0)
+    owner = Owner("a")
+    sched = Scheduler(FakeRunner(0.0), SchedulerConfig(max_batch=8))
+    sched.cost = flat
+    now = time.monotonic()
+    batch, rest = sched._select([_job(owner, i, now + 1.0) for i in range(5)])
+    assert len(batch) == 1 and len(rest) == 4
+    pays = CostModel(max_batch=8)
+    for b in range(1, 9):
+        pays.set(b, 0.004 + 0.006 * b)
+    assert pays.batch_cap() == 8
+    pays.set(5, 0.5)  # one size far slower: it and the sizes above it are not formed
+    assert pays.batch_cap() == 4
+    assert CostModel(max_batch=6).batch_cap() == 6  # nothing measured yet
+
+
+def test_admission_predicts_the_slowdown_each_session_brings():
+    """Warm-up measured 10 ms per frame (100 frames/s: 3 sessions on paper). With one session open,
+    batches took 15 ms: each session's own work slows the model by 50%. Two sessions would then need
+    20 ms frames (50 frames/s, under 2 x 25 / 0.95), so the plan for two is not full rate."""
+    cost = CostModel(max_batch=4)
+    for b in range(1, 5):
+        cost.set(b, 0.010 * b)
+    assert plan_output(cost.predicted(3), 3, 0.08, LOOKAHEAD_S).full_rate  # quiet: 3 fit
+    cost.load = 1
+    for _ in range(40):
+        cost.observe(1, 0.015)
+    assert cost.slowdown(1) == pytest.approx(1.5, rel=0.02)
+    assert cost.slowdown(2) == pytest.approx(2.0, rel=0.02)
+    assert plan_output(cost.predicted(1), 1, 0.08, LOOKAHEAD_S).full_rate
+    assert not plan_output(cost.predicted(2), 2, 0.08, LOOKAHEAD_S).full_rate
+    assert cost.predicted(2).batch_s(1, spread=False) == pytest.approx(0.020, rel=0.02)
+    few = CostModel(max_batch=4)
+    few.set(1, 0.010)
+    few.load = 1
+    for _ in range(5):  # too few batches under load to trust: no slowdown assumed yet
+        few.observe(1, 0.030)
+    assert few.slowdown(2) == 1.0
+
+
 class SlowRunner:
     """A real (tiny) runner whose generate takes ``frame_s`` per frame."""
 

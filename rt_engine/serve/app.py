@@ -262,6 +262,8 @@ async def health(request: web.Request) -> web.Response:
             "max_sessions": app[CFG].max_sessions,
             "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
             "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
+            "batch_cap": eng.scheduler.cost.batch_cap(),  # largest batch the scheduler forms (capacity.py)
+            "model_slowdown_per_session": round(eng.scheduler.cost.slowdown(1) - 1.0, 3),
             "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
             "model": eng.runner.describe(),
             "output_size": eng.runner.cfg.size,

@@ -14,8 +14,16 @@ it, :func:`plan_output` derives, for ``n`` sessions of 25 frames/s each:
   stays within ``max_delay_s`` (default 400 ms). When even the cap is not enough, the fraction is
   lowered until batches of one frame fit.
 
-Admission (:meth:`Plan.admits_more`) asks the same question for ``n + 1`` sessions: a new session is
-taken only when every session would still get every frame fresh.
+Admission asks the same question for ``n + 1`` sessions, on :meth:`CostModel.predicted`: a new
+session is taken only when every session would still get every frame fresh. The prediction counts
+contention: each session's own work (codecs, RTP, mel; on a small host also a local client) takes
+CPU from the model, so the model time grows with the session count. The cost model measures that
+slowdown against the warm-up time at each session count and extrapolates it linearly.
+
+Batches that do not pay are not formed: :meth:`CostModel.batch_cap` is the largest batch size whose
+measured frames/s, and that of every smaller size, is at least ``BATCH_GAIN_TOL`` of batch 1's. On a
+runtime where batching costs throughput (a dynamic-shape graph on the CPU), the scheduler and the
+plan then use batch 1. The cap follows the plain averages, so it changes only as fast as they do.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from dataclasses import dataclass
 from rt_engine.config import FPS
 
 EMA = 0.2  # weight of the newest batch in the per-size moving average
+RATIO_EMA = 0.05  # weight of the newest batch in the slowdown average (per session count)
+RATIO_MIN = 20  # batches seen at a session count before its slowdown is trusted
+BATCH_GAIN_TOL = 0.97  # a batch size is used while its frames/s is at least this share of batch 1's
 
 
 class CostModel:
@@ -40,6 +51,11 @@ class CostModel:
         self._mean: dict[int, float] = {}  # batch size -> seconds
         self._dev: dict[int, float] = {}  # batch size -> mean absolute deviation, seconds
         self._cost: dict[int, float] = {}  # batch size -> mean + spread * dev
+        # contention: the warm-up times (nothing else running) and, per number of open sessions, the
+        # moving average of observed time / warm-up time (codecs, RTP and input work share the cores)
+        self._quiet: dict[int, float] = {}  # batch size -> seconds, from set()
+        self._ratio: dict[int, tuple[float, int]] = {}  # sessions -> (slowdown EMA, batches seen)
+        self.load = 0  # open sessions now (set by the engine as sessions come and go)
 
     def observe(self, batch: int, seconds: float) -> None:
         with self._lock:
@@ -50,11 +66,42 @@ class CostModel:
                 self._dev[batch] = (1 - EMA) * self._dev[batch] + EMA * abs(seconds - old)
                 self._mean[batch] = (1 - EMA) * old + EMA * seconds
             self._cost[batch] = self._mean[batch] + self.spread * self._dev[batch]
+            if self.load > 0 and self._quiet.get(batch, 0.0) > 0:
+                r, k = self._ratio.get(self.load, (1.0, 0))
+                x = seconds / self._quiet[batch]
+                self._ratio[self.load] = (x if k == 0 else (1 - RATIO_EMA) * r + RATIO_EMA * x, k + 1)
 
     def set(self, batch: int, seconds: float) -> None:
-        """Replace the estimate for one batch size (warm-up timing, tests)."""
+        """Replace the estimate for one batch size (warm-up timing, tests); it is also the quiet time
+        that contention is measured against."""
         with self._lock:
             self._mean[batch], self._dev[batch], self._cost[batch] = seconds, 0.0, seconds
+            self._quiet[batch] = seconds
+
+    def slowdown(self, sessions: int) -> float:
+        """Predicted model time with ``sessions`` open sessions, relative to the warm-up time: 1 + k n,
+        with k per session fitted from the most loaded state seen (at least ``RATIO_MIN`` batches),
+        never below 0. 1 while nothing was seen under load."""
+        with self._lock:
+            seen = [(n, r) for n, (r, k) in self._ratio.items() if k >= RATIO_MIN]
+        if not seen:
+            return 1.0
+        n, r = max(seen)
+        return 1.0 + max(0.0, r - 1.0) / n * max(0, sessions)
+
+    def predicted(self, sessions: int) -> CostModel:
+        """A cost model for ``sessions`` open sessions: the warm-up times scaled by :meth:`slowdown`
+        (the measured moving averages where no warm-up time exists). For admission: the current table
+        reflects today's load, not the load one more session brings."""
+        f = self.slowdown(sessions)
+        out = CostModel(self.max_batch, self.spread)
+        with self._lock:
+            for b, m in self._mean.items():
+                q = self._quiet.get(b)
+                mean = q * f if q else m
+                out._mean[b], out._dev[b] = mean, self._dev[b]
+                out._cost[b] = mean + self.spread * self._dev[b]
+        return out
 
     @property
     def known(self) -> bool:
@@ -80,6 +127,21 @@ class CostModel:
     def table(self) -> dict[int, float]:
         with self._lock:
             return dict(sorted(self._cost.items()))
+
+    def batch_cap(self) -> int:
+        """Largest batch size worth forming: sizes 1..cap all make at least ``BATCH_GAIN_TOL`` times
+        batch 1's frames/s. Unmeasured sizes count as batch 1's rate (as :meth:`batch_s` scales
+        them), so with nothing measured the cap is ``max_batch``."""
+        with self._lock:
+            mean = dict(self._mean)
+        if mean.get(1, 0.0) <= 0:
+            return self.max_batch
+        cap = 1
+        for b in range(2, self.max_batch + 1):
+            if b in mean and b / mean[b] < BATCH_GAIN_TOL / mean[1]:
+                break
+            cap = b
+        return cap
 
 
 @dataclass(frozen=True)
@@ -114,9 +176,10 @@ def plan_output(
     cfg = cfg or PlanConfig()
     n = max(1, sessions)
     max_margin = max(base_margin_s, cfg.max_delay_s - lookahead_s)
-    fraction = min(1.0, cfg.utilisation * cost.fps(min(cost.max_batch, n)) / (FPS * n))
+    cap = cost.batch_cap()  # batches beyond it would cost throughput: the scheduler does not form them
+    fraction = min(1.0, cfg.utilisation * cost.fps(min(cap, n)) / (FPS * n))
     while True:
-        batch = max(1, min(cost.max_batch, math.ceil(n * fraction)))
+        batch = max(1, min(cap, math.ceil(n * fraction)))
         t_b = cost.batch_s(batch)  # with the spread: deadlines need the long batches too
         busy = min(1.0, FPS * n * fraction * cost.batch_s(batch, spread=False) / batch)  # share of time
         need = cfg.arrival_s + (1.0 + busy) * t_b

@@ -5,7 +5,8 @@ The worker takes every pending job, orders them by due time (earliest deadline f
 one batch, whatever session the jobs belong to. A batch is delivered as a whole when it ends, so
 it is admitted by its end time: job k joins only when the measured time of a batch of k+1 frames
 (:class:`~rt_engine.stream.capacity.CostModel`) still ends before the earliest due time in the
-batch; the rest waits for the next batch. A job that could not be ready in time even alone (on the
+batch, and only up to the largest batch size that does not cost throughput (``batch_cap``); the
+rest waits for the next batch. A job that could not be ready in time even alone (on the
 average batch time) is dropped before it is computed (computing it would only make the following
 frames late too). So no frame is computed and then thrown away as late while the model has the capacity; the metric
 ``frames_computed_late_total`` counts the exceptions (capacity exceeded, an estimate that was off).
@@ -317,15 +318,14 @@ class Scheduler:
         rest: list[FrameJob] = []
         late: list[FrameJob] = []
         batch_deadline = float("inf")  # earliest due time in the batch: the whole batch must end by then
+        cap = self.cost.batch_cap()  # <= max_batch: larger batches would make fewer frames/s
         for j in sorted(pending, key=lambda j: j.due):
             deadline = j.due + grace
             # not even alone, not now, on average: waiting only makes it later (the average, not the
             # cautious estimate: a frame that is likely in time is computed rather than thrown away)
             if now + self.cost.batch_s(1, spread=False) > deadline:
                 late.append(j)
-            elif len(batch) < self.cfg.max_batch and now + self.cost.batch_s(len(batch) + 1) <= min(
-                batch_deadline, deadline
-            ):
+            elif len(batch) < cap and now + self.cost.batch_s(len(batch) + 1) <= min(batch_deadline, deadline):
                 batch.append(j)
                 batch_deadline = min(batch_deadline, deadline)
             else:

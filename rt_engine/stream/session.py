@@ -636,13 +636,16 @@ class Engine:
             pass
 
     def plan(self, sessions: int | None = None) -> Plan:
-        """The output plan (sub-rate fraction, compute margin) for ``sessions`` sessions (default: the
-        open ones), from the measured model cost; the current one is remade at most every 0.25 s."""
+        """The output plan (sub-rate fraction, compute margin) for the open sessions, from the measured
+        model cost (remade at most every 0.25 s); with ``sessions``, the plan predicted for that many
+        (admission: warm-up times scaled by the measured contention per session)."""
         pc = self.plan_cfg
         pc = dataclasses.replace(pc, arrival_s=min(pc.max_arrival_s, max(pc.arrival_s, self.arrival.value)))
-        if sessions is not None:
-            return plan_output(self.scheduler.cost, sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, pc)
+        cost = self.scheduler.cost
+        if sessions is not None:  # admission: the load those sessions would bring (capacity.py)
+            return plan_output(cost.predicted(sessions), sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, pc)
         n, now = len(self.sessions), time.monotonic()
+        cost.load = n
         if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
             self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
         return self._plan[2]

@@ -63,6 +63,7 @@ log = logging.getLogger("benchmarks.latency")
 
 DEFAULT_OUT = REPO / "benchmarks" / "out"
 FIXTURE = "fixtures/pcavs_official_v1"
+FPS_HALF = 12.5  # pose frames encoded per second in the half-rate live mode
 DEMO_FILES = {  # relative to --demo (the upstream demo's misc/ folder)
     "identity": "Input_unz/Input/517600055/000000.jpg",
     "pose": "Pose_Source_unz/Pose_Source/517600078",
@@ -147,12 +148,20 @@ def timed(fn: Callable[[], Any], reps: int, budget_s: float, warmup: int = 1) ->
 
 
 # ------------------------------------------------------------------------------------ peak
-def measure_peak(quick: bool) -> dict[str, Any]:
-    """Best TFLOP/s of 3x3 channels-last convs per dtype at a few shapes (this machine's own peak)."""
+def measure_peak(quick: bool, threads: int) -> dict[str, Any]:
+    """This machine's own 3x3-conv peak: OpenVINO's (``benchmarks.breakdown.openvino_peak``: a best-of
+    over warm calls, stable from run to run) where OpenVINO is installed, else torch's channels-last
+    convs at a few shapes (best TFLOP/s per dtype; it varies more between runs)."""
+    if "openvino" in available_backends():
+        from benchmarks.breakdown import openvino_peak
+
+        res = openvino_peak(threads, reps=3 if quick else 10)
+        res["source"] = "openvino"
+        return res
     import torch.nn.functional as F
 
     shapes = [(64, 28)] if quick else [(128, 56), (256, 28), (512, 14), (512, 28)]
-    res: dict[str, Any] = {"shapes": []}
+    res: dict[str, Any] = {"shapes": [], "source": "torch"}
     for dtype in (torch.float32, torch.bfloat16):
         best = 0.0
         for c, r in shapes:
@@ -249,7 +258,19 @@ def bench_variant(
         res["stages"]["generator"] = stats(timed(lambda: runner.generate(id0, id1, mouth1, pose1), reps, budget_s))
         ahead = timed(lambda: runner.generate(id0, id1, runner.encode_audio(m1), c1), reps, budget_s)
         live = timed(lambda: runner.generate(id0, id1, runner.encode_audio(m1), runner.encode_pose(p1)), reps, budget_s)
-        for key, ms, fl in (("ahead", ahead, flops["frame_ahead"]), ("live", live, flops["frame_live"])):
+
+        def two_frames_half_pose() -> None:  # the pose frame of every second frame encoded; codes interpolated
+            c = runner.encode_pose(p1)
+            runner.generate(id0, id1, runner.encode_audio(m1), c)
+            runner.generate(id0, id1, runner.encode_audio(m1), c)
+
+        live_half = [ms / 2 for ms in timed(two_frames_half_pose, max(MIN_CALLS, reps // 2), budget_s)]
+        fl_half = flops["frame_ahead"] + flops["pose"] / 2
+        for key, ms, fl in (
+            ("ahead", ahead, flops["frame_ahead"]),
+            ("live", live, flops["frame_live"]),
+            ("live_half_pose", live_half, fl_half),
+        ):
             s = stats(ms)
             s["fps"] = 1e3 / s["mean_ms"]
             s["tflops"] = fl / (s["mean_ms"] * 1e-3) / 1e12
@@ -268,6 +289,10 @@ def bench_variant(
                 res["batched"][k] = s
             res["batched"]["batch"] = batch
         res["frame"] = runner.generate(id0, id1, mouth1, pose1)  # [1,3,H,W], compared later
+        if runner.name == "openvino":  # where the generator's time goes, per part of the network
+            from benchmarks.breakdown import generator_breakdown
+
+            res["breakdown"] = generator_breakdown(runner, id0, id1, mouth1, pose1)
     res["describe"] = runner.describe()  # after the calls: runtimes report what they compiled to
     res["rss_mb"] = rss_mb()
     return res
@@ -358,6 +383,45 @@ def demo_fidelity(demo: Path, model: PCAVS, variants: list[str], frames: int) ->
     return out
 
 
+def pose_half_rate_fidelity(demo: Path, model: PCAVS, variant: str, frames: int) -> dict[str, Any]:
+    """What encoding the pose of every second frame costs in quality, on the real demo pose video:
+    the pose codes of odd frames interpolated from their even neighbours against encoded ones
+    (error relative to the codes' own spread), and the PSNR of the frames they generate."""
+    from rt_engine.inputs import audio as audio_in
+    from rt_engine.inputs.image import official_crop, to_tensor
+    from rt_engine.inputs.pose import interpolate_codes
+    from rt_engine.render import PoseClip, load_identity
+
+    paths = {k: demo / v for k, v in DEMO_FILES.items()}
+    runner = build(variant, model)
+    clip = PoseClip(paths["pose"], True, None)
+    n = frames + (frames % 2 == 0)  # odd: the last frame is a key frame, every odd frame lies between two
+    crops = to_tensor(np.stack([official_crop(clip.get(clip.index(i))) for i in range(n)]))  # [n,3,224,224]
+    with torch.inference_mode():
+        full = torch.cat([runner.encode_pose(crops[i : i + 4]) for i in range(0, n, 4)]).numpy()  # [n,12]
+        half = interpolate_codes(full[::2], n, key_fps=FPS_HALF, fps=2 * FPS_HALF)  # [n,12]
+        odd = slice(1, n, 2)
+        err = np.sqrt(np.mean((half[odd] - full[odd]) ** 2)) / (np.std(full, axis=0).mean() + 1e-12)
+        id0, id1 = runner.encode_identity(to_tensor(official_crop(load_identity(paths["identity"], True))))
+        _, mel = audio_in.audio_features(audio_in.load_audio(paths["audio"]))
+        wins = torch.from_numpy(audio_in.mel_windows(mel, audio_in.target_frames(mel.shape[0])[:n]))  # [n,1,80,20]
+        per = []
+        for i in range(1, n, 2):
+            mouth = runner.encode_audio(wins[i : i + 1])
+            a = runner.generate(id0, id1, mouth, torch.from_numpy(full[i : i + 1]))
+            b = runner.generate(id0, id1, mouth, torch.from_numpy(half[i : i + 1]))
+            per.append(psnr(b, a))
+    out = {
+        "variant": variant,
+        "frames": n,
+        "code_rms_error_rel": float(err),  # RMS error of interpolated codes / mean per-dim std of the codes
+        "frame_psnr_db_mean": float(np.mean(per)),  # interpolated-pose frames vs encoded-pose frames (odd)
+        "frame_psnr_db_min": float(np.min(per)),
+    }
+    log.info("pose at half rate (%s): code error %.3f of spread, frame PSNR %.1f dB", variant, err, np.mean(per))
+    return out
+
+
 # ------------------------------------------------------------------------------------ report
 def fmt(x: float, nd: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
@@ -375,16 +439,17 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         f"FLOPs per frame: generator {rep['flops']['generator'] / 1e9:.2f} G, pose "
         f"{rep['flops']['pose'] / 1e9:.2f} G, audio {rep['flops']['audio'] / 1e9:.3f} G, identity "
-        f"{rep['flops']['identity'] / 1e9:.2f} G (once). Measured peak (3x3 conv): fp32 "
-        f"{rep['peak']['float32']:.3f}, bf16 {rep['peak']['bfloat16']:.3f} TFLOP/s.",
+        f"{rep['flops']['identity'] / 1e9:.2f} G (once). Measured peak (3x3 conv, {rep['peak']['source']}): "
+        f"{rep['peak']['best_tflops']:.3f} TFLOP/s; % peak uses it.",
         "",
         "| variant | identity ms | pose ms | audio ms | generator ms | ahead p50/p95/p99 ms | ahead fps | "
-        "live p50/p95/p99 ms | live fps | speed-up (live) | TFLOP/s | % peak | batched fps | PSNR dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "live p50/p95/p99 ms | live fps | live fps, pose every 2nd frame | speed-up (live) | TFLOP/s | % peak "
+        "| batched fps | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, r in rep["variants"].items():
         if "error" in r:
-            lines.append(f"| {v} | failed: {r['error'][:80]} |" + " |" * 12)
+            lines.append(f"| {v} | failed: {r['error'][:80]} |" + " |" * 13)
             continue
         st, a, li = r["stages"], r["e2e"]["ahead"], r["e2e"]["live"]
         bf = r["batched"].get("live", {}).get("frames_per_s", float("nan"))
@@ -392,10 +457,30 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {v} | {fmt(st['identity']['p50_ms'])} | {fmt(st['pose']['p50_ms'])} | {fmt(st['audio']['p50_ms'], 2)} "
             f"| {fmt(st['generator']['p50_ms'])} | {fmt(a['p50_ms'])}/{fmt(a['p95_ms'])}/{fmt(a['p99_ms'])} "
             f"| {fmt(a['fps'], 2)} | {fmt(li['p50_ms'])}/{fmt(li['p95_ms'])}/{fmt(li['p99_ms'])} | {fmt(li['fps'], 2)} "
+            f"| {fmt(r['e2e'].get('live_half_pose', {}).get('fps', float('nan')), 2)} "
             f"| {fmt(r['speedup_live'], 2)}x | {fmt(li['tflops'], 3)} | {fmt(100 * r['peak_fraction'], 1)} "
             f"| {fmt(bf, 2)} | {fmt(r['psnr_vs_ref_db'])} |"
         )
     lines += ["", f"Peak RSS of the process: {rep['peak_rss_mb']:.0f} MB."]
+    for v, r in rep["variants"].items():
+        bd = r.get("breakdown")
+        if not bd:
+            continue
+        lines += [
+            "",
+            f"Where the generator's time goes, {v} (batch 1, {bd['wall_ms']:.1f} ms; OpenVINO per-node counters, "
+            f"spread over the wall time; peak {rep['peak']['best_tflops']:.3f} TFLOP/s):",
+            "",
+            "| part | ms | share | GFLOP | TFLOP/s | % peak |",
+            "|---|---|---|---|---|---|",
+        ]
+        for part, d in bd["parts"].items():
+            tf = d["tflops"]
+            pk = 100 * tf / rep["peak"]["best_tflops"] if tf and rep["peak"]["best_tflops"] else None
+            lines.append(
+                f"| {part} | {d['ms']:.1f} | {100 * d['share']:.0f}% | {d['gflop']:.2f} "
+                f"| {fmt(tf, 3) if tf else '-'} | {fmt(pk, 0) if pk else '-'} |"
+            )
     if rep.get("memory"):
         mm = rep["memory"]
         lines.append(
@@ -409,6 +494,14 @@ def markdown(rep: dict[str, Any]) -> str:
         for v, d in rep["demo"]["variants"].items():
             worst = fmt(d["min_frame_psnr_db"], 2)
             lines.append(f"- {v}: PSNR {fmt(d['psnr_db'], 2)} dB vs fp32 (worst frame {worst})")
+        ph = rep["demo"].get("pose_half_rate")
+        if ph:
+            lines.append(
+                f"- pose of every second frame ({ph['variant']}): interpolated codes off by "
+                f"{ph['code_rms_error_rel']:.3f} of their spread (RMS); their frames "
+                f"{fmt(ph['frame_psnr_db_mean'], 1)} dB (worst {fmt(ph['frame_psnr_db_min'], 1)}) "
+                "against frames from encoded codes"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -524,8 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         model = PCAVS(model_preset(preset)).eval()
     rep["weights"] = args.checkpoint or f"random (seed 0), preset {preset}"
     variants = parse_variants(args.backends, args.quick)
-    rep["peak"] = measure_peak(args.quick) if variants else {"float32": 0.0, "bfloat16": 0.0, "best_tflops": 0.0}
-    log.info("peak 3x3 conv: fp32 %.3f, bf16 %.3f TFLOP/s", rep["peak"]["float32"], rep["peak"]["bfloat16"])
+    rep["peak"] = measure_peak(args.quick, args.threads) if variants else {"best_tflops": 0.0, "source": "none"}
+    log.info("peak 3x3 conv (%s): %.3f TFLOP/s", rep["peak"]["source"], rep["peak"]["best_tflops"])
     rep["flops"] = count_flops(model)
     log.info("GFLOP per frame: %s", {k: round(v / 1e9, 3) for k, v in rep["flops"].items()})
     inp = Inputs(model.cfg, batch)
@@ -592,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             rep["demo"] = demo_fidelity(Path(args.demo), demo_model, dv, args.demo_frames)
             rep["demo"]["weights"] = weights
+            best = rep.get("fastest", {}).get("variant", REFERENCE)
+            rep["demo"]["pose_half_rate"] = pose_half_rate_fidelity(Path(args.demo), demo_model, best, args.demo_frames)
     if args.kernels:
         if importlib.util.find_spec("benchmarks.kernels"):
             kb = importlib.import_module("benchmarks.kernels")

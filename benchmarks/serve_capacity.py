@@ -12,9 +12,11 @@ off the server's capacity admission, so the ramp finds where freshness really dr
 Per stage, the JSON reports:
 - per session: fresh share, fresh and delivered fps;
 - model utilisation: model-busy seconds per second;
-- server CPU per session excluding the model, in % of one core. This is the server's CPU time, less
-  model-busy seconds times the CPU the model uses per busy second (measured by the warm-up), divided
-  by wall time and sessions;
+- server CPU per session excluding the model, in % of one core: the server's own split of its CPU
+  time by thread (``rt_engine_cpu_seconds{part=...}`` in /metrics, ``rt_engine/serve/cputime.py``:
+  the model thread and the runtimes' native worker pools are the model, the rest is the server),
+  divided by wall time and sessions; ``..._by_busy`` keeps the older estimate (CPU time less
+  model-busy seconds times the warm-up's CPU per busy second), which over-subtracts under contention;
 - frames computed and then late;
 - what /health said about capacity.
 
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -102,11 +105,19 @@ async def _stage(url: str, k: int, seconds: float) -> list:
     return await asyncio.gather(*[one(j) for j in range(k)])
 
 
+def _part_cpu(text: str, part: str) -> float:
+    m = re.search(rf'^rt_engine_cpu_seconds{{part="{part}"}} ([0-9.eE+-]+)$', text, re.M)
+    return float(m.group(1)) if m else math.nan
+
+
 def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float) -> dict:
     m0, c0, t0 = server.metrics(), _cpu_s(server.proc.pid), time.monotonic()
     results = asyncio.run(_stage(server.url, k, seconds))
     m1, c1, t1 = server.metrics(), _cpu_s(server.proc.pid), time.monotonic()
     wall = t1 - t0
+    # the server's own split by thread (serve/cputime.py): the model's threads and runtime pools vs the rest
+    model_cpu = _part_cpu(m1, "model") - _part_cpu(m0, "model")
+    rest_cpu = _part_cpu(m1, "server") - _part_cpu(m0, "server")
     busy = _metric(m1, "rt_engine_model_busy_seconds") - _metric(m0, "rt_engine_model_busy_seconds")
     sessions, refused = [], []
     for r in results:
@@ -127,7 +138,7 @@ def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float
             }
         )
     n = max(1, len(sessions))
-    excl_model = max(0.0, (c1 - c0) - busy * cpu_per_busy)
+    excl_model = max(0.0, (c1 - c0) - busy * cpu_per_busy)  # the older estimate, kept for comparison
     late = _metric(m1, "rt_engine_frames_computed_late_total") - _metric(m0, "rt_engine_frames_computed_late_total")
     return {
         "sessions": k,
@@ -136,7 +147,9 @@ def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float
         "min_fresh_share": min((s["fresh_share"] for s in sessions), default=0.0),
         "model_utilisation": round(busy / wall, 3),
         "server_cpu_pct_of_core": round(100 * (c1 - c0) / wall, 1),
-        "server_cpu_per_session_excl_model_pct": round(100 * excl_model / wall / n, 1),
+        "server_cpu_per_session_excl_model_pct": round(100 * rest_cpu / wall / n, 1),
+        "model_cpu_pct_of_core": round(100 * model_cpu / wall, 1),
+        "server_cpu_per_session_excl_model_pct_by_busy": round(100 * excl_model / wall / n, 1),
         "frames_computed_late": late,
         "wall_s": round(wall, 1),
         "health_capacity_sessions": _health(server.url).get("capacity_sessions"),

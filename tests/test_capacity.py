@@ -355,3 +355,33 @@ def test_arrival_allowance_follows_late_windows():
     base = plan_output(cost, 2, 0.08, LOOKAHEAD_S)
     late = plan_output(cost, 2, 0.08, LOOKAHEAD_S, PlanConfig(arrival_s=rq.value))
     assert late.margin_s > base.margin_s and late.margin_s + LOOKAHEAD_S <= 0.4
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="Linux /proc only")
+def test_cpu_split_counts_the_model_thread_apart_from_the_rest():
+    """The server's CPU split (/metrics rt_engine_cpu_seconds): the model thread's CPU is the model's,
+    every other Python thread's is the server's."""
+    from rt_engine.serve.cputime import cpu_seconds
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    model = threading.Thread(target=spin, name="stand-in model thread")
+    model.start()
+    try:
+        before = cpu_seconds([model.native_id])
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:  # this thread: the server's
+            pass
+        while cpu_seconds([model.native_id])["model"] - before["model"] < 0.3:
+            time.sleep(0.01)
+        after = cpu_seconds([model.native_id])
+    finally:
+        stop.set()
+        model.join()
+    assert after["server"] - before["server"] >= 0.28
+    assert after["model"] - before["model"] >= 0.3
+    assert after["total"] == pytest.approx(after["model"] + after["server"])

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from rt_engine.errors import ConfigError, InputError, NoFaceError, RtEngineError
 from rt_engine.serve import compat
+from rt_engine.serve.cputime import cpu_seconds
 from rt_engine.stream.clock import LOOKAHEAD_S
 from rt_engine.stream.scheduler import Metrics
 from rt_engine.stream.session import Engine, Session, SessionOptions
@@ -290,6 +291,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
+    for part, sec in cpu_seconds([eng.scheduler.thread_id]).items():  # model vs the rest (serve/cputime.py)
+        m.set("cpu_seconds", sec, part=part)
     return web.Response(
         text=m.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"}
     )
@@ -664,6 +667,9 @@ def create_app(
     m.describe("frames_computed_late_total", "counter", "frames computed and then too late for their slot")
     m.describe("session_fresh_fps_min", "gauge", "lowest fresh frames per second of the connected sessions")
     m.describe("sessions_capacity", "gauge", "sessions the measured model time serves at the full fresh rate")
+    m.describe(
+        "cpu_seconds", "gauge", "process CPU seconds so far: the model's (its thread and runtime pools) and the rest"
+    )
     m.describe("gc_seconds", "histogram", "full garbage collection after each session close (frees its cycles)")
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)

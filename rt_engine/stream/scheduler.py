@@ -226,6 +226,11 @@ class Scheduler:
             self._jobs.clear()
 
     @property
+    def thread_id(self) -> int | None:
+        """The model thread's native (OS) id while it runs."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -61,6 +61,7 @@ def test_batch_is_capped_by_its_earliest_deadline():
     sch = Scheduler(FakeRunner(0.01), SchedulerConfig(max_batch=8), Metrics())
     for b in range(1, 9):
         sch.cost.set(b, 0.01 * b)
+    sch.cost.limit = 8  # batches allowed (equal frames/s per size would cap them at 1: see below)
     o = Owner("a")
     now = time.monotonic()
     jobs = [_job(o, 2, now + 0.035)] + [_job(o, 3 + k, now + 0.3) for k in range(7)]
@@ -204,11 +205,43 @@ def test_batches_that_cost_throughput_are_not_formed():
     assert len(batch) == 1 and len(rest) == 4
     pays = CostModel(max_batch=8)
     for b in range(1, 9):
-        pays.set(b, 0.004 + 0.006 * b)
-    assert pays.batch_cap() == 8
+        pays.set(b, 0.004 + 0.006 * b)  # 100 frames/s at batch 1 ... 154 at batch 8
+    assert pays.batch_cap() == 6  # 150 frames/s: within 3% of the best, the smallest such size
     pays.set(5, 0.5)  # one size far slower: it and the sizes above it are not formed
     assert pays.batch_cap() == 4
+    same = CostModel(max_batch=8)
+    for b in range(1, 9):
+        same.set(b, 0.160 * b)  # a large model on a small CPU: batching gains nothing
+    assert same.batch_cap() == 1
     assert CostModel(max_batch=6).batch_cap() == 6  # nothing measured yet
+    only1 = CostModel(max_batch=6)
+    only1.set(1, 0.01)
+    assert only1.batch_cap() == 6  # larger sizes unmeasured: scaled from batch 1, not held back
+    pays.limit = 2  # fixed by the warm-up
+    assert pays.batch_cap() == 2
+
+
+def test_warm_up_fixes_the_batch_cap_and_releases_larger_sizes():
+    class Sized(FakeRunner):
+        def __init__(self):
+            super().__init__(0.0)
+            self.kept = None
+
+        def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED):
+            time.sleep(0.004 * mouth.shape[0])  # no batching gain
+            return torch.zeros(mouth.shape[0], 3, 8, 8)
+
+        def keep_batches(self, largest):
+            self.kept = largest
+
+    r = Sized()
+    sched = Scheduler(r, SchedulerConfig(max_batch=4)).start()
+    try:
+        sched.warm_up(torch.zeros(1, 4), torch.zeros(1, 2, 7, 7)).result(timeout=30)
+    finally:
+        sched.stop()
+    assert sched.cost.limit == r.kept and 1 <= r.kept <= 4
+    assert sched.cost.batch_cap() == sched.cost.limit
 
 
 def test_admission_predicts_the_slowdown_each_session_brings():

@@ -176,6 +176,12 @@ class OpenVINORunner(_OnnxRunnerBase):
         res = req.infer(feeds)
         return np.array(res[req.model_outputs[0]], dtype=np.uint8, copy=True)
 
+    def keep_batches(self, largest: int) -> None:
+        """Drop the static models compiled for batch sizes above ``largest`` (at the official size each
+        holds about 200-380 MB of buffers)."""
+        for key in [k for k in self._sessions if isinstance(k[1], int) and k[1] > largest]:
+            del self._sessions[key]
+
     @staticmethod
     def _uint8_output(m):
         """Append [N,3,H,W] f32 in [-1,1] -> [N,H,W,3] u8 (truncating, as ``to_uint8``) to model ``m``."""

@@ -20,10 +20,11 @@ contention: each session's own work (codecs, RTP, mel; on a small host also a lo
 CPU from the model, so the model time grows with the session count. The cost model measures that
 slowdown against the warm-up time at each session count and extrapolates it linearly.
 
-Batches that do not pay are not formed: :meth:`CostModel.batch_cap` is the largest batch size whose
-measured frames/s, and that of every smaller size, is at least ``BATCH_GAIN_TOL`` of batch 1's. On a
-runtime where batching costs throughput (a dynamic-shape graph on the CPU), the scheduler and the
-plan then use batch 1. The cap follows the plain averages, so it changes only as fast as they do.
+Batches that do not pay are not formed: :meth:`CostModel.batch_cap` is the smallest batch size
+that makes nearly the best frames/s among the sizes that all keep batch 1's rate. On a runtime where
+batching costs throughput (a dynamic-shape graph on the CPU), or gains nothing (a large model on a
+small CPU), the scheduler and the plan then use batch 1. The warm-up fixes the cap (``limit``), and
+the runner may release what it holds for larger sizes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CostModel:
         self._quiet: dict[int, float] = {}  # batch size -> seconds, from set()
         self._ratio: dict[int, tuple[float, int]] = {}  # sessions -> (slowdown EMA, batches seen)
         self.load = 0  # open sessions now (set by the engine as sessions come and go)
+        self.limit: int | None = None  # batch_cap fixed by the warm-up (None: from the averages)
 
     def observe(self, batch: int, seconds: float) -> None:
         with self._lock:
@@ -129,19 +131,27 @@ class CostModel:
             return dict(sorted(self._cost.items()))
 
     def batch_cap(self) -> int:
-        """Largest batch size worth forming: sizes 1..cap all make at least ``BATCH_GAIN_TOL`` times
-        batch 1's frames/s. Unmeasured sizes count as batch 1's rate (as :meth:`batch_s` scales
-        them), so with nothing measured the cap is ``max_batch``."""
+        """Largest batch size the scheduler forms: ``limit`` once fixed (the warm-up fixes it), else
+        from the averages. Sizes 1..k that all make at least ``BATCH_GAIN_TOL`` times batch 1's
+        frames/s are usable; of those, the cap is the smallest that makes ``BATCH_GAIN_TOL`` of the
+        best rate among them (a larger batch that is not faster only adds latency and memory).
+        Unmeasured sizes count as batch 1's rate; with nothing measured the cap is ``max_batch``."""
+        if self.limit is not None:
+            return self.limit
         with self._lock:
             mean = dict(self._mean)
         if mean.get(1, 0.0) <= 0:
             return self.max_batch
-        cap = 1
+        fps = {1: 1.0 / mean[1]}
         for b in range(2, self.max_batch + 1):
-            if b in mean and b / mean[b] < BATCH_GAIN_TOL / mean[1]:
+            rate = b / mean[b] if b in mean else fps[1]
+            if rate < BATCH_GAIN_TOL * fps[1]:
                 break
-            cap = b
-        return cap
+            fps[b] = rate
+        if all(b not in mean for b in fps if b > 1):
+            return max(fps)  # nothing measured beyond batch 1: no reason to hold batches back
+        best = max(fps.values())
+        return min(b for b, rate in fps.items() if rate >= BATCH_GAIN_TOL * best)
 
 
 @dataclass(frozen=True)

@@ -267,12 +267,18 @@ class Scheduler:
                     if timed:
                         self.cost.set(b, time.monotonic() - t0)
                         wall, cpu = wall + time.monotonic() - t0, cpu + time.process_time() - c0
+            self.cost.limit = None
+            self.cost.limit = self.cost.batch_cap()  # fixed: sizes above it are never formed
+            keep = getattr(r, "keep_batches", None)  # Runner subclasses have it (duck-typed ones may not)
+            if keep is not None:
+                keep(self.cost.limit)
             # process CPU seconds per model-busy second, with nothing else running: lets a benchmark
             # tell the model's share of the server's CPU from the rest (model_busy_seconds x this)
             self.model_cpu_per_busy_s = cpu / wall if wall > 0 else 0.0
             log.info(
-                "model seconds per batch size: %s",
+                "model seconds per batch size: %s; batches of up to %d frames",
                 ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in self.cost.table().items()),
+                self.cost.limit,
             )
 
         return self.call(run)

@@ -81,6 +81,18 @@ class CostModel:
         with self._lock:
             return dict(sorted(self._cost.items()))
 
+    def snapshot(self) -> tuple[dict[int, float], dict[int, float]]:
+        """-> (mean, mean deviation) per batch size: what :meth:`restore` takes (a replica elsewhere)."""
+        with self._lock:
+            return dict(self._mean), dict(self._dev)
+
+    def restore(self, snap: tuple[dict[int, float], dict[int, float]]) -> None:
+        """Replace every estimate by a :meth:`snapshot` of another cost model."""
+        mean, dev = snap
+        with self._lock:
+            self._mean, self._dev = dict(mean), dict(dev)
+            self._cost = {b: m + self.spread * self._dev.get(b, 0.0) for b, m in self._mean.items()}
+
 
 @dataclass(frozen=True)
 class PlanConfig:

@@ -136,6 +136,8 @@ STATE = web.AppKey("state", ServerState)
 OWN_ENGINE = web.AppKey("own_engine", bool)
 WARM_TASK = web.AppKey("warm_task", asyncio.Future)
 FREEZE_TASK = web.AppKey("freeze_task", asyncio.Future)  # set by the CLI (process-wide gc.freeze)
+# media workers (--workers N): session id -> base URL of the worker that owns it (None: this one)
+ROUTE = web.AppKey("route", object)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -266,6 +268,7 @@ async def health(request: web.Request) -> web.Response:
             "model": eng.runner.describe(),
             "output_size": eng.runner.cfg.size,
             "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
+            **({"model_process": eng.scheduler.remote_stats()} if hasattr(eng.scheduler, "remote_stats") else {}),
         },
         status=200 if eng.scheduler.alive else 503,
     )
@@ -288,14 +291,34 @@ async def metrics(request: web.Request) -> web.Response:
     m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
+    model_side = eng.scheduler.model_metrics  # kept by a model process (--workers N): added in
     return web.Response(
-        text=m.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"}
+        text=(m if model_side is None else m.merged(model_side)).render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Prometheus-Format": "0.0.4"},
     )
+
+
+async def _forward(request: web.Request, sid: str) -> web.Response | None:
+    """A request for a session of another media worker, forwarded to it (None: no other owner)."""
+    route = request.app.get(ROUTE)
+    url = route(sid) if route is not None else None
+    if url is None:
+        return None
+    import aiohttp
+
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    async with aiohttp.ClientSession() as http:
+        async with http.request(request.method, url + request.path, headers=headers) as r:
+            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
 
 
 async def stats(request: web.Request) -> web.Response:
     peer = request.app[STATE].sessions.get(request.match_info["sid"])
     if peer is None:
+        if (r := await _forward(request, request.match_info["sid"])) is not None:
+            return r
         return error(404, f"no session {request.match_info['sid']!r}")
     d = peer.session.describe()
     d["connection"] = peer.pc.connectionState
@@ -307,6 +330,8 @@ async def close_session(request: web.Request) -> web.Response:
         return r
     sid = request.match_info["sid"]
     if sid not in request.app[STATE].sessions:
+        if (r := await _forward(request, sid)) is not None:
+            return r
         return error(404, f"no session {sid!r}")
     await _close_peer(request.app, sid, "closed by client")
     return web.json_response({"closed": sid})
@@ -438,8 +463,12 @@ def _check_room(app: web.Application) -> web.Response | None:
     rate, and room among the offers still connecting."""
     cfg: ServerConfig = app[CFG]
     eng: Engine = app[ENGINE]
-    connected = _connected(app)
-    connecting = len(app[STATE].sessions) - connected + app[STATE].pending
+    if not eng.scheduler.alive:
+        eng.metrics.inc("sessions_rejected_total", reason="model")
+        return error(503, "the model worker stopped; try again later")
+    # with media workers (--workers N) the sessions of all of them share the model and --max-sessions
+    connected = eng.scheduler.sessions_total(_connected(app))
+    connecting = len(app[STATE].sessions) - _connected(app) + app[STATE].pending
     if connected >= cfg.max_sessions:
         eng.metrics.inc("sessions_rejected_total", reason="full")
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")

@@ -2,6 +2,7 @@
 
     python benchmarks/serve_capacity.py --preset bundled --seconds 15 --json out.json
     python benchmarks/serve_capacity.py --preset tiny --seconds 6 --max-sessions 3     # quick
+    python benchmarks/serve_capacity.py --workers 2 ...    # 2 media worker processes, one model process
 
 Starts ``python -m rt_engine.serve`` as a separate process (as deployed). Stage k then runs k peers
 at once on loopback, each sending speech as its microphone, for ``--seconds``. The peers run in this
@@ -18,7 +19,12 @@ Per stage, the JSON reports:
   divided by wall time and sessions; ``..._by_busy`` keeps the older estimate (CPU time less
   model-busy seconds times the warm-up's CPU per busy second), which over-subtracts under contention;
 - frames computed and then late;
-- what /health said about capacity.
+- what /health said about capacity;
+- the model's batch size histogram over the stage (with ``--workers N``: the model process's, which
+  batches the sessions of all workers) and, with ``--workers N``, the sessions per worker.
+
+Server CPU is the CPU time of the server process and all its children (the model process and the
+workers with ``--workers N``).
 
 ``sessions_held`` is the last stage where every session got 95% or more of its frames fresh.
 """
@@ -68,14 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity: the server admits by measured model capacity (as deployed); count: only "
         "--max-sessions, so the ramp finds where freshness drops",
     )
+    ap.add_argument(
+        "--workers", type=int, default=1, help="server --workers: media worker processes (>= 2: plus a model process)"
+    )
     ap.add_argument("--json", default=None, help="also write the result here")
     return ap
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its live children (model process, media workers)."""
+    import psutil
+
+    total = 0.0
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _batch_hist(text: str) -> dict[str, float]:
+    """Cumulative batch size buckets of rt_engine_batch_size -> {le: count}."""
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^rt_engine_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
+    }
+
+
+def _batch_sizes(before: str, after: str) -> dict[str, int]:
+    """Batches per size bucket during a stage ("<=1", "<=2", ...; not cumulative)."""
+    h0, h1 = _batch_hist(before), _batch_hist(after)
+    out, prev = {}, 0.0
+    for le in h1:
+        cum = h1[le] - h0.get(le, 0.0)
+        label = "inf" if le == "+Inf" else f"{float(le):g}"
+        if cum - prev:
+            out[f"<={label}"] = int(cum - prev)
+        prev = cum
+    return out
 
 
 def _metric(text: str, name: str) -> float:
@@ -88,7 +127,7 @@ def _health(url: str) -> dict:
         return json.loads(r.read())
 
 
-async def _stage(url: str, k: int, seconds: float) -> list:
+async def _stage(url: str, k: int, seconds: float) -> tuple[list, dict]:
     from benchmarks.client import probe_signal, run_client
 
     sig, onsets = probe_signal(seconds + 15)
@@ -102,7 +141,15 @@ async def _stage(url: str, k: int, seconds: float) -> list:
         except RuntimeError as e:  # e.g. "offer rejected (503): ..."
             return str(e)
 
-    return await asyncio.gather(*[one(j) for j in range(k)])
+    async def mid_health() -> dict:  # while every peer streams
+        await asyncio.sleep(0.3 * k + seconds / 2)
+        try:
+            return await asyncio.to_thread(_health, url)
+        except OSError:
+            return {}
+
+    *results, health = await asyncio.gather(*[one(j) for j in range(k)], mid_health())
+    return results, health
 
 
 def _part_cpu(text: str, part: str) -> float:
@@ -112,7 +159,7 @@ def _part_cpu(text: str, part: str) -> float:
 
 def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float) -> dict:
     m0, c0, t0 = server.metrics(), _cpu_s(server.proc.pid), time.monotonic()
-    results = asyncio.run(_stage(server.url, k, seconds))
+    results, mid = asyncio.run(_stage(server.url, k, seconds))
     m1, c1, t1 = server.metrics(), _cpu_s(server.proc.pid), time.monotonic()
     wall = t1 - t0
     # the server's own split by thread (serve/cputime.py): the model's threads and runtime pools vs the rest
@@ -140,6 +187,7 @@ def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float
     n = max(1, len(sessions))
     excl_model = max(0.0, (c1 - c0) - busy * cpu_per_busy)  # the older estimate, kept for comparison
     late = _metric(m1, "rt_engine_frames_computed_late_total") - _metric(m0, "rt_engine_frames_computed_late_total")
+    model_process = mid.get("model_process") or {}
     return {
         "sessions": k,
         "per_session": sessions,
@@ -153,6 +201,8 @@ def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float
         "frames_computed_late": late,
         "wall_s": round(wall, 1),
         "health_capacity_sessions": _health(server.url).get("capacity_sessions"),
+        "batch_sizes": _batch_sizes(m0, m1),
+        "sessions_by_worker": model_process.get("registered_by_worker"),  # mid-stage, as the model process saw them
     }
 
 
@@ -172,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = args.checkpoint
         if ckpt is None and args.preset != "bundled":
             ckpt = random_checkpoint(args.preset, tmp)
-        extra = ["--backend", args.backend, "--max-sessions", str(args.max_sessions)]
+        extra = ["--backend", args.backend, "--max-sessions", str(args.max_sessions), "--workers", str(args.workers)]
         if args.admission == "count":
             extra.append("--no-capacity-admission")
         with ServerProcess(ckpt, args.threads, extra) as server:
@@ -191,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "model_utilisation",
                                 "server_cpu_per_session_excl_model_pct",
                                 "frames_computed_late",
+                                "batch_sizes",
                                 "refused",
                             )
                         }
@@ -205,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": health.get("model"),
         "checkpoint": args.checkpoint or ("bundled" if args.preset == "bundled" else f"random {args.preset}"),
         "admission": args.admission,
+        "workers": args.workers,
         "seconds_per_stage": args.seconds,
         "sessions_held": held,
         "fresh_target": FRESH_TARGET,

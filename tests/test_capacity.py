@@ -394,7 +394,9 @@ def test_arrival_allowance_follows_late_windows():
 def test_cpu_split_counts_the_model_thread_apart_from_the_rest():
     """The server's CPU split (/metrics rt_engine_cpu_seconds): the model thread's CPU is the model's,
     every other Python thread's is the server's."""
-    from rt_engine.serve.cputime import cpu_seconds
+    from rt_engine.serve.cputime import CpuSplit
+
+    cpu_seconds = CpuSplit().read
 
     stop = threading.Event()
 

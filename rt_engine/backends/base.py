@@ -84,6 +84,7 @@ class Runner(ABC):
     def keep_batches(self, largest: int) -> None:
         """Release what the runner holds for batch sizes above ``largest`` (the scheduler will not form
         them). Default: nothing is held per size."""
+        return None
 
     style = staticmethod(make_style)  # [B|1,2048], [B|1,500], [B|1,12] -> [B,2560]
 

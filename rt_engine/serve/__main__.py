@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and compute; frames not ready by then are held (80 ms: two frames)",
     )
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="close sessions whose media stopped (s)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="media worker processes (HTTP/WebRTC, codecs) on the one port; 1: everything in this process. "
+        "With 2 or more, one model process batches the frames of all of them (docs/serving.md)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -125,23 +132,18 @@ async def _process_setup(app, codec_threads: int) -> None:
     app[FREEZE_TASK] = asyncio.ensure_future(freeze())
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def setup_logging(verbose: bool, role: str = "") -> None:
+    fmt = "%(asctime)s %(levelname)s " + (f"[{role}] " if role else "") + "%(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt)
     for noisy in ("aioice", "aiortc", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from aiohttp import web
 
-    from rt_engine.backends import make_runner
-    from rt_engine.serve.app import ServerConfig, create_app
-    from rt_engine.stream.clock import ClockConfig
-    from rt_engine.stream.scheduler import SchedulerConfig
-    from rt_engine.stream.session import Engine
 
-    cfg = ServerConfig(
+def server_config(args: argparse.Namespace):
+    """The validated :class:`~rt_engine.serve.app.ServerConfig` of the command line."""
+    from rt_engine.serve.app import ServerConfig
+
+    return ServerConfig(
         host=args.host,
         port=args.port,
         token=args.token,
@@ -152,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         ice_any_address=args.ice_any_address,
         admit_by_capacity=not args.no_capacity_admission,
     ).validate()
-    sched_cfg = SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
-    model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
+
+
+def scheduler_config(args: argparse.Namespace):
+    from rt_engine.stream.scheduler import SchedulerConfig
+
+    return SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
+
+
+def make_runner(args: argparse.Namespace):
+    from rt_engine.backends import make_runner as make
+
     try:
-        runner = make_runner(args.checkpoint, args.precision, args.backend)
+        return make(args.checkpoint, args.precision, args.backend)
     except CheckpointError as e:
         if args.checkpoint is None:
             raise CheckpointError(
@@ -163,6 +174,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"checkpoint folder) until the bundled model ships"
             ) from None
         raise
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from aiohttp import web
+
+    from rt_engine.serve.app import create_app
+    from rt_engine.stream.clock import ClockConfig
+    from rt_engine.stream.session import Engine
+
+    cfg = server_config(args)
+    sched_cfg = scheduler_config(args)
+    if not 1 <= args.workers <= 64:
+        raise ConfigError(f"--workers must be in [1, 64], got {args.workers}")
+    if args.workers > 1:
+        from rt_engine.serve.workers import serve_split
+
+        return serve_split(args)
+    model_threads, codec_threads = _thread_budget(args.threads, args.codec_threads)
+    runner = make_runner(args)
     engine = Engine(runner, sched_cfg, ClockConfig(margin_s=args.margin_ms / 1e3), threads=model_threads)
     app = create_app(engine, cfg, warm_default=True)
     app.on_startup.append(lambda app: _process_setup(app, codec_threads))

@@ -37,7 +37,7 @@ from aiohttp import web
 
 from rt_engine.errors import ConfigError, InputError, NoFaceError, RtEngineError
 from rt_engine.serve import compat
-from rt_engine.serve.cputime import cpu_seconds
+from rt_engine.serve.cputime import CpuSplit
 from rt_engine.stream.clock import LOOKAHEAD_S
 from rt_engine.stream.scheduler import Metrics
 from rt_engine.stream.session import Engine, Session, SessionOptions
@@ -129,6 +129,7 @@ class ServerState:
     sessions: dict[str, Peer] = field(default_factory=dict)  # session id -> peer (connected or connecting)
     uploads: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload id -> (kind, path)
     pending: int = 0  # offers being set up (they hold a session slot)
+    cpu: CpuSplit = field(default_factory=CpuSplit)  # the process CPU split, model vs the rest (/metrics)
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -137,6 +138,8 @@ STATE = web.AppKey("state", ServerState)
 OWN_ENGINE = web.AppKey("own_engine", bool)
 WARM_TASK = web.AppKey("warm_task", asyncio.Future)
 FREEZE_TASK = web.AppKey("freeze_task", asyncio.Future)  # set by the CLI (process-wide gc.freeze)
+# media workers (--workers N): session id -> base URL of the worker that owns it (None: this one)
+ROUTE = web.AppKey("route", object)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -269,6 +272,7 @@ async def health(request: web.Request) -> web.Response:
             "model": eng.runner.describe(),
             "output_size": eng.runner.cfg.size,
             "algorithmic_latency_ms": round(1e3 * eng.clock_cfg.delay_s, 1),
+            **({"model_process": eng.scheduler.remote_stats()} if hasattr(eng.scheduler, "remote_stats") else {}),
         },
         status=200 if eng.scheduler.alive else 503,
     )
@@ -291,16 +295,37 @@ async def metrics(request: web.Request) -> web.Response:
     m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
-    for part, sec in cpu_seconds([eng.scheduler.thread_id]).items():  # model vs the rest (serve/cputime.py)
-        m.set("cpu_seconds", sec, part=part)
+    if getattr(eng.scheduler, "thread_id", None) is not None:  # the model runs in this process
+        for part, sec in app[STATE].cpu.read([eng.scheduler.thread_id]).items():  # model vs the rest (serve/cputime.py)
+            m.set("cpu_seconds", sec, part=part)
+    model_side = eng.scheduler.model_metrics  # kept by a model process (--workers N): added in
     return web.Response(
-        text=m.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"}
+        text=(m if model_side is None else m.merged(model_side)).render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Prometheus-Format": "0.0.4"},
     )
+
+
+async def _forward(request: web.Request, sid: str) -> web.Response | None:
+    """A request for a session of another media worker, forwarded to it (None: no other owner)."""
+    route = request.app.get(ROUTE)
+    url = route(sid) if route is not None else None
+    if url is None:
+        return None
+    import aiohttp
+
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    async with aiohttp.ClientSession() as http:
+        async with http.request(request.method, url + request.path, headers=headers) as r:
+            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
 
 
 async def stats(request: web.Request) -> web.Response:
     peer = request.app[STATE].sessions.get(request.match_info["sid"])
     if peer is None:
+        if (r := await _forward(request, request.match_info["sid"])) is not None:
+            return r
         return error(404, f"no session {request.match_info['sid']!r}")
     d = peer.session.describe()
     d["connection"] = peer.pc.connectionState
@@ -312,6 +337,8 @@ async def close_session(request: web.Request) -> web.Response:
         return r
     sid = request.match_info["sid"]
     if sid not in request.app[STATE].sessions:
+        if (r := await _forward(request, sid)) is not None:
+            return r
         return error(404, f"no session {sid!r}")
     await _close_peer(request.app, sid, "closed by client")
     return web.json_response({"closed": sid})
@@ -443,8 +470,12 @@ def _check_room(app: web.Application) -> web.Response | None:
     rate, and room among the offers still connecting."""
     cfg: ServerConfig = app[CFG]
     eng: Engine = app[ENGINE]
-    connected = _connected(app)
-    connecting = len(app[STATE].sessions) - connected + app[STATE].pending
+    if not eng.scheduler.alive:
+        eng.metrics.inc("sessions_rejected_total", reason="model")
+        return error(503, "the model worker stopped; try again later")
+    # with media workers (--workers N) the sessions of all of them share the model and --max-sessions
+    connected = eng.scheduler.sessions_total(_connected(app))
+    connecting = len(app[STATE].sessions) - _connected(app) + app[STATE].pending
     if connected >= cfg.max_sessions:
         eng.metrics.inc("sessions_rejected_total", reason="full")
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")

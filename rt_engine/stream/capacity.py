@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from rt_engine.config import FPS
 
@@ -79,6 +80,7 @@ class CostModel:
         with self._lock:
             self._mean[batch], self._dev[batch], self._cost[batch] = seconds, 0.0, seconds
             self._quiet[batch] = seconds
+            self._ratio.clear()  # slowdowns were measured against the old warm-up times
 
     def slowdown(self, sessions: int) -> float:
         """Predicted model time with ``sessions`` open sessions, relative to the warm-up time: 1 + k n,
@@ -152,6 +154,26 @@ class CostModel:
             return max(fps)  # nothing measured beyond batch 1: no reason to hold batches back
         best = max(fps.values())
         return min(b for b, rate in fps.items() if rate >= BATCH_GAIN_TOL * best)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every estimate (averages, warm-up times, slowdown by load, fixed cap): what :meth:`restore`
+        takes (a replica in another process)."""
+        with self._lock:
+            return {
+                "mean": dict(self._mean),
+                "dev": dict(self._dev),
+                "quiet": dict(self._quiet),
+                "ratio": dict(self._ratio),
+                "limit": self.limit,
+            }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Replace every estimate by a :meth:`snapshot` of another cost model."""
+        with self._lock:
+            self._mean, self._dev = dict(snap["mean"]), dict(snap["dev"])
+            self._cost = {b: m + self.spread * self._dev.get(b, 0.0) for b, m in self._mean.items()}
+            self._quiet, self._ratio = dict(snap["quiet"]), dict(snap["ratio"])
+            self.limit = snap["limit"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ When compute keeps up every batch holds about one frame per session; when it fal
 sessions lengthen their delay and thin their frames (:mod:`rt_engine.stream.capacity`), and late
 jobs are dropped, never queued up (no drift, no growing latency). Other model work (identity
 features, pose codes) runs through :meth:`call`, in the same thread, between batches: frame
-batches go first, a call waits at most ``CALL_WAIT_S``.
+batches go first, a call waits at most ``CALL_WAIT_S``. Besides closures, :meth:`Scheduler.call` takes
+the name of one of :data:`MODEL_CALLS`, whose arguments and results are numpy arrays: only those can
+also cross into a model process (:mod:`rt_engine.stream.remote`).
 
 :class:`Metrics` is a tiny thread-safe registry, exposed in the Prometheus text format by
 prometheus_client.
@@ -28,6 +30,7 @@ prometheus_client.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -43,7 +46,7 @@ from rt_engine.backends.base import MouthGain, Runner
 from rt_engine.config import MEL_WINDOW, NoiseMode, check_mouth_gain, noise_mode
 from rt_engine.errors import ConfigError
 from rt_engine.inputs.audio import N_MELS
-from rt_engine.inputs.image import to_uint8
+from rt_engine.inputs.image import to_tensor, to_uint8
 from rt_engine.stream.capacity import CostModel
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,37 @@ class Metrics:
                     h[1][j] += 1
             h[2] += value
             h[3] += 1
+
+    def snapshot(self) -> tuple[dict, dict, dict, dict]:
+        """A copy of everything recorded (picklable): -> (counters, gauges, histograms, help)."""
+        with self._lock:
+            hists = {k: [b, list(c), t, n] for k, (b, c, t, n) in self._hist.items()}
+            return dict(self._counters), dict(self._gauges), hists, dict(self._help)
+
+    def merged(self, snap: tuple[dict, dict, dict, dict]) -> Metrics:
+        """A new registry holding this one plus a :meth:`snapshot` of another (counters and histograms
+        of the same name and labels add up; the snapshot's gauges win)."""
+        out = Metrics(self.prefix)
+        counters, gauges, hists, helps = self.snapshot()
+        out._counters.update(counters)
+        out._gauges.update(gauges)
+        out._hist.update(hists)
+        out._help.update(helps)
+        o_counters, o_gauges, o_hists, o_help = snap
+        for k, v in o_counters.items():
+            out._counters[k] += v
+        out._gauges.update(o_gauges)
+        for k, (b, c, t, n) in o_hists.items():
+            h = out._hist.get(k)
+            if h is not None and tuple(h[0]) == tuple(b):
+                h[1] = [x + y for x, y in zip(h[1], c, strict=True)]
+                h[2] += t
+                h[3] += n
+            else:
+                out._hist[k] = [b, list(c), t, n]
+        for k, v in o_help.items():
+            out._help.setdefault(k, v)
+        return out
 
     def counter(self, name: str, **labels: Any) -> float:
         with self._lock:
@@ -138,6 +172,45 @@ class _Families:
 
     def collect(self):
         return iter(self.metrics.families())
+
+
+# ---------------------------------------------------------------------------------- named model calls
+def _encode_identity(r: Runner, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """image [1,3,224,224] f32 in [-1,1] -> (id0 [1,id_dim], id1 [1,C,7,7]) f32."""
+    id0, id1 = r.encode_identity(torch.from_numpy(np.ascontiguousarray(image, np.float32)))
+    return id0.numpy(), id1.numpy()
+
+
+def _encode_pose(r: Runner, image: np.ndarray) -> np.ndarray:
+    """images [N,3,224,224] f32 in [-1,1] -> pose codes [N,12]."""
+    return r.encode_pose(torch.from_numpy(np.ascontiguousarray(image, np.float32))).numpy()
+
+
+def _encode_poses(r: Runner, crops: np.ndarray) -> np.ndarray:
+    """aligned crops [N,224,224,3] u8 -> pose codes [N,12], 16 at a time."""
+    x = to_tensor(crops)  # [N,3,224,224]
+    return np.concatenate([r.encode_pose(x[s : s + 16]).numpy() for s in range(0, len(x), 16)])
+
+
+def _idle_codes(r: Runner, crop: np.ndarray) -> np.ndarray:
+    """identity crop [H,W,3] u8 -> 10 s of idle motion codes [250,12] (forward and backward)."""
+    from rt_engine.stream import sources
+
+    return sources.idle_codes(crop, lambda c: _encode_poses(r, c), seconds=10.0)
+
+
+# The model work a session may ask for besides frames, by name: arguments and results are numpy arrays,
+# so a call can be shipped to a model process (rt_engine.stream.remote) as well as run in this thread.
+MODEL_CALLS: dict[str, Callable[..., Any]] = {
+    "encode_identity": _encode_identity,
+    "encode_pose": _encode_pose,
+    "encode_poses": _encode_poses,
+    "idle_codes": _idle_codes,
+}
+
+
+def _named_call(fn: Callable[..., Any], args: tuple, r: Runner) -> Any:
+    return fn(r, *args)
 
 
 class JobOwner(Protocol):
@@ -242,8 +315,15 @@ class Scheduler:
             self._jobs.extend(jobs)
             self._cv.notify()
 
-    def call(self, fn: Callable[[Runner], Any]) -> concurrent.futures.Future:
-        """Run ``fn(runner)`` in the model thread; returns a Future (wrap with asyncio.wrap_future)."""
+    def call(self, fn: Callable[[Runner], Any] | str, *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(runner)`` in the model thread; returns a Future (wrap with asyncio.wrap_future).
+        ``fn`` may also be the name of one of :data:`MODEL_CALLS`, run as ``MODEL_CALLS[fn](runner, *args)``."""
+        if isinstance(fn, str):
+            if fn not in MODEL_CALLS:
+                raise KeyError(f"unknown model call {fn!r}; known: {sorted(MODEL_CALLS)}")
+            fn = functools.partial(_named_call, MODEL_CALLS[fn], args)
+        elif args:
+            raise TypeError("arguments go with a named call only")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._stop:
@@ -291,6 +371,16 @@ class Scheduler:
     def pending(self) -> int:
         with self._cv:
             return len(self._jobs)
+
+    def sessions_total(self, local: int) -> int:
+        """Sessions this scheduler serves, given ``local`` open in the caller's process (one process:
+        the same; a model process adds those of the other media workers)."""
+        return local
+
+    @property
+    def model_metrics(self) -> tuple | None:
+        """A :meth:`Metrics.snapshot` of model-side metrics kept elsewhere; None: they are in ``metrics``."""
+        return None
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:

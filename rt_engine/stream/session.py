@@ -186,7 +186,7 @@ class Session:
         file_audio: sources.FileAudio | None,
         loop: asyncio.AbstractEventLoop,
     ):
-        self.sid = uuid.uuid4().hex[:12]
+        self.sid = engine.sid_prefix + uuid.uuid4().hex[:12]
         self.engine = engine
         self.opts = opts
         self.id0, self.id1 = id0, id1  # [1,id_dim], [1,C,7,7]
@@ -440,9 +440,9 @@ class Session:
                 if crop is None:
                     pose.misses += 1
                 else:
-                    x = to_tensor(official_crop(crop))  # [1,3,224,224]
-                    code = await asyncio.wrap_future(self.engine.scheduler.call(lambda r, x=x: r.encode_pose(x)))
-                    pose.update(code.numpy()[0])
+                    x = to_tensor(official_crop(crop)).numpy()  # [1,3,224,224]
+                    code = await asyncio.wrap_future(self.engine.scheduler.call("encode_pose", x))  # [1,12]
+                    pose.update(code[0])
             await asyncio.sleep(max(0.0, t + period - time.monotonic()))
 
     # --- model output (called from the model thread)
@@ -591,7 +591,11 @@ class Session:
 
 # ------------------------------------------------------------------------------ engine
 class Engine:
-    """Runner + scheduler + shared helpers; makes sessions."""
+    """Runner + scheduler + shared helpers; makes sessions.
+
+    ``scheduler``: an already running scheduler to use instead of making one over ``runner`` (a
+    :class:`~rt_engine.stream.remote.SchedulerClient` of a model process; ``runner`` then only needs
+    ``cfg`` and ``describe()``). ``sid_prefix`` starts every session id (which media worker owns it)."""
 
     def __init__(
         self,
@@ -601,11 +605,16 @@ class Engine:
         threads: int = 0,
         metrics: Metrics | None = None,
         plan_cfg: PlanConfig | None = None,
+        scheduler: Scheduler | None = None,
+        sid_prefix: str = "",
     ):
         self.runner = runner
         self.metrics = metrics or Metrics()
         self.clock_cfg = (clock_cfg or ClockConfig()).validate()
-        self.scheduler = Scheduler(runner, scheduler_cfg, self.metrics, threads=threads).start()
+        if scheduler is None:
+            scheduler = Scheduler(runner, scheduler_cfg, self.metrics, threads=threads).start()
+        self.scheduler = scheduler
+        self.sid_prefix = sid_prefix
         self.plan_cfg = plan_cfg or PlanConfig()
         self.sessions: set[str] = set()  # ids of the open sessions (what the output plan is made for)
         self._plan: tuple[float, int, Plan] | None = None  # (made at, sessions, plan)
@@ -618,8 +627,9 @@ class Engine:
         self._id_locks: dict[str, asyncio.Lock] = {}
         self._pose_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()  # (identity key, kind) -> codes
 
-    async def _run(self, fn):
-        return await asyncio.wrap_future(self.scheduler.call(fn))
+    async def _run(self, name: str, *args: np.ndarray):
+        """A named model call (scheduler.MODEL_CALLS) in the model thread or process."""
+        return await asyncio.wrap_future(self.scheduler.call(name, *args))
 
     def run_input(self, fn, *args) -> None:
         """Run per-packet input work ``fn(*args)`` in the input thread (in call order); errors are logged."""
@@ -644,7 +654,7 @@ class Engine:
         cost = self.scheduler.cost
         if sessions is not None:  # admission: the load those sessions would bring (capacity.py)
             return plan_output(cost.predicted(sessions), sessions, self.clock_cfg.margin_s, LOOKAHEAD_S, pc)
-        n, now = len(self.sessions), time.monotonic()
+        n, now = self.scheduler.sessions_total(len(self.sessions)), time.monotonic()
         cost.load = n
         if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
             self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
@@ -663,8 +673,9 @@ class Engine:
             crop = await loop.run_in_executor(
                 None, sources.identity_crop, self.faces, data, Path(path).name if path else "identity"
             )
-            x = to_tensor(official_crop(crop))  # [1,3,224,224]
-            id0, id1 = await self._run(lambda r: r.encode_identity(x))
+            x = to_tensor(official_crop(crop)).numpy()  # [1,3,224,224]
+            ids = await self._run("encode_identity", x)
+            id0, id1 = torch.from_numpy(ids[0]), torch.from_numpy(ids[1])  # [1,id_dim], [1,C,7,7]
             self._id_cache[key] = (id0, id1, crop)
             while len(self._id_cache) > 16:
                 self._id_cache.popitem(last=False)
@@ -693,7 +704,7 @@ class Engine:
             assert opts.pose_file is not None
             pf = opts.pose_file
             crops = await loop.run_in_executor(None, lambda: _pose_crops(self.faces, pf))
-            codes = await self._run(lambda r: self._encode_poses(crops))
+            codes = await self._run("encode_poses", crops)  # [N,12]
             pose = sources.CodesPose(codes, "file")
         file_audio = None
         if opts.audio == "file":
@@ -701,21 +712,17 @@ class Engine:
             file_audio = await loop.run_in_executor(None, lambda: sources.FileAudio(path, loop=opts.loop_audio))
         return Session(self, opts, id0, id1, pose, file_audio, loop)
 
-    def _encode_poses(self, crops_u8: np.ndarray) -> np.ndarray:  # [N,224,224,3] -> [N,12]; model thread
-        x = to_tensor(crops_u8)
-        return np.concatenate([self.runner.encode_pose(x[s : s + 16]).numpy() for s in range(0, len(x), 16)])
-
     async def _still_code(self, key: str, crop: np.ndarray) -> np.ndarray:
         still = self._pose_cache.get((key, "still"))
         if still is None:
-            still = (await self._run(lambda r: r.encode_pose(to_tensor(official_crop(crop))))).numpy()  # [1,12]
+            still = await self._run("encode_pose", to_tensor(official_crop(crop)).numpy())  # [1,12]
             self._cache_pose((key, "still"), still)
         return still
 
     async def _idle_codes(self, key: str, crop: np.ndarray) -> np.ndarray:
         codes = self._pose_cache.get((key, "idle"))
         if codes is None:  # 10 s of idle motion (51 key poses), played forward and backward
-            codes = await self._run(lambda r: sources.idle_codes(crop, self._encode_poses, seconds=10.0))
+            codes = await self._run("idle_codes", crop)  # [250,12]
             self._cache_pose((key, "idle"), codes)
         return codes
 

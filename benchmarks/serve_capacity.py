@@ -154,7 +154,11 @@ async def _stage(url: str, k: int, seconds: float) -> tuple[list, dict]:
 
 def _part_cpu(text: str, part: str) -> float:
     m = re.search(rf'^rt_engine_cpu_seconds{{part="{part}"}} ([0-9.eE+-]+)$', text, re.M)
-    return float(m.group(1)) if m else math.nan
+    return float(m.group(1)) if m else math.nan  # nan: not reported (media workers: no model there)
+
+
+def _round_or_none(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 1)  # JSON has no NaN
 
 
 def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float) -> dict:
@@ -195,8 +199,8 @@ def run_stage(server: ServerProcess, k: int, seconds: float, cpu_per_busy: float
         "min_fresh_share": min((s["fresh_share"] for s in sessions), default=0.0),
         "model_utilisation": round(busy / wall, 3),
         "server_cpu_pct_of_core": round(100 * (c1 - c0) / wall, 1),
-        "server_cpu_per_session_excl_model_pct": round(100 * rest_cpu / wall / n, 1),
-        "model_cpu_pct_of_core": round(100 * model_cpu / wall, 1),
+        "server_cpu_per_session_excl_model_pct": _round_or_none(100 * rest_cpu / wall / n),
+        "model_cpu_pct_of_core": _round_or_none(100 * model_cpu / wall),
         "server_cpu_per_session_excl_model_pct_by_busy": round(100 * excl_model / wall / n, 1),
         "frames_computed_late": late,
         "wall_s": round(wall, 1),

@@ -184,6 +184,45 @@ def test_admission_follows_the_measured_model_capacity(tiny_engine):
     assert out["second"][0] == 503 and "capacity" in out["second"][1]["error"]
 
 
+def test_a_model_slower_than_real_time_still_serves_one_session(tiny_engine):
+    """At 160 ms per frame (the official size on 2 cores) no session gets every frame fresh, yet the
+    first one is admitted and streams the model's rate (/health: one_session_fresh_fps); a second is not."""
+    cost = tiny_engine.scheduler.cost
+    saved = cost.table()
+
+    async def run():
+        out = {}
+        async with served(tiny_engine, max_sessions=4, admit_by_capacity=True) as (url, app):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/health") as r:
+                    out["health"] = await r.json()
+                pc, sdp = await _offer_sdp()
+                out["first"] = await _post(http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE})
+                await pc.close()
+                pc, sdp = await _offer_sdp()
+                app[STATE].sessions["x"] = type("P", (), {"connected": True})()  # one connected session
+                try:
+                    out["second"] = await _post(
+                        http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE}
+                    )
+                finally:
+                    del app[STATE].sessions["x"]
+                await pc.close()
+        return out
+
+    try:
+        for b in range(1, 9):
+            cost.set(b, 0.16 * b)
+        out = asyncio.run(run())
+    finally:
+        for b, t in saved.items():
+            cost.set(b, t)
+    assert out["health"]["capacity_sessions"] == 0
+    assert 5.0 < out["health"]["one_session_fresh_fps"] < 6.5  # 0.95 x 6.25 frames/s
+    assert out["first"][0] == 200, out["first"]
+    assert out["second"][0] == 503 and "capacity" in out["second"][1]["error"]
+
+
 def test_compat_checks_the_private_names(monkeypatch):
     """Every aiortc/aioice private name the server hooks is present in the installed versions; a
     missing one fails loudly, naming it."""

@@ -266,6 +266,7 @@ async def health(request: web.Request) -> web.Response:
             "max_sessions": app[CFG].max_sessions,
             "capacity_sessions": capacity_sessions(app),  # at the full fresh rate, by the measured model time
             "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
+            "one_session_fresh_fps": round(eng.plan(1).fresh_fps, 1),  # below 25: a slow model's sub-rate
             "batch_cap": eng.scheduler.cost.batch_cap(),  # largest batch the scheduler forms (capacity.py)
             "model_slowdown_per_session": round(eng.scheduler.cost.slowdown(1) - 1.0, 3),
             "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
@@ -467,7 +468,8 @@ def capacity_sessions(app: web.Application) -> int:
 
 def _check_room(app: web.Application) -> web.Response | None:
     """Admission: a slot under --max-sessions, model capacity for one more session at the full fresh
-    rate, and room among the offers still connecting."""
+    rate (the first session is always admitted, at the model's own rate), and room among the offers
+    still connecting."""
     cfg: ServerConfig = app[CFG]
     eng: Engine = app[ENGINE]
     if not eng.scheduler.alive:
@@ -479,7 +481,9 @@ def _check_room(app: web.Application) -> web.Response | None:
     if connected >= cfg.max_sessions:
         eng.metrics.inc("sessions_rejected_total", reason="full")
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
-    if cfg.admit_by_capacity and not eng.plan(connected + 1).full_rate:
+    # the first session is always taken: a model slower than real time streams its own rate to it as
+    # fresh frames (an even sub-rate, capacity.py); only sharing the model needs the capacity
+    if cfg.admit_by_capacity and connected >= 1 and not eng.plan(connected + 1).full_rate:
         eng.metrics.inc("sessions_rejected_total", reason="capacity")
         return error(
             503,

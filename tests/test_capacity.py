@@ -180,6 +180,12 @@ def test_plan_adapts_the_delay_then_thins_frames_evenly():
         slow.set(b, 0.06 * b)
     p = plan_output(slow, 1, 0.08, LOOKAHEAD_S, PlanConfig(max_delay_s=0.4))
     assert p.fraction == pytest.approx(0.95 * (1 / 0.06) / 25) and p.margin_s + LOOKAHEAD_S <= 0.4 + 1e-9
+    very = CostModel(max_batch=8)
+    for b in range(1, 9):
+        very.set(b, 0.24 * b)  # the official size with a local client on 2 cores
+    p = plan_output(very, 1, 0.08, LOOKAHEAD_S, PlanConfig(max_delay_s=0.4))
+    assert p.margin_s == pytest.approx(0.04 + 1.5 * 0.24)  # beyond the bound: one frame must fit, with room
+    assert p.fraction == pytest.approx(0.95 / 0.24 / 25)
     for frac in (0.5, 1 / 3, 0.63):
         picked = [i for i in range(300) if wants_frame(i, frac)]
         assert abs(len(picked) - 300 * frac) <= 1

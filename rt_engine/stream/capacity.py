@@ -12,7 +12,9 @@ it, :func:`plan_output` derives, for ``n`` sessions of 25 frames/s each:
   ``arrival_s`` after its window; it may wait for the batch in flight and then runs in the next
   one, so ``margin = max(base, arrival_s + 2 * batch time)``, capped so that the whole output delay
   stays within ``max_delay_s`` (default 400 ms). When even the cap is not enough, the fraction is
-  lowered until batches of one frame fit.
+  lowered until batches of one frame fit. A model so slow that one frame alone does not fit in the
+  bound with room to spare (``arrival_s + 1.5 x`` one frame's time: about 160 ms per frame) gets that
+  much margin instead, beyond the bound; otherwise almost no frame would be fresh.
 
 Admission asks the same question for ``n + 1`` sessions, on :meth:`CostModel.predicted`: a new
 session is taken only when every session would still get every frame fresh. The prediction counts
@@ -39,6 +41,7 @@ from rt_engine.config import FPS
 EMA = 0.2  # weight of the newest batch in the per-size moving average
 RATIO_EMA = 0.05  # weight of the newest batch in the slowdown average (per session count)
 RATIO_MIN = 20  # batches seen at a session count before its slowdown is trusted
+SLOW_FRAME_ROOM = 1.5  # a margin holds at least this many single-frame times (beyond the bound if need be)
 BATCH_GAIN_TOL = 0.97  # a batch size is used while its frames/s is at least this share of batch 1's
 
 
@@ -207,7 +210,10 @@ def plan_output(
     """The output plan for ``sessions`` sessions (see module doc)."""
     cfg = cfg or PlanConfig()
     n = max(1, sessions)
-    max_margin = max(base_margin_s, cfg.max_delay_s - lookahead_s)
+    # the bound, unless one frame alone cannot fit in it with room to spare (a model slower than about
+    # 160 ms per frame): then the delay grows to what one frame needs, or no frame would be fresh
+    one_frame = cfg.arrival_s + SLOW_FRAME_ROOM * cost.batch_s(1)
+    max_margin = max(base_margin_s, cfg.max_delay_s - lookahead_s, one_frame)
     cap = cost.batch_cap()  # batches beyond it would cost throughput: the scheduler does not form them
     fraction = min(1.0, cfg.utilisation * cost.fps(min(cap, n)) / (FPS * n))
     while True:

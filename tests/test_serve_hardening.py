@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -221,6 +222,37 @@ def test_a_model_slower_than_real_time_still_serves_one_session(tiny_engine):
     assert 5.0 < out["health"]["one_session_fresh_fps"] < 6.5  # 0.95 x 6.25 frames/s
     assert out["first"][0] == 200, out["first"]
     assert out["second"][0] == 503 and "capacity" in out["second"][1]["error"]
+
+
+def test_media_workers_share_uploads(tiny_engine, tmp_path):
+    """With --workers N an upload and the offer that names it may reach different workers: they share
+    one upload folder, so the second worker finds the first one's upload; a bad or unknown id is
+    still refused, and a worker leaves the shared folder in place when it stops."""
+    from rt_engine.errors import InputError
+    from rt_engine.serve.app import _options
+
+    shared = tmp_path / "uploads"
+    shared.mkdir()
+    img = (Path(__file__).resolve().parents[1] / "rt_engine/assets/identity.jpg").read_bytes()
+
+    async def run():
+        async with served(tiny_engine, upload_dir=str(shared)) as (url_a, _app_a):
+            async with served(tiny_engine, upload_dir=str(shared)) as (_url_b, app_b):
+                async with aiohttp.ClientSession() as http:
+                    form = aiohttp.FormData()
+                    form.add_field("file", img, filename="me.jpg")
+                    async with http.post(f"{url_a}/upload?kind=identity", data=form) as r:
+                        uid = (await r.json())["upload"]
+                opts = _options(app_b, {"identity_upload": uid})
+                with pytest.raises(InputError, match="no audio upload"):
+                    _options(app_b, {"audio_upload": uid})  # the right id, the wrong kind
+                with pytest.raises(InputError):
+                    _options(app_b, {"identity_upload": "../../etc/passwd"})
+                return opts
+
+    opts = asyncio.run(run())
+    assert Path(opts.identity).parent == shared and Path(opts.identity).read_bytes() == img
+    assert shared.is_dir()
 
 
 def test_compat_checks_the_private_names(monkeypatch):

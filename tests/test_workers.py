@@ -150,6 +150,29 @@ def test_shared_memory_round_trip_jobs_frames_drops_and_calls():
         frames_ring.close()
 
 
+def test_a_worker_that_stops_reading_never_blocks_the_model():
+    """The model process writes to each worker through a bounded outbox and a sender thread: a worker
+    that stops reading fills its pipe, then its outbox, and only its own messages are dropped; the
+    caller (the model thread, delivering every worker's frames) never blocks."""
+    from rt_engine.stream.remote import OUTBOX, _Link
+
+    a, b = multiprocessing.get_context("spawn").Pipe(duplex=True)  # b: a worker that never reads
+    jobs_ring, frames_ring = create_rings()
+    link = _Link(0, a, jobs_ring, frames_ring)
+    try:
+        t0 = time.monotonic()
+        for _ in range(OUTBOX + 500):
+            link.send(("stats", {"pad": b"x" * 8192}))
+        assert time.monotonic() - t0 < 5.0  # no call waited for the pipe
+        assert link.dropped_outbox >= 400 and not link.dead
+    finally:
+        link.close()
+        a.close()
+        b.close()
+        jobs_ring.close()
+        frames_ring.close()
+
+
 # ---------------------------------------------------------------------------------- servers
 def _get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
     try:

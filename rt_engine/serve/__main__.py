@@ -153,6 +153,7 @@ def server_config(args: argparse.Namespace):
         connect_timeout_s=args.connect_timeout,
         ice_any_address=args.ice_any_address,
         admit_by_capacity=not args.no_capacity_admission,
+        upload_dir=getattr(args, "upload_dir", None),  # set by serve_split for its media workers
     ).validate()
 
 

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_ID = re.compile(r"[0-9a-f]{16}")  # upload ids: uuid4 hex, also the start of the stored file's name
 UPLOAD_KINDS = {  # kind -> (max bytes, accepted file suffixes)
     "identity": (8 << 20, (".jpg", ".jpeg", ".png", ".bmp", ".webp")),
     "audio": (25 << 20, (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".webm", ".opus", ".aac", ".mp4")),
@@ -70,6 +72,9 @@ class ServerConfig:
     connect_timeout_s: float = 5.0  # an answered offer must connect within this, or it is closed
     audio_jitter_frames: int = 1  # server-side audio jitter buffer (aiortc default: 4 = +60 ms)
     max_uploads: int = 64
+    # where uploads are kept; None: a private temporary folder, removed on cleanup. Media workers
+    # (--workers N) share one folder made by the parent, so an offer finds an upload another took
+    upload_dir: str | None = None
 
     def validate(self) -> ServerConfig:
         if self.host not in LOOPBACK_HOSTS and not self.token:
@@ -358,7 +363,7 @@ async def upload(request: web.Request) -> web.Response:
     name, data = got
     app = request.app
     uid = uuid.uuid4().hex[:16]
-    path = Path(app[STATE].upload_dir) / f"{uid}{Path(name).suffix.lower()}"
+    path = Path(app[STATE].upload_dir) / f"{uid}.{kind}{Path(name).suffix.lower()}"
     path.write_bytes(data)
     try:
         await asyncio.get_running_loop().run_in_executor(None, _validate_upload, kind, path, app[ENGINE])
@@ -376,6 +381,17 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response({"upload": uid, "kind": kind, "bytes": len(data)})
 
 
+def _shared_upload(app: web.Application, uid: object) -> tuple[str, str] | None:
+    """(kind, path) of an upload that another media worker took into the shared upload folder."""
+    if app[CFG].upload_dir is None or not isinstance(uid, str) or not UPLOAD_ID.fullmatch(uid):
+        return None
+    for path in Path(app[STATE].upload_dir).glob(f"{uid}.*"):
+        kind = path.name.split(".")[1]
+        if kind in UPLOAD_KINDS:
+            return kind, str(path)
+    return None
+
+
 def _options(app: web.Application, raw: dict) -> SessionOptions:
     if not isinstance(raw, dict):
         raise ConfigError("options must be a JSON object")
@@ -388,7 +404,7 @@ def _options(app: web.Application, raw: dict) -> SessionOptions:
         uid = raw.get(key)
         if not uid:
             return None
-        got = app[STATE].uploads.get(uid)
+        got = app[STATE].uploads.get(uid) or _shared_upload(app, uid)
         if got is None or got[0] != kind:
             raise InputError(f"{key}: no {kind} upload {uid!r} (upload it first with POST /upload?kind={kind})")
         return got[1]
@@ -674,7 +690,8 @@ async def _on_cleanup(app: web.Application) -> None:
             task.cancel()
     if app[OWN_ENGINE]:
         app[ENGINE].close()
-    shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
+    if app[CFG].upload_dir is None:  # a shared folder belongs to the parent process
+        shutil.rmtree(app[STATE].upload_dir, ignore_errors=True)
 
 
 def create_app(
@@ -689,7 +706,7 @@ def create_app(
     app[CFG] = cfg
     app[ENGINE] = engine
     app[OWN_ENGINE] = own_engine
-    app[STATE] = ServerState(upload_dir=tempfile.mkdtemp(prefix="rt_engine_uploads_"))
+    app[STATE] = ServerState(upload_dir=cfg.upload_dir or tempfile.mkdtemp(prefix="rt_engine_uploads_"))
     m = engine.metrics
     m.describe(
         "stage_latency_seconds",

@@ -34,8 +34,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from multiprocessing.connection import Connection
 
@@ -157,6 +159,7 @@ def serve_split(args: argparse.Namespace) -> int:
     from rt_engine.stream.remote import create_rings
 
     n = args.workers
+    args.upload_dir = tempfile.mkdtemp(prefix="rt_engine_uploads_")  # one folder for every worker's uploads
     ctx = multiprocessing.get_context("spawn")  # nothing of this process (threads, locks) is inherited
     rings = [create_rings() for _ in range(n)]
     names = [RingNames(j.name, f.name) for j, f in rings]
@@ -198,6 +201,7 @@ def serve_split(args: argparse.Namespace) -> int:
         for j, f in rings:
             j.close()
             f.close()
+        shutil.rmtree(args.upload_dir, ignore_errors=True)
         for sig, h in old.items():
             signal.signal(sig, h)
     log.info("stopped: model process and %d media workers ended, shared memory unlinked", n)

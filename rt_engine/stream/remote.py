@@ -44,6 +44,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -70,6 +71,8 @@ JOB_SLOTS = 512  # about 20 s of one session's frames, 3.4 MB
 FRAME_SLOTS = 32
 FRAME_SLOT_BYTES = 512 * 512 * 3  # up to 512 px frames; pages are only backed once written
 STATS_S = 0.1  # model -> worker stats period; worker -> model heartbeat period
+OUTBOX = 1024  # messages queued to one worker beyond its pipe before they are dropped (about 10 s of frames)
+_CLOSE = ("close",)  # tells a link's sender thread to finish
 DEAD_AFTER_S = 3.0  # a model process whose stats stop this long counts as dead
 JOB_DTYPE = np.dtype(
     [
@@ -190,22 +193,52 @@ class _Link:
 
     def __init__(self, worker: int, conn: Connection, jobs: ShmRing, frames: ShmRing):
         self.worker, self.conn, self.jobs, self.frames = worker, conn, jobs, frames
-        self.lock = threading.Lock()  # the pipe and the frame ring's write position
+        self.lock = threading.Lock()  # the frame ring's write position
         self.owners: dict[int, _RemoteOwner] = {}
         self.sessions = 0  # open sessions, by the worker's heartbeat
         self.url: str | None = None  # the worker's private HTTP address (routing by session id)
         self.frame_seq = 0
         self.dead = False
         self.frames_dropped_full = 0
+        # messages to the worker go through a bounded outbox and a sender thread of their own: a worker
+        # that stops reading fills its pipe and then its outbox, and only its own messages are dropped;
+        # the model thread never blocks on it, so every other worker's sessions keep their frames
+        self.outbox: queue.Queue = queue.Queue(OUTBOX)
+        self.dropped_outbox = 0
+        self._sender = threading.Thread(target=self._send_loop, name=f"rt-engine-send-{worker}", daemon=True)
+        self._sender.start()
 
     def send(self, msg: tuple) -> None:
         if self.dead:
             return
         try:
-            with self.lock:
+            self.outbox.put_nowait(msg)
+        except queue.Full:
+            self.dropped_outbox += 1
+            if self.dropped_outbox % 1000 == 1:
+                log.warning("worker %d does not read its pipe: %d messages dropped", self.worker, self.dropped_outbox)
+
+    def _send_loop(self) -> None:
+        while not self.dead:
+            try:
+                msg = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg is _CLOSE:
+                return
+            try:
                 self.conn.send(msg)
-        except (OSError, EOFError, ValueError):
-            self.dead = True
+            except (OSError, EOFError, ValueError):
+                self.dead = True
+
+    def close(self) -> None:
+        """Stop the sender (after what is queued) and mark the link dead."""
+        try:
+            self.outbox.put(_CLOSE, timeout=1.0)
+        except queue.Full:
+            pass
+        self._sender.join(timeout=2.0)
+        self.dead = True
 
     def send_frame(self, key: int, i: int, image: np.ndarray, computed_at: float) -> None:
         """image [H,W,3] u8 into the next frame slot, then its doorbell."""
@@ -265,7 +298,7 @@ class ModelServer:
     def stop(self) -> None:
         self._stop.set()
         for link in self.links:
-            link.dead = True
+            link.close()
             _hang_up(link.conn)
 
     @property
@@ -376,6 +409,7 @@ class ModelServer:
             "urls": [link.url for link in self.links],
             "live": [not link.dead for link in self.links],
             "frames_dropped_ring_full": sum(link.frames_dropped_full for link in self.links),
+            "messages_dropped_outbox": [link.dropped_outbox for link in self.links],
             "metrics": s.metrics.snapshot(),
         }
 

@@ -226,9 +226,14 @@ def parse_variants(spec: str | None, quick: bool) -> list[str]:
 
 
 def build(variant: str, model: PCAVS) -> Runner:
-    """``backend:precision[:upsample]`` (the third field picks torch-fast's upsampling form)."""
+    """``backend:precision[:option]``: the third field picks torch-fast's upsampling form, or for
+    OpenVINO the encoders' precision (``enc-fp32``: fp32 encoders, the generator in ``precision``)."""
     name, prec, *rest = variant.split(":")
-    opts = {"upsample": rest[0]} if rest else {}
+    opts: dict[str, Any] = {}
+    if rest and name == "openvino":
+        opts["encoder_precision"] = rest[0].removeprefix("enc-")
+    elif rest:
+        opts["upsample"] = rest[0]
     return make_backend(name, model=model, precision=prec, **opts)
 
 
@@ -545,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--backends",
         default=None,
-        help=f"comma list of backend[:precision] (default: all available of {', '.join(ALL_VARIANTS)})",
+        help="comma list of backend[:precision[:option]] (option: torch-fast's upsampling form, or "
+        f"openvino's enc-fp32 for fp32 encoders; default: all available of {', '.join(ALL_VARIANTS)})",
     )
     ap.add_argument("--frames", type=int, default=None, help="timed calls per measurement (default 20; 5 quick)")
     ap.add_argument("--batch", type=int, default=None, help="batch of the batched measurements (default 4; 2 quick)")

@@ -137,6 +137,23 @@ def test_runner_batch_equals_single_frames(model, name, onnx_cache):
         assert sorted(str(k[1]) for k in runner._sessions if k[0] == "generator") == ["1", "dynamic"]
 
 
+def test_openvino_encoders_can_run_fp32_under_a_bf16_generator(model, onnx_cache):
+    """encoder_precision fp32: the identity, pose and audio codes equal the fp32 runner's, and the
+    generator still runs in the runner's precision."""
+    _need("openvino")
+    from rt_engine.backends.onnx_backend import OpenVINORunner
+
+    mixed = OpenVINORunner(model, "bf16", encoder_precision="fp32")
+    f32 = OpenVINORunner(model, "fp32")
+    img = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    mel = torch.rand(1, 1, 80, 20, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(mixed.encode_pose(img), f32.encode_pose(img))
+    assert torch.equal(mixed.encode_audio(mel), f32.encode_audio(mel))
+    assert all(torch.equal(a, b) for a, b in zip(mixed.encode_identity(img), f32.encode_identity(img), strict=True))
+    assert mixed._precision_of("generator") == mixed.precision and mixed._precision_of("pose") == "fp32"
+    assert "encoders fp32" in mixed.describe()
+
+
 @pytest.mark.parametrize("name", ["torch", "torch-fast", "openvino"])
 def test_uint8_frames_from_the_model_call_equal_the_separate_conversion(model, name, onnx_cache):
     """generate_uint8 (the conversion folded into the call; for OpenVINO compiled into the graph)

@@ -151,24 +151,26 @@ def test_token_only_in_a_header_or_body(tiny_engine):
     assert out["body wrong type"][0] == 401
 
 
-def test_admission_follows_the_measured_model_capacity(tiny_engine):
-    """With the model measured at 30 ms per frame (33 frames/s), one session fits at the full fresh rate
-    and a second does not: 503 although --max-sessions is 4; /health says so."""
-    cost = tiny_engine.scheduler.cost
+def _probe_admission(engine, frame_s: float) -> dict:
+    """With the model measured at ``frame_s`` per frame: /health, a first offer, and a second one while
+    one session is connected (capacity admission on, --max-sessions 4)."""
+    cost = engine.scheduler.cost
     saved = cost.table()
 
     async def run():
         out = {}
-        async with served(tiny_engine, max_sessions=4, admit_by_capacity=True) as (url, app):
+        async with served(engine, max_sessions=4, admit_by_capacity=True) as (url, app):
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"{url}/health") as r:
                     out["health"] = await r.json()
+                offer = {"type": "offer", "options": FILE}
+                pc, sdp = await _offer_sdp()
+                out["first"] = await _post(http, f"{url}/offer", json={**offer, "sdp": sdp})
+                await pc.close()
                 pc, sdp = await _offer_sdp()
                 app[STATE].sessions["x"] = type("P", (), {"connected": True})()  # one connected session
                 try:
-                    out["second"] = await _post(
-                        http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE}
-                    )
+                    out["second"] = await _post(http, f"{url}/offer", json={**offer, "sdp": sdp})
                 finally:
                     del app[STATE].sessions["x"]
                 await pc.close()
@@ -176,48 +178,26 @@ def test_admission_follows_the_measured_model_capacity(tiny_engine):
 
     try:
         for b in range(1, 9):
-            cost.set(b, 0.03 * b)
-        out = asyncio.run(run())
+            cost.set(b, frame_s * b)
+        return asyncio.run(run())
     finally:
         for b, t in saved.items():
             cost.set(b, t)
+
+
+def test_admission_follows_the_measured_model_capacity(tiny_engine):
+    """With the model measured at 30 ms per frame (33 frames/s), one session fits at the full fresh rate
+    and a second does not: 503 although --max-sessions is 4; /health says so."""
+    out = _probe_admission(tiny_engine, 0.03)
     assert out["health"]["capacity_sessions"] == 1 and out["health"]["max_sessions"] == 4
+    assert out["first"][0] == 200, out["first"]
     assert out["second"][0] == 503 and "capacity" in out["second"][1]["error"]
 
 
 def test_a_model_slower_than_real_time_still_serves_one_session(tiny_engine):
     """At 160 ms per frame (the official size on 2 cores) no session gets every frame fresh, yet the
     first one is admitted and streams the model's rate (/health: one_session_fresh_fps); a second is not."""
-    cost = tiny_engine.scheduler.cost
-    saved = cost.table()
-
-    async def run():
-        out = {}
-        async with served(tiny_engine, max_sessions=4, admit_by_capacity=True) as (url, app):
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{url}/health") as r:
-                    out["health"] = await r.json()
-                pc, sdp = await _offer_sdp()
-                out["first"] = await _post(http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE})
-                await pc.close()
-                pc, sdp = await _offer_sdp()
-                app[STATE].sessions["x"] = type("P", (), {"connected": True})()  # one connected session
-                try:
-                    out["second"] = await _post(
-                        http, f"{url}/offer", json={"sdp": sdp, "type": "offer", "options": FILE}
-                    )
-                finally:
-                    del app[STATE].sessions["x"]
-                await pc.close()
-        return out
-
-    try:
-        for b in range(1, 9):
-            cost.set(b, 0.16 * b)
-        out = asyncio.run(run())
-    finally:
-        for b, t in saved.items():
-            cost.set(b, t)
+    out = _probe_admission(tiny_engine, 0.16)
     assert out["health"]["capacity_sessions"] == 0
     assert 5.0 < out["health"]["one_session_fresh_fps"] < 6.5  # 0.95 x 6.25 frames/s
     assert out["first"][0] == 200, out["first"]

@@ -423,6 +423,13 @@ def test_cpu_split_counts_the_model_thread_apart_from_the_rest():
     finally:
         stop.set()
         model.join()
-    assert after["server"] - before["server"] >= 0.28
+    # this thread burned 0.3 s, the stand-in model thread at least 0.3 s (per-thread run times in /proc
+    # lag a running thread's clock by up to a few scheduler ticks)
+    assert after["server"] - before["server"] >= 0.25
     assert after["model"] - before["model"] >= 0.3
-    assert after["total"] == pytest.approx(after["model"] + after["server"])
+    ended = threading.Thread(target=lambda: [x for x in range(2_000_000)])  # a Python thread that ends
+    ended.start()
+    mid = cpu_seconds([])
+    ended.join()
+    last = cpu_seconds([])
+    assert last["server"] >= mid["server"]  # its CPU is not lost when it ends

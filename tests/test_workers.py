@@ -215,7 +215,21 @@ def split_server(tiny_checkpoint):
     assert rc == 0, server.tail()
     import psutil
 
-    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    def alive() -> list[int]:
+        out = []
+        for p in children:
+            try:
+                if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.monotonic() + 10  # a loaded machine: the children (and the resource tracker) may lag
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive()
+    assert not left, [psutil.Process(p).cmdline() for p in left if psutil.pid_exists(p)]
     assert not (_shm_names() - shm_before)
 
 

@@ -5,10 +5,10 @@
 Linux only (``/proc/self/task``); elsewhere ``model`` is 0 and everything counts as ``server``.
 A thread counts as the model's when it is the scheduler's model thread, or when Python does not
 know it and it is not a MediaPipe thread: the runtimes' own worker pools (OpenVINO's TBB workers,
-torch's OpenMP threads) are native threads that Python never started. ``server`` is the process
-total less the model's, so threads that already ended (they were Python's: executor workers) stay
-counted. A codec that ran its own native threads would be counted as the model's; at 224 px
-aiortc's encoders run in the calling executor thread.
+torch's OpenMP threads) are native threads that Python never started. Threads that ended stay
+counted on their side (:class:`CpuSplit` keeps their last reading). A codec that ran its own native
+threads would be counted as the model's; at 224 px aiortc's encoders run in the calling executor
+thread.
 """
 
 from __future__ import annotations
@@ -38,31 +38,40 @@ def _thread_cpu(task: Path) -> tuple[str, float] | None:
 
 
 class CpuSplit:
-    """Reads the split; remembers every thread id it ever saw Python run, so that a Python thread that
-    is ending (gone from ``threading.enumerate()`` before its OS thread exits) is not taken for a
-    native pool thread, which would move its whole lifetime's CPU to the model's side."""
+    """Reads the split, thread by thread. Remembers every thread id it ever saw Python run (a Python
+    thread that is ending leaves ``threading.enumerate()`` before its OS thread exits, and must not be
+    taken for a native pool thread) and the last reading of every thread, so that the CPU of a
+    thread that ended stays counted on its side. Each thread is read once per call and the total is
+    their sum: no part is read at another moment than the rest. CPU spent before the first call by
+    threads that ended before it is not counted (callers use differences)."""
 
     def __init__(self) -> None:
         self._python: set[int] = set()
+        self._last: dict[int, tuple[str, float]] = {}  # thread id -> (part, CPU seconds) at the last read
+        self._gone = {"model": 0.0, "server": 0.0}  # CPU of threads that ended since
 
     def read(self, model_threads: Iterable[int | None]) -> dict[str, float]:
-        """CPU seconds of this process so far, split into the model's and the rest (see module doc)."""
-        total = time.process_time()  # the whole process, ended threads included
+        """CPU seconds so far, split into the model's and the rest (see the module doc)."""
         tasks = Path("/proc/self/task")
         if not tasks.is_dir():
+            total = time.process_time()
             return {"model": 0.0, "server": total, "total": total}
         model_ids = {i for i in model_threads if i is not None}
         self._python.update(th.native_id for th in threading.enumerate() if th.native_id is not None)
-        model = 0.0
+        seen: dict[int, tuple[str, float]] = {}
         for task in tasks.iterdir():
             tid = int(task.name)
-            if tid in self._python and tid not in model_ids:
-                continue
             got = _thread_cpu(task)
             if got is None:
                 continue
             comm, sec = got
-            if tid in model_ids or not comm.startswith("mediapipe"):
-                model += sec
-        model = min(model, total)
-        return {"model": model, "server": total - model, "total": total}
+            native_pool = tid not in self._python and not comm.startswith("mediapipe")
+            seen[tid] = ("model" if tid in model_ids or native_pool else "server", sec)
+        for tid, (part, sec) in self._last.items():
+            if tid not in seen:
+                self._gone[part] += sec
+        self._last = seen
+        parts = dict(self._gone)
+        for part, sec in seen.values():
+            parts[part] += sec
+        return {"model": parts["model"], "server": parts["server"], "total": parts["model"] + parts["server"]}

@@ -152,6 +152,11 @@ def test_openvino_encoders_can_run_fp32_under_a_bf16_generator(model, onnx_cache
     assert all(torch.equal(a, b) for a, b in zip(mixed.encode_identity(img), f32.encode_identity(img), strict=True))
     assert mixed._precision_of("generator") == mixed.precision and mixed._precision_of("pose") == "fp32"
     assert "encoders fp32" in mixed.describe()
+    # the same through backend auto (serve --encoder-precision fp32): the option reaches OpenVINO only
+    sel = select_backend(
+        model, candidates=["openvino"], precision="bf16", options_for={"openvino": {"encoder_precision": "fp32"}}
+    )
+    assert sel.name == "openvino" and "encoders fp32" in sel.runner.describe()
 
 
 @pytest.mark.parametrize("name", ["torch", "torch-fast", "openvino"])

@@ -145,14 +145,25 @@ def make_backend(
     return select_backend(m, precision=precision, **options).runner
 
 
-def make_runner(checkpoint: str | Path | None = None, precision: str = "fp32", backend: str = "torch") -> Runner:
+def make_runner(
+    checkpoint: str | Path | None = None,
+    precision: str = "fp32",
+    backend: str = "torch",
+    encoder_precision: str | None = None,
+) -> Runner:
     """The command lines' runner: a checkpoint (None: the bundled default) in backend ``backend``;
-    ``precision="auto"`` means the backend's default (fp32 for ``torch``)."""
+    ``precision="auto"`` means the backend's default (fp32 for ``torch``). ``encoder_precision``
+    (OpenVINO, also when ``auto`` picks it): the encoders' own precision under the generator's."""
     if backend == "torch":
         from rt_engine.backends.torch_backend import TorchRunner
 
         return TorchRunner(_load(checkpoint, None), precision="fp32" if precision == "auto" else precision)
-    return make_backend(backend, checkpoint=checkpoint, precision=None if precision == "auto" else precision)
+    opts: dict[str, Any] = {}
+    if encoder_precision and backend == "openvino":
+        opts["encoder_precision"] = encoder_precision
+    elif encoder_precision and backend == "auto":
+        opts["options_for"] = {"openvino": {"encoder_precision": encoder_precision}}
+    return make_backend(backend, checkpoint=checkpoint, precision=None if precision == "auto" else precision, **opts)
 
 
 # ------------------------------------------------------------------------------------------ auto
@@ -230,6 +241,7 @@ def select_backend(
     probe: Probe | None = None,
     repeats: int = 3,
     factories: dict[str, Callable[[], Runner]] | None = None,
+    options_for: dict[str, dict[str, Any]] | None = None,
 ) -> Selection:
     """Pick a candidate whose probe frame is within ``min_psnr`` dB of the fp32 reference: the first
     listed, unless a later one is faster by more than ``AUTO_MARGIN``.
@@ -237,7 +249,8 @@ def select_backend(
     Each candidate is built, run once on the probe (warm-up + fidelity), then timed ``repeats``
     times (best time of pose + audio + generator). A candidate that cannot be built or run is
     'failed', one below the PSNR bound 'rejected'; the fp32 reference is the fallback when none
-    passes. ``factories`` overrides how a candidate is built (tests inject broken backends).
+    passes. ``factories`` overrides how a candidate is built (tests inject broken backends);
+    ``options_for`` gives one candidate's runner its own options (e.g. OpenVINO's encoder precision).
     """
     probe = probe or Probe.random()
     avail = set(available_backends())
@@ -250,7 +263,7 @@ def select_backend(
             runner = (
                 factories[name]()
                 if factories and name in factories
-                else make_backend(name, model=model, precision=precision)
+                else make_backend(name, model=model, precision=precision, **(options_for or {}).get(name, {}))
             )
             out = run_frame(runner, probe)
         except Exception as e:  # any runtime may fail in its own way; auto must go on

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from rt_engine.backends.onnx_backend import openvino_config
+
 log = logging.getLogger("benchmarks.breakdown")
 
 # 3x3 layers of the official generator (channels, side) at batch 1: the shapes that hold its time
@@ -97,15 +99,10 @@ def generator_breakdown(runner: Any, id0, id1, mouth, pose, reps: int = 5) -> di
         **runner._noise_feeds(1, "stored"),
     }
     path = runner.dir / "generator.onnx"
-    model = ov.Core().read_model(str(path))
-    model.reshape({k: list(v.shape) for k, v in feeds.items()})
-    cfg = {
-        "INFERENCE_PRECISION_HINT": "bf16" if runner.precision == "bf16" else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(runner.threads),
-        "NUM_STREAMS": "1",
-    }
     core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({k: list(v.shape) for k, v in feeds.items()})
+    cfg = openvino_config(runner.precision, runner.threads)
     plain = core.compile_model(model, "CPU", cfg).create_infer_request()
     counted = core.compile_model(model, "CPU", {**cfg, "PERF_COUNT": "YES"}).create_infer_request()
     for req in (plain, counted):
@@ -120,15 +117,14 @@ def generator_breakdown(runner: Any, id0, id1, mouth, pose, reps: int = 5) -> di
     us: dict[str, float] = defaultdict(float)
     fl: dict[str, float] = defaultdict(float)
     nodes: dict[str, int] = defaultdict(int)
-    for _ in range(reps):
+    for rep in range(reps):
         counted.infer(feeds)
         for p in counted.get_profiling_info():
             part = _part(p.node_type, p.exec_type, p.node_name)
             us[part] += p.real_time.total_seconds() * 1e6 / reps
-    for p in counted.get_profiling_info():  # names and FLOPs once
-        part = _part(p.node_type, p.exec_type, p.node_name)
-        fl[part] += flops.get(p.node_name, 0.0)
-        nodes[part] += p.real_time.total_seconds() > 0
+            if rep == 0:  # names and FLOPs once
+                fl[part] += flops.get(p.node_name, 0.0)
+                nodes[part] += p.real_time.total_seconds() > 0
     total_us = sum(us.values()) or 1.0
     parts = {}
     for part in PARTS:
@@ -165,12 +161,7 @@ def openvino_peak(threads: int, precisions: tuple[str, ...] = ("bf16", "f32"), r
     for prec in precisions:
         best = 0.0
         for c, r in PEAK_SHAPES:
-            cfg = {
-                "INFERENCE_PRECISION_HINT": prec,
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": str(threads),
-                "NUM_STREAMS": "1",
-            }
+            cfg = openvino_config("bf16" if prec == "bf16" else "fp32", threads)
             feed = {"x": rng.standard_normal((1, c, r, r), dtype=np.float32)}
             best_s = {}
             for depth in (1, PEAK_DEPTH):  # the difference removes the f32 in/out conversions and reorders

@@ -117,9 +117,12 @@ def _batch_sizes(before: str, after: str) -> dict[str, int]:
     return out
 
 
-def _metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def _metric(text: str, name: str, labels: str | None = None, missing: float = 0.0) -> float:
+    """The first sample of ``name`` in Prometheus text (with ``labels``: the one with exactly that label
+    set, e.g. ``part="model"``); ``missing`` when there is none."""
+    lab = r"(?:{[^}]*})?" if labels is None else re.escape("{" + labels + "}")
+    m = re.search(rf"^{name}{lab} ([0-9.eE+-]+)$", text, re.M)
+    return float(m.group(1)) if m else missing
 
 
 def _health(url: str) -> dict:
@@ -153,8 +156,8 @@ async def _stage(url: str, k: int, seconds: float) -> tuple[list, dict]:
 
 
 def _part_cpu(text: str, part: str) -> float:
-    m = re.search(rf'^rt_engine_cpu_seconds{{part="{part}"}} ([0-9.eE+-]+)$', text, re.M)
-    return float(m.group(1)) if m else math.nan  # nan: not reported (media workers: no model there)
+    # nan: not reported (media workers: no model there)
+    return _metric(text, "rt_engine_cpu_seconds", f'part="{part}"', missing=math.nan)
 
 
 def _round_or_none(x: float) -> float | None:

@@ -68,6 +68,17 @@ def ensure_graphs(model: PCAVS, out_dir: str | Path | None = None) -> Path:
     return d
 
 
+def openvino_config(precision: str, threads: int) -> dict[str, str]:
+    """The CPU plugin's compile options for one latency-bound inference stream (``precision``: bf16
+    or fp32, as a runner's): what every OpenVINO model here, and the benchmarks' own, compiles with."""
+    return {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(threads),
+        "NUM_STREAMS": "1",
+    }
+
+
 class _OnnxRunnerBase(Runner):
     """Shared logic: graph paths, noise feeds, identity/pose/audio/generator calls."""
 
@@ -224,12 +235,7 @@ class OpenVINORunner(_OnnxRunnerBase):
                 m.reshape({name: ov.PartialShape([ov.Dimension(-1), *arr.shape[1:]]) for name, arr in feeds.items()})
             if uint8:
                 m = self._uint8_output(m)
-            cfg = {
-                "INFERENCE_PRECISION_HINT": "bf16" if self._precision_of(stage) == "bf16" else "f32",
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": str(self.threads),
-                "NUM_STREAMS": "1",
-            }
+            cfg = openvino_config(self._precision_of(stage), self.threads)
             compiled = self._core.compile_model(m, "CPU", cfg)
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
             if stage == "generator":  # what the plugin runs where the time goes

@@ -36,6 +36,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -145,9 +146,11 @@ async def _serve_worker(app, host: str, port: int, codec_threads: int, client) -
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=True).start()
-        private = web.TCPSite(runner, "127.0.0.1", 0)
-        await private.start()
-        client.announce(f"http://127.0.0.1:{private._server.sockets[0].getsockname()[1]}")
+        # a private port for the model process's calls: bound here, so its number is known (public API)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        client.announce(f"http://127.0.0.1:{sock.getsockname()[1]}")
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -45,12 +45,14 @@ SR = 16000
 VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".m4a", ".ogg")
-METHODS = ("gt", "still", "fixed_pose", "model")
+METHODS = ("gt", "still", "fixed_pose", "model", "true_opening")
+DEFAULT_METHODS = METHODS[:4]
 METHOD_NAMES = {
     "gt": "Ground truth (ceiling)",
     "still": "Still image",
     "fixed_pose": "Ours, fixed pose",
     "model": "Ours",
+    "true_opening": "Ours, driven by the real opening",
 }
 MIN_FRAMES = 10
 
@@ -318,6 +320,9 @@ def render_method(
     from rt_engine.render import render_arrays
 
     pose = "still" if method == "fixed_pose" else clip.frames
+    extra = {}
+    if method == "true_opening":
+        extra["opening"] = true_opening(ref)
     res = render_arrays(
         identity=clip.frames[0],
         audio=clip.wav,
@@ -329,6 +334,7 @@ def render_method(
         frontalize=False,
         max_frames=int(ref.inds[-1]) - 1,
         mouth_gain=mouth_gain,
+        **extra,
     )
     out = M.to_uint8_frames(res.frames)  # [N,224,224,3]
     pos = {int(i): k for k, i in enumerate(res.frame_inds)}
@@ -338,6 +344,18 @@ def render_method(
     if out.shape[1:3] != ref.frames.shape[1:3]:
         out = np.stack([cv2.resize(f, ref.frames.shape[1:3][::-1], interpolation=cv2.INTER_AREA) for f in out])
     return out[[pos[int(i)] for i in ref.inds]]
+
+
+def true_opening(ref: Reference) -> np.ndarray:
+    """The real mouth opening of the clip's target frames, z-scored over the clip (the scale of the
+    warp_open training labels) -> [ref.inds[-1] + 1] by video frame; 0 (average) where no face was found
+    and at frames that are not evaluated."""
+    z = np.zeros(int(ref.inds[-1]) + 1, np.float32)
+    m = np.asarray(ref.mouth, np.float64)
+    ok = np.isfinite(m)
+    if ok.sum() >= 2 and m[ok].std() > 0:
+        z[ref.inds[ok]] = (m[ok] - m[ok].mean()) / m[ok].std()
+    return z
 
 
 def plot_curves(path: Path, name: str, ref: Reference, curves: dict[str, np.ndarray]) -> None:
@@ -526,7 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder (report.md, results.json, plots/)")
     ap.add_argument("--max-clips", type=int, default=None, help="evaluate at most N clips")
     ap.add_argument("--max-frames", type=int, default=None, help="at most N target frames per clip")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma list of {', '.join(METHODS)} (true_opening: warp_open models only, fp32 torch; the "
+        "real clip's mouth opening, z-scored over the clip, replaces the one read off the speech: how far "
+        "the generator opens the mouth when told exactly how far)",
+    )
     ap.add_argument("--syncnet", default=None, help="SyncNet weights (syncnet_v2.model) for LSE-C / LSE-D")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--mouth-gain", type=float, default=1.0, help="the model's mouth gain (1: as trained)")
@@ -567,7 +591,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "syncnet_v2.model); the SyncNet-free mouth corr / AV offset columns stand in."
         )
     model_error = None
-    if any(m in methods for m in ("fixed_pose", "model")):
+    if any(m in methods for m in ("fixed_pose", "model", "true_opening")):
         try:
             from rt_engine.render import render_arrays  # noqa: F401
         except Exception as e:  # noqa: BLE001 - reported, the baselines still run

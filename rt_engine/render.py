@@ -109,10 +109,13 @@ def render_arrays(
     progress: bool = False,
     backend: str = "torch",
     mouth_gain: float = 1.0,
+    opening: np.ndarray | None = None,
 ) -> RenderResult:
     """Render frames in memory. ``pose``: video / frames folder / frames array, 'still' (pose of
     the identity image) or 'idle' (built-in motion). ``frontalize`` uses a zero pose code.
-    ``mouth_gain`` scales how far the mouth moves (1 = as trained; ``MouthGain``)."""
+    ``mouth_gain`` scales how far the mouth moves (1 = as trained; ``MouthGain``).
+    ``opening`` [N] (a diagnostic; warp_open models on the torch backend): the mouth opening
+    (z-score) of video frame i is ``opening[i]``, in place of the one read off the speech."""
     cfg = RenderConfig(
         noise=noise,
         precision=precision,
@@ -167,9 +170,20 @@ def render_arrays(
         from tqdm import tqdm
 
         rng = tqdm(rng, total=(n + bs - 1) // bs, unit="batch", desc="render")
+    open_t = None
+    if opening is not None:
+        from rt_engine.backends.torch_backend import TorchRunner
+
+        if not isinstance(runner, TorchRunner):
+            raise InputError(f"an explicit mouth opening needs the torch backend, not {runner.name}")
+        open_all = np.asarray(opening, np.float32).reshape(-1)
+        if n and len(open_all) <= int(frames_i[-1]):
+            raise InputError(f"opening has {len(open_all)} values; frame {int(frames_i[-1])} needs one")
+        open_t = torch.from_numpy(open_all[frames_i] if n else open_all[:0])  # [n]
     for s in rng:
         mouth = gain(runner, runner.encode_audio(wins[s : s + bs]))  # [b,500]
-        out.append(runner.generate(id0, id1, mouth, codes[s : s + bs], noise=cfg.noise).numpy())
+        extra = {} if open_t is None else {"opening": open_t[s : s + bs]}
+        out.append(runner.generate(id0, id1, mouth, codes[s : s + bs], noise=cfg.noise, **extra).numpy())
     frames = np.concatenate(out) if out else np.zeros((0, 3, runner.cfg.size, runner.cfg.size), np.float32)
     return RenderResult(
         frames=frames,

@@ -344,3 +344,39 @@ def test_release_calibrates_the_opening_around_silence(live_open_model):
     assert torch.allclose(after[1:] - after[0], 2.0 * (before[1:] - before[0]), atol=1e-5)
     with pytest.raises(ConfigError, match="warp_open"):
         calibrate_opening(PCAVS(warp_config()), 1.5)
+
+
+def test_render_with_the_real_opening(live_open_model, model):
+    """render_arrays(opening=...): the diagnostic of benchmarks.quality's true_opening method. Frame i
+    draws opening[i] in place of the head's; the head's own values reproduce the default render;
+    non-warp_open models and other backends are refused with a clear error."""
+    import numpy as np
+
+    from benchmarks.quality import Reference, true_opening
+    from rt_engine.backends.torch_backend import TorchRunner
+    from rt_engine.errors import InputError
+    from rt_engine.render import render_arrays
+
+    rng = np.random.default_rng(3)
+    ident = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    wav = (rng.standard_normal(16000) * 0.1).astype(np.float32)  # 1 s: target frames 2..22
+    runner = TorchRunner(live_open_model)
+    kw = dict(identity=ident, audio=wav, pose="still", aligned=True, runner=runner, batch_size=4)
+    base = render_arrays(**kw)
+    n_video = int(base.frame_inds[-1]) + 1
+    wide = render_arrays(**kw, opening=np.full(n_video, 2.5, np.float32))
+    shut = render_arrays(**kw, opening=np.full(n_video, -2.5, np.float32))
+    assert np.abs(wide.frames - shut.frames).max() > 1e-2
+    ramp = np.linspace(-2.5, 2.5, n_video).astype(np.float32)
+    mixed = render_arrays(**kw, opening=ramp)  # frame by frame: the first frame as shut, the last as wide
+    assert np.allclose(mixed.frames[-1], wide.frames[-1], atol=1e-5)
+    with pytest.raises(InputError, match="needs one"):
+        render_arrays(**kw, opening=np.zeros(3, np.float32))
+    with pytest.raises(ConfigError, match="warp_open"):
+        render_arrays(**{**kw, "runner": TorchRunner(model)}, opening=np.zeros(n_video, np.float32))
+    # quality's true opening: the real curve z-scored over the clip, at the evaluated frames only
+    mouth = np.array([0.1, 0.3, np.nan, 0.2])
+    ref = Reference(np.array([2, 3, 4, 6]), None, None, mouth, None, None, None, None)
+    z = true_opening(ref)
+    assert z.shape == (7,) and z[[0, 1, 4, 5]].tolist() == [0, 0, 0, 0]
+    assert np.allclose(z[[2, 3, 6]], (mouth[[0, 1, 3]] - 0.2) / np.std(mouth[[0, 1, 3]]))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rt_engine.backends.base import Runner
 from rt_engine.config import NoiseMode
+from rt_engine.errors import ConfigError
 from rt_engine.inputs.image import to_uint8
 from rt_engine.models.pcavs import PCAVS
 
@@ -83,10 +84,25 @@ class TorchRunner(Runner):
             return self._out(self.model.encode_mouth(self._in(mel)))
 
     @torch.inference_mode()
-    def generate(self, id0: Tensor, id1: Tensor, mouth: Tensor, pose: Tensor, noise: str = NoiseMode.STORED) -> Tensor:
+    def generate(
+        self,
+        id0: Tensor,
+        id1: Tensor,
+        mouth: Tensor,
+        pose: Tensor,
+        noise: str = NoiseMode.STORED,
+        opening: Tensor | None = None,
+    ) -> Tensor:
+        """``opening`` [B] (warp generator with ``warp_open`` only; the reference backend only): the
+        mouth opening to draw (z-score) in place of the one the model reads off ``mouth``. A diagnostic:
+        it separates how far the generator opens the mouth from how well the mouth code predicts it."""
         style = self.style(id0, mouth, pose).to(self.device)
+        if opening is not None:
+            if not (self.cfg.generator == "warp" and self.cfg.warp_open):
+                raise ConfigError(f"an explicit mouth opening needs a warp_open model, not {self.cfg.name!r}")
+            opening = opening.to(self.device, torch.float32)  # [B]
         with self._ctx():
-            out = self.model.generate(style, self._in(id1), noise, form=self.form)
+            out = self.model.generate(style, self._in(id1), noise, form=self.form, opening=opening)
         return self._out(out)
 
     def generate_uint8(

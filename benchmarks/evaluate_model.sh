@@ -16,7 +16,7 @@ RF=(${RENDER_FLAGS:-})
 Q=(python -m benchmarks.quality "${CKA[@]}" "${RF[@]}" -q)
 
 # ground truth: held-out identities (the test), the unseen demo clip (the choice), trained identities
-"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
+"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still,true_opening
 "${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still
 "${Q[@]}" --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
 if [ -d runs/seen_clips ]; then
@@ -41,10 +41,9 @@ for k in astronaut m0150 vox_id05124 vox_id07494 vox_id05176 kristi_noem vox_u00
   python -m rt_engine.render --identity "${IDS[$k]}" --audio rt_engine/assets/speech.flac "${flags[@]}" \
     "${CKA[@]}" "${RF[@]}" --save-raw runs/eval_$TAG/$k.npz --out runs/eval_$TAG/$k.mp4 -q
   python -m benchmarks.demo_lipsync runs/eval_$TAG/$k.npz rt_engine/assets/speech.flac --out runs/eval_$TAG/$k
-  # the numbers go into the repository; pictures only of the bundled (public) face, not of footage
+  # the numbers go into the repository; the pictures stay in runs/ (no binaries in git)
   mkdir -p $R/${TAG}_demos
   cp runs/eval_$TAG/$k/result.json $R/${TAG}_demos/$k.json
-  if [ "$k" = astronaut ]; then cp runs/eval_$TAG/$k/lipsync.png runs/eval_$TAG/$k/closed_open.png $R/${TAG}_demos/; fi
 done
 python - "$R/${TAG}_demos" <<'PY'
 import json, sys

@@ -920,6 +920,31 @@ def test_opening_channel_widens_a_warp_model_and_trains(cache, tmp_path, caplog)
     assert got[key][:, -3:].abs().max() > 0  # the teacher-forced opening trained the new columns
     assert all(got[f"generator.open_{t}"].abs().max() > 0 for t in ("flow", "mask", "rgb"))  # and the templates
     assert "opening head: 20 warm-up steps" in caplog.text
+    # release --open-gain fit: the head's output then swings as far as its labels (std 1) on that data
+    from rt_engine.models.checkpoint import load_single, read_single_meta
+    from training.data import ClipStore
+    from training.release import calibrate_opening, fitted_open_gain
+    from training.release import main as release_main
+    from training.train import labelled_mouth_codes
+
+    out = tmp_path / "open.safetensors"
+    assert release_main([str(runs / "open/last.pt"), str(out), "--open-gain", "fit", "--data", str(data)]) == 0
+    assert read_single_meta(out)["provenance"]["open_gain"] > 1.0  # this tiny head hardly swings: capped at 3
+    assert release_main([str(runs / "open/last.pt"), str(out), "--open-gain", "wide"]) == 2
+    m = load_single(out).float().eval()
+    with torch.no_grad():
+        m.generator.open_head[0].weight.mul_(500.0)  # a head that swings, so that the gain is not capped
+    x, _, _ = labelled_mouth_codes(m, ClipStore(data), torch.device("cpu"))
+
+    def swing() -> float:
+        with torch.no_grad():
+            return float(m.generator.open_head(x).std())
+
+    before = swing()
+    gain = fitted_open_gain(m, data, None)
+    assert 1 / 3 < gain < 3.0 and gain == pytest.approx(1 / before, rel=1e-4)
+    calibrate_opening(m, gain)
+    assert swing() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_later_config_files_add_model_overrides(tmp_path):

@@ -90,10 +90,12 @@ def release(
     command: str = "",
     extra: dict[str, Any] | None = None,
     raw: bool = False,
-    open_gain: float = 1.0,
+    open_gain: float | str = 1.0,
+    data: str | Path | None = None,
 ) -> Path:
     """Write the model of a training checkpoint; its weight average (``--ema``) when it has one,
-    unless ``raw``. ``open_gain``: see :func:`calibrate_opening`."""
+    unless ``raw``. ``open_gain``: see :func:`calibrate_opening`; ``"fit"``: :func:`fitted_open_gain` on
+    ``data`` (default: the run's own cache and holdout)."""
     p = Path(ckpt)
     if not p.is_file():
         raise CheckpointError(f"training checkpoint not found: {p}")
@@ -102,6 +104,8 @@ def release(
     use_ema = ck.get("model_ema") is not None and not raw
     model.load_state_dict(ck["model_ema"] if use_ema else ck["model"])
     model.generator.set_form("ref")
+    if open_gain == "fit":
+        open_gain = fitted_open_gain(model, data or ck["config"]["data"], ck["config"].get("holdout"))
     if open_gain != 1.0:
         calibrate_opening(model, open_gain)
     hist = stage_history(p)
@@ -114,7 +118,7 @@ def release(
         "total_train_seconds": sum(h["train_seconds"] for h in hist),
         "identities_trained": len(ck.get("identities", [])),
         "weights": weights,
-        **({"open_gain": open_gain} if open_gain != 1.0 else {}),
+        **({"open_gain": round(open_gain, 4)} if open_gain != 1.0 else {}),
         **(extra or {}),
     }
     path = save_single(model.eval(), out, half=half, provenance=prov)
@@ -144,6 +148,25 @@ def calibrate_opening(model: PCAVS, gain: float) -> None:
     log.info("opening head: gain %.2f around the silence opening %.3f", gain, o_sil)
 
 
+@torch.no_grad()
+def fitted_open_gain(model: PCAVS, data: str | Path, holdout: str | Path | None) -> float:
+    """The gain that makes the opening head swing as far as its labels: 1 / the standard deviation of
+    its output over every labelled frame of ``data`` (the training cache; ``holdout`` identities left
+    out), where the labels, z-scored per clip, have 1. Chosen from the training data alone, never from
+    the clips the model is evaluated on."""
+    from training.data import ClipStore, read_holdout
+    from training.train import labelled_mouth_codes
+
+    if not getattr(model.cfg, "warp_open", False):
+        raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
+    store = ClipStore(data, read_holdout(holdout) if holdout else None)
+    x, y, _ = labelled_mouth_codes(model, store, torch.device("cpu"))  # [N,500], [N]
+    std = float(model.generator.open_head(x).std())
+    gain = min(3.0, 1.0 / max(std, 1e-6))
+    log.info("opening head: output std %.3f on %d labelled frames of %s (labels 1): gain %.3f", std, len(y), data, gain)
+    return gain
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -157,12 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="the last step's weights, not the run's moving average")
     ap.add_argument(
         "--open-gain",
-        type=float,
-        default=1.0,
-        help="warp_open models: scale the opening head's output around silence (calibrates its shrinkage)",
+        default="1",
+        help="warp_open models: scale the opening head's output around silence (calibrates its shrinkage); "
+        "'fit': 1 / the head's output std on the run's labelled training frames (--data to read another cache)",
     )
+    ap.add_argument("--data", default=None, help="with --open-gain fit: the cache (default: the run's own)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.open_gain == "fit":
+        gain = "fit"
+    else:
+        try:
+            gain = float(args.open_gain)
+        except ValueError:
+            raise ConfigError(f"--open-gain takes a number or 'fit', got {args.open_gain!r}") from None
     release(
         args.checkpoint,
         args.out,
@@ -170,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         args.command,
         {"note": args.note} if args.note else None,
         raw=args.raw,
-        open_gain=args.open_gain,
+        open_gain=gain,
+        data=args.data,
     )
     return 0
 

@@ -91,6 +91,28 @@ def _gains_opening(a, b) -> bool:
     return same and a.generator == "warp" and b.warp_open and not a.warp_open
 
 
+@torch.no_grad()
+def labelled_mouth_codes(model: PCAVS, store: ClipStore, device: torch.device) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Every labelled frame of the speech clips of ``store`` -> (mouth codes [N,500], z-scored openings
+    [N], identity index [N]), through the model's audio encoder in eval mode (batch-norm statistics
+    stay as they are; the caller restores the mode it needs)."""
+    model.eval()
+    codes, ys, who = [], [], []
+    for c in store.clips:
+        if c.mel is None or c.opening is None:
+            continue
+        v = c.valid[np.isfinite(c.opening[c.valid])]
+        for k in range(0, len(v), 256):
+            w = torch.from_numpy(audio_in.mel_windows(c.mel, v[k : k + 256])).float().to(device)
+            w = w if w.ndim == 4 else w[:, None]  # [n,1,80,20]
+            codes.append(model.encode_mouth(w).float())
+        ys.append(torch.from_numpy(c.opening[v]).float())
+        who.append(np.full(len(v), c.label))
+    if not codes:
+        raise ConfigError(f"no mouth-opening labels in {store.root}: run python -m training.mouth_labels {store.root}")
+    return torch.cat(codes), torch.cat(ys).to(device), np.concatenate(who)
+
+
 def widen_for_opening(sd: dict[str, Tensor], own: dict[str, Tensor], mcfg) -> dict[str, Tensor]:
     """A warp model's state dict -> the same model with warp_open: each modulation weight [Cin,S] gains
     OPEN_FEATS zero columns and is rescaled by sqrt((S+k)/S), so EqualLinear's product is unchanged and
@@ -392,32 +414,13 @@ class Trainer:
         )
         return tail
 
-    @torch.no_grad()
-    def _labelled_mouth_codes(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        """Every labelled frame of the speech clips -> (mouth codes [N,500], z-scored openings [N],
-        identity index [N]), through the (frozen) audio encoder."""
-        m = self.model
-        m.eval()  # batch-norm statistics stay as they are (train_step sets the modes again)
-        codes, ys, who = [], [], []
-        for c in self.store.clips:
-            if c.mel is None or c.opening is None:
-                continue
-            v = c.valid[np.isfinite(c.opening[c.valid])]
-            for k in range(0, len(v), 256):
-                w = torch.from_numpy(audio_in.mel_windows(c.mel, v[k : k + 256])).float().to(self.device)
-                w = w if w.ndim == 4 else w[:, None]  # [n,1,80,20]
-                codes.append(m.pose_encoder.mouth(m.audio_encoder(w)).float())
-            ys.append(torch.from_numpy(c.opening[v]).float())
-            who.append(np.full(len(v), c.label))
-        return torch.cat(codes), torch.cat(ys).to(self.device), np.concatenate(who)
-
     def warm_up_generator_opening(self, steps: int, batch: int = 256) -> float:
         """warp_open: fit the generator's opening head (mouth code -> opening) on every labelled frame
         before the joint run, with the encoders as they are (frozen in this recipe). Logs the pooled
         correlation on a fifth of the identities held out, then fits on all. Same data on every rank.
         Returns that held-out correlation."""
         head = self.model.generator.open_head
-        x, y, who = self._labelled_mouth_codes()  # [N,500], [N], [N]
+        x, y, who = labelled_mouth_codes(self.model, self.store, self.device)  # [N,500], [N], [N]
         ids = np.unique(who)
         test = torch.from_numpy(np.isin(who, ids[:: max(1, min(5, len(ids)))])).to(self.device)
         start = {k: v.clone() for k, v in head.state_dict().items()}

@@ -380,3 +380,24 @@ def test_render_with_the_real_opening(live_open_model, model):
     z = true_opening(ref)
     assert z.shape == (7,) and z[[0, 1, 4, 5]].tolist() == [0, 0, 0, 0]
     assert np.allclose(z[[2, 3, 6]], (mouth[[0, 1, 3]] - 0.2) / np.std(mouth[[0, 1, 3]]))
+
+
+def test_release_recalibrates_a_released_file(live_open_model, tmp_path):
+    """training.release on a .safetensors: only the opening head's last layer changes, fp16 stays fp16
+    bit for bit, and the provenance multiplies the gains."""
+    from safetensors.torch import load_file
+
+    from rt_engine.models.checkpoint import read_single_meta, save_single
+    from training.release import main as release_main
+
+    src = save_single(live_open_model, tmp_path / "m.safetensors", half=True, provenance={"open_gain": 1.5})
+    assert release_main([str(src), str(tmp_path / "same.safetensors"), "--open-gain", "1"]) == 0
+    a, same = load_file(src), load_file(tmp_path / "same.safetensors")
+    assert all(torch.equal(a[k], same[k]) and a[k].dtype == same[k].dtype for k in a)
+    assert release_main([str(src), str(tmp_path / "wide.safetensors"), "--open-gain", "2"]) == 0
+    wide = load_file(tmp_path / "wide.safetensors")
+    changed = sorted(k for k in a if not torch.equal(a[k], wide[k]))
+    assert changed == ["generator.open_head.2.bias", "generator.open_head.2.weight"]
+    assert wide["generator.open_head.2.weight"].dtype == torch.float16
+    assert read_single_meta(tmp_path / "wide.safetensors")["provenance"]["open_gain"] == 3.0
+    assert release_main([str(src), str(tmp_path / "x.safetensors"), "--open-gain", "fit"]) == 2  # needs --data

@@ -126,6 +126,38 @@ def release(
     return path
 
 
+def recalibrate(released: str | Path, out: str | Path, open_gain: float | str, data: str | Path | None = None) -> Path:
+    """A released model (.safetensors) with its opening head scaled once more (:func:`calibrate_opening`):
+    every other weight is written back as it was (fp16 stays fp16, bit for bit), the provenance keeps
+    its history and records the product of the gains. ``"fit"`` needs ``data`` (the training cache)."""
+    from rt_engine.models.checkpoint import load_single, read_single_meta
+
+    meta = read_single_meta(released)
+    model = load_single(released)
+    model.generator.set_form("ref")
+    if open_gain == "fit":
+        if data is None:
+            raise ConfigError("--open-gain fit on a released file needs --data (the training cache)")
+        holdout = next(
+            (h.get("holdout") for h in reversed(meta["provenance"].get("stages", [])) if h.get("holdout")), None
+        )
+        open_gain = fitted_open_gain(model, data, holdout)
+    calibrate_opening(model, float(open_gain))
+    prov = dict(meta["provenance"])
+    prov["open_gain"] = round(float(prov.get("open_gain", 1.0)) * float(open_gain), 4)
+    half = _stored_half(released)
+    path = save_single(model.eval(), out, half=half, provenance=prov)
+    log.info("wrote %s: opening gain %.3f in all (x %.3f now)", path, prov["open_gain"], float(open_gain))
+    return path
+
+
+def _stored_half(path: str | Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+
+
 @torch.no_grad()
 def calibrate_opening(model: PCAVS, gain: float) -> None:
     """warp_open: scale the opening head's output around its value in silence, o -> o_sil + gain (o -
@@ -172,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m training.release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("checkpoint", help="last.pt of a training run")
+    ap.add_argument(
+        "checkpoint", help="last.pt of a training run, or a released .safetensors (only --open-gain applies)"
+    )
     ap.add_argument("out", help="output .safetensors")
     ap.add_argument("--half", action="store_true", help="store fp16 weights")
     ap.add_argument("--command", default="", help="the command that trained it (provenance)")
@@ -188,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.open_gain == "fit":
-        gain = "fit"
+        gain: float | str = "fit"
     else:
         try:
             gain = float(args.open_gain)
         except ValueError:
             raise ConfigError(f"--open-gain takes a number or 'fit', got {args.open_gain!r}") from None
+    if args.checkpoint.endswith(".safetensors"):  # a released model: its opening calibrated once more
+        recalibrate(args.checkpoint, args.out, gain, args.data)
+        return 0
     release(
         args.checkpoint,
         args.out,

@@ -7,7 +7,8 @@ it, :func:`plan_output` derives, for ``n`` sessions of 25 frames/s each:
 * ``fraction``: the share of frame indices that are generated. 1 while the model keeps up; below
   that, frames are generated on an even sub-rate grid (:func:`wants_frame`: with 0.5 every second
   frame, with 0.6 three of every five, evenly spaced) and the others hold the previous image. The
-  model's measured throughput, times ``utilisation``, is spread over all sessions.
+  model's measured throughput, times ``utilisation``, is spread over all sessions (one session, whose
+  evenly spaced frames never wait for another's, may use ``solo_utilisation`` of it).
 * ``margin_s``: the compute budget after the 120 ms lookahead. A frame's job is complete about
   ``arrival_s`` after its window; it may wait for the batch in flight and then runs in the next
   one, so ``margin = max(base, arrival_s + 2 * batch time)``, capped so that the whole output delay
@@ -183,6 +184,9 @@ class CostModel:
 class PlanConfig:
     max_delay_s: float = 0.4  # bound on the output delay (lookahead + margin)
     utilisation: float = 0.95  # share of the model's measured throughput the plan may use
+    # one session: its frames lie on an even grid, one at a time, and never wait for another
+    # session's, so the plan may use more of the throughput (the margin keeps the spread)
+    solo_utilisation: float = 0.98
     arrival_s: float = 0.04  # least allowance for how far into the margin a frame's audio is complete
     max_arrival_s: float = 0.2  # the measured allowance (p95, Engine) is capped here
 
@@ -215,7 +219,8 @@ def plan_output(
     one_frame = cfg.arrival_s + SLOW_FRAME_ROOM * cost.batch_s(1)
     max_margin = max(base_margin_s, cfg.max_delay_s - lookahead_s, one_frame)
     cap = cost.batch_cap()  # batches beyond it would cost throughput: the scheduler does not form them
-    fraction = min(1.0, cfg.utilisation * cost.fps(min(cap, n)) / (FPS * n))
+    util = cfg.solo_utilisation if n == 1 else cfg.utilisation
+    fraction = min(1.0, util * cost.fps(min(cap, n)) / (FPS * n))
     while True:
         batch = max(1, min(cap, math.ceil(n * fraction)))
         t_b = cost.batch_s(batch)  # with the spread: deadlines need the long batches too

@@ -16,8 +16,8 @@ RF=(${RENDER_FLAGS:-})
 Q=(python -m benchmarks.quality "${CKA[@]}" "${RF[@]}" -q)
 
 # ground truth: held-out identities (the test), the unseen demo clip (the choice), trained identities
-"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still,true_opening
-"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still
+"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
+"${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still,true_opening
 "${Q[@]}" --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
 if [ -d runs/seen_clips ]; then
   "${Q[@]}" --clips runs/seen_clips --out $R/${TAG}_seen --max-frames 60 --methods model,fixed_pose,still

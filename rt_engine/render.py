@@ -179,7 +179,7 @@ def render_arrays(
         open_all = np.asarray(opening, np.float32).reshape(-1)
         if n and len(open_all) <= int(frames_i[-1]):
             raise InputError(f"opening has {len(open_all)} values; frame {int(frames_i[-1])} needs one")
-        open_t = torch.from_numpy(open_all[frames_i] if n else open_all[:0])  # [n]
+        open_t = torch.from_numpy(open_all[frames_i])  # [n]
     for s in rng:
         mouth = gain(runner, runner.encode_audio(wins[s : s + bs]))  # [b,500]
         extra = {} if open_t is None else {"opening": open_t[s : s + bs]}

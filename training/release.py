@@ -158,6 +158,11 @@ def _stored_half(path: str | Path) -> bool:
         return any(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
 
 
+def _need_opening_channel(model: PCAVS) -> None:
+    if not getattr(model.cfg, "warp_open", False):
+        raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
+
+
 @torch.no_grad()
 def calibrate_opening(model: PCAVS, gain: float) -> None:
     """warp_open: scale the opening head's output around its value in silence, o -> o_sil + gain (o -
@@ -167,8 +172,7 @@ def calibrate_opening(model: PCAVS, gain: float) -> None:
     from rt_engine.inputs import audio as audio_in
 
     gen = model.generator
-    if not getattr(model.cfg, "warp_open", False):
-        raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
+    _need_opening_channel(model)
     if not 0.0 < gain <= 3.0:
         raise ConfigError(f"open_gain must be in (0, 3], got {gain}")
     model.eval()
@@ -189,8 +193,7 @@ def fitted_open_gain(model: PCAVS, data: str | Path, holdout: str | Path | None)
     from training.data import ClipStore, read_holdout
     from training.train import labelled_mouth_codes
 
-    if not getattr(model.cfg, "warp_open", False):
-        raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
+    _need_opening_channel(model)
     store = ClipStore(data, read_holdout(holdout) if holdout else None)
     x, y, _ = labelled_mouth_codes(model, store, torch.device("cpu"))  # [N,500], [N]
     std = float(model.generator.open_head(x).std())

@@ -492,8 +492,9 @@ def _check_room(app: web.Application) -> web.Response | None:
         eng.metrics.inc("sessions_rejected_total", reason="model")
         return error(503, "the model worker stopped; try again later")
     # with media workers (--workers N) the sessions of all of them share the model and --max-sessions
-    connected = eng.scheduler.sessions_total(_connected(app))
-    connecting = len(app[STATE].sessions) - _connected(app) + app[STATE].pending
+    local = _connected(app)
+    connected = eng.scheduler.sessions_total(local)
+    connecting = len(app[STATE].sessions) - local + app[STATE].pending
     if connected >= cfg.max_sessions:
         eng.metrics.inc("sessions_rejected_total", reason="full")
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")

@@ -21,8 +21,8 @@
 * A worker whose model process died answers ``/health`` with 503 and refuses offers; the parent keeps
   it up (a load balancer sees the failure). A dead worker's sessions are forgotten by the model process.
 
-Uploads are kept by the worker that received them: with N >= 2 a client must send its upload and its
-offer over one HTTP connection (keep-alive, as browsers do), or retry.
+Uploads go into one folder that the parent makes and every worker shares, so an upload and the offer
+that names it may reach different workers.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ async def _serve_worker(app, host: str, port: int, codec_threads: int, client) -
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=True).start()
-        # a private port for the model process's calls: bound here, so its number is known (public API)
+        # the private port the other workers forward this worker's /stats and /close to: bound here,
+        # so its number is known without a private aiohttp name
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         await web.SockSite(runner, sock).start()

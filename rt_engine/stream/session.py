@@ -657,7 +657,7 @@ class Engine:
         n, now = self.scheduler.sessions_total(len(self.sessions)), time.monotonic()
         cost.load = n
         if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
-            self._plan = (now, n, plan_output(self.scheduler.cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
+            self._plan = (now, n, plan_output(cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
         return self._plan[2]
 
     async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:

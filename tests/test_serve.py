@@ -293,7 +293,9 @@ def test_bad_inputs_each_fail_clearly_and_other_sessions_run_on(tiny_engine, tmp
     assert not results["vanished still open"] and results["vanished closed after s"] < 10
     # the bystander never noticed
     # (loose bounds: the 2-core CI box also runs the upload checks and a second client process meanwhile)
-    assert a["video_frames"] >= 0.7 * 14 * 25 and 24.0 <= a["slot_rate"] <= 26.0 and a["frames_fresh"] >= 1
+    # (frames against the time it streamed: how long the checks above take varies, 10-15 s)
+    assert a["seconds"] >= 8.0 and a["video_frames"] >= 0.7 * a["seconds"] * 25
+    assert 24.0 <= a["slot_rate"] <= 26.0 and a["frames_fresh"] >= 1
     assert a["audio_frames"] >= 0.3 * a["seconds"] * 50  # its audio kept coming back (A/V: see the test above)
     assert a["slots_missing"] <= by.server_stats["frames_skipped"]
     assert by.server_stats["pose"] == "webcam" and by.server_stats["pose_updates"] >= 1

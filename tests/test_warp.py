@@ -401,3 +401,26 @@ def test_release_recalibrates_a_released_file(live_open_model, tmp_path):
     assert wide["generator.open_head.2.weight"].dtype == torch.float16
     assert read_single_meta(tmp_path / "wide.safetensors")["provenance"]["open_gain"] == 3.0
     assert release_main([str(src), str(tmp_path / "x.safetensors"), "--open-gain", "fit"]) == 2  # needs --data
+
+
+def test_opening_response_measures_the_bundled_model_and_refuses_others(model, tmp_path):
+    """benchmarks.opening_response: the bundled model opens the bundled photo's mouth when its opening
+    channel says so (dlib on the drawn frames); a model without the channel is refused."""
+    import cv2
+    import numpy as np
+
+    from benchmarks import metrics as M
+    from benchmarks.opening_response import drawn_opening
+    from benchmarks.opening_response import main as response_main
+    from rt_engine.assets import DEFAULT_IDENTITY
+    from rt_engine.models.checkpoint import save_single
+    from rt_engine.render import make_runner
+
+    photo = cv2.cvtColor(cv2.imread(str(DEFAULT_IDENTITY)), cv2.COLOR_BGR2RGB)  # [224,224,3] aligned
+    wav = (np.random.default_rng(0).standard_normal(32000) * 0.05).astype(np.float32)
+    runner, analyzer = make_runner(None, "fp32", "torch"), M.FaceAnalyzer()
+    shut, wide = (drawn_opening(runner, photo, wav, analyzer, z) for z in (-2.0, 3.0))
+    assert wide > shut + 0.05, (shut, wide)
+    plain = save_single(model, tmp_path / "plain.safetensors")
+    with pytest.raises(SystemExit, match="no mouth-opening channel"):
+        response_main(["--clips", str(tmp_path), "--out", str(tmp_path / "out"), "--checkpoint", str(plain)])

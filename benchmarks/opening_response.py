@@ -67,7 +67,7 @@ def clip_response(runner, clip: Q.Clip, analyzer, frames: int) -> dict:
         out[name] = {
             "frame": i,
             "photo_opening": float(real[i]),
-            "drawn": dict(zip([f"{z:+g}" for z in LEVELS], drawn)),
+            "drawn": dict(zip([f"{z:+g}" for z in LEVELS], drawn, strict=True)),
             "slope": slope,
             "response": slope / std if std > 0 else None,
         }

@@ -19,6 +19,8 @@ Q=(python -m benchmarks.quality "${CKA[@]}" "${RF[@]}" -q)
 "${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
 "${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still,true_opening
 "${Q[@]}" --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
+python -m benchmarks.opening_response "${CKA[@]}" --clips runs/holdout_clips --out $R/${TAG}_opening_response -q ||
+  echo "opening_response failed or does not apply (it needs a warp_open model): see above"
 if [ -d runs/seen_clips ]; then
   "${Q[@]}" --clips runs/seen_clips --out $R/${TAG}_seen --max-frames 60 --methods model,fixed_pose,still
 fi

@@ -834,33 +834,6 @@ def test_a_new_look_changes_a_whole_sample_alike(cache):
     assert not any(torch.equal(recolour["target"][0], to_tensor(mirror._net(g)[None])[0]) for g in (f, f[:, ::-1]))
 
 
-def test_closed_references_come_from_the_most_closed_mouths(cache, tmp_path):
-    """ref_closed_p 1: every labelled sample's reference is one of its clip's frames at or below the
-    ref_closed_q quantile of the opening (not the target itself); p 0 draws exactly as before."""
-    from rt_engine.inputs.image import to_tensor
-    from training.data import Batcher, ClipStore, closed_frames
-
-    store = ClipStore(labelled_copy(cache, tmp_path / "data"))
-    b0 = Batcher(store, 6, 1, 3, seed=4, negatives=False).batch(2)
-    for k, v in Batcher(store, 6, 1, 3, seed=4, negatives=False, ref_closed_p=0.0).batch(2).items():
-        assert torch.equal(v, b0[k]), k
-    bt = Batcher(store, 6, 1, 3, seed=4, negatives=False, ref_closed_p=1.0, ref_closed_q=0.2)
-    picked = []
-    for step in range(4):
-        b = bt.batch(step)
-        for s in range(6):
-            c, i = (int(x) for x in b["pos"][s])
-            clip = store.clips[c]
-            closed = closed_frames(clip, 0.2)
-            raw = clip.opening_raw[clip.valid]
-            assert 0 < len(closed) < len(clip.valid) and (clip.opening_raw[closed] <= np.nanquantile(raw, 0.2)).all()
-            refs = [j for j in clip.valid if torch.equal(b["ref"][s], to_tensor(bt._net(clip.frames[j])[None])[0])]
-            hit = sorted(set(refs) & set(closed.tolist()) - {i})  # (synthetic clips repeat frames)
-            assert hit, (refs, closed)
-            picked.append(hit[0])
-    assert len(set(picked)) > 1
-
-
 def test_warp_variant_trains_from_a_pcavs_model_and_renders(cache, tmp_path):
     """The appearance-preserving generator (models/warp.py) starts from another variant's encoders,
     trains with them frozen, exports and renders through the engine."""

@@ -127,13 +127,6 @@ class TrainConfig:
         "reference and pose frame alike), so few identities look like more",
     )
     look_strength: float = opt(0.3, "per-channel gain/bias range of a new look")
-    ref_closed_p: float = opt(
-        0.0,
-        "joint: this share of labelled samples takes its reference (the photo) from the clip's most "
-        "closed mouths (opening at or below the clip's ref_closed_q quantile), as most photos are: the "
-        "generator must learn to open a closed mouth, not only to move an open one",
-    )
-    ref_closed_q: float = opt(0.25, "the opening quantile of the clip that counts as a closed mouth")
     # bookkeeping
     log_every: int = opt(10, "log the losses every this many steps")
     sample_every: int = opt(100, "write a sample grid every this many steps")
@@ -189,10 +182,6 @@ class TrainConfig:
             raise ConfigError(f"look_p must be in [0, 1], got {self.look_p}")
         if not 0.0 <= self.look_strength < 1.0:
             raise ConfigError(f"look_strength must be in [0, 1), got {self.look_strength}")
-        if not 0.0 <= self.ref_closed_p <= 1.0:
-            raise ConfigError(f"ref_closed_p must be in [0, 1], got {self.ref_closed_p}")
-        if not 0.0 < self.ref_closed_q < 1.0:
-            raise ConfigError(f"ref_closed_q must be in (0, 1), got {self.ref_closed_q}")
         if not 0 < self.crop_min <= 1:
             raise ConfigError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.device not in ("auto", "cpu", "cuda"):

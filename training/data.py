@@ -228,18 +228,6 @@ def sample_negatives(
     return out
 
 
-def closed_frames(clip: Clip, q: float) -> np.ndarray | None:
-    """The usable frames of ``clip`` whose measured opening is at or below its quantile ``q`` [K]
-    (None: a clip without labels)."""
-    if clip.opening_raw is None or clip.mel is None:
-        return None
-    raw = clip.opening_raw[clip.valid]  # [V]
-    ok = np.isfinite(raw)
-    if ok.sum() < 2:
-        return None
-    return clip.valid[ok & (raw <= np.quantile(raw[ok], q))]
-
-
 @dataclass
 class AugmentParams:
     color_strength: float = 0.2
@@ -265,8 +253,6 @@ class Batcher:
         video_only_frac: float = 0.0,
         look_p: float = 0.0,
         look_strength: float = 0.3,
-        ref_closed_p: float = 0.0,
-        ref_closed_q: float = 0.25,
     ):
         self.store = store
         if video_only_frac > 0 and (negatives or False not in store.pool_p or True not in store.pool_p):
@@ -286,21 +272,6 @@ class Batcher:
         self.negatives = negatives
         self.same_frac = same_frac
         self._valid = [c.valid for c in store.clips]
-        self.ref_closed_p = ref_closed_p
-        # per clip: its usable frames with the most closed mouths (None: no labels, any frame serves)
-        self._closed = [closed_frames(c, ref_closed_q) for c in store.clips] if ref_closed_p > 0 else []
-
-    def _reference(self, rng: np.random.Generator, c: int, i: int) -> int:
-        """The reference frame of target (clip c, frame i): any other usable frame, or with
-        probability ``ref_closed_p`` one of the clip's closed mouths (labelled clips only)."""
-        valid = self.store.clips[c].valid
-        if self.ref_closed_p > 0:  # (p 0 draws exactly as before this option existed)
-            closed = self._closed[c]
-            if rng.random() < self.ref_closed_p and closed is not None:
-                closed = closed[closed != i]
-                if len(closed):
-                    return int(rng.choice(closed))
-        return int(rng.choice(valid[valid != i]))
 
     def _net(self, img: np.ndarray) -> np.ndarray:
         return official_crop(img)
@@ -321,7 +292,7 @@ class Batcher:
                 c, i = self.store.draw(rng)
             clip = clips[c]
             speech.append(clip.mel is not None)
-            j = self._reference(rng, c, i)
+            j = int(rng.choice(clip.valid[clip.valid != i]))
             frame_i, frame_j = clip.frames[i], clip.frames[j]  # [H,W,3] u8
             if self.look_p > 0 and rng.random() < self.look_p:  # (p 0 draws exactly as before this option)
                 look = Look.random(rng, self.look_strength)

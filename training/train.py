@@ -250,8 +250,6 @@ class Trainer:
             video_only_frac=cfg.video_only_frac,
             look_p=cfg.look_p,
             look_strength=cfg.look_strength,
-            ref_closed_p=cfg.ref_closed_p,
-            ref_closed_q=cfg.ref_closed_q,
         )
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = PCAVS(self.mcfg).to(self.device)

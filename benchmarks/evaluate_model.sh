@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every measurement of rt_engine/assets/default_model.md for one model, in one go (about 15 CPU
 # minutes on 2 cores). Needs ../shared/data and the held-out clips in runs/holdout_clips
-# (python -m training.holdout). Run from the repository root:
+# (python -m training.holdout); trained identities in runs/seen_clips if present (python -m
+# training.holdout ../shared/data/train.csv runs/seen_clips --ids m0080,m0134,m0152,m0397). Run from the repository root:
 #   bash benchmarks/evaluate_model.sh CHECKPOINT TAG      # results in benchmarks/results/TAG_*
 # CHECKPOINT "" means the bundled model. Extra render flags (e.g. --mouth-gain 1.5) go in $RENDER_FLAGS.
 set -euo pipefail

@@ -649,6 +649,12 @@ def test_holdout_folder_links_held_out_clips_with_their_audio(tmp_path):
     names = sorted(p.name for p in (tmp_path / "h").iterdir())
     assert "m0079_KristiNoem.flac" in names and "m0079_KristiNoem.mp4" in names  # paired separate speech
     assert all((tmp_path / "h" / n).resolve().is_file() for n in names)
+    # named clips instead (the model card's trained identities), by row id or whole clip id
+    seen = write_holdout_folder(table, tmp_path / "s", clip_ids={"m0080", "m0134_681100216"})
+    assert sorted(seen) == ["m0080_Obama_clip1", "m0134_681100216"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir())[:2] == ["m0080_Obama_clip1.flac", "m0080_Obama_clip1.mp4"]
+    with pytest.raises(SystemExit, match="m9999"):
+        write_holdout_folder(table, tmp_path / "x", clip_ids={"m9999"})
 
 
 # ------------------------------------------------------------------------------------ video-only clips

@@ -82,9 +82,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
     t0 = time.time()
     runner = make_runner(args.checkpoint, "fp32", "torch")
-    if not getattr(runner.cfg, "warp_open", False):
+    if not runner.cfg.has_opening:
         raise SystemExit("error: the model has no mouth-opening channel (a warp_open model is needed)")
-    specs = Q.clips_from_dir(Path(args.clips)) if Path(args.clips).is_dir() else Q.clips_from_csv(Path(args.clips))
+    specs = Q.clip_specs(Path(args.clips))
     analyzer, cropper = M.FaceAnalyzer(), FaceCropper()
     clips: dict[str, dict] = {}
     for spec in tqdm(specs, desc="clips", unit="clip", disable=args.quiet):

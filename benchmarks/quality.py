@@ -141,6 +141,15 @@ def clips_from_dir(path: Path) -> list[ClipSpec]:
     return specs
 
 
+def clip_specs(src: Path) -> list[ClipSpec]:
+    """``--clips``: a folder of clips or a data CSV -> its clips."""
+    if src.is_dir():
+        return clips_from_dir(src)
+    if src.is_file():
+        return clips_from_csv(src)
+    raise SystemExit(f"error: --clips {src} not found")
+
+
 # ------------------------------------------------------------------ loading
 def _video_frames_25fps(path: Path, max_frames: int | None) -> Iterator[np.ndarray]:
     """A video at 25 fps, decoded by the inference code (:func:`rt_engine.inputs.pose.iter_video`:
@@ -572,13 +581,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"error: unknown method(s) {bad}; choose from {METHODS}")
-    src = Path(args.clips)
-    if src.is_dir():
-        specs = clips_from_dir(src)
-    elif src.is_file():
-        specs = clips_from_csv(src)
-    else:
-        raise SystemExit(f"error: --clips {src} not found")
+    specs = clip_specs(Path(args.clips))
     opts = Options(cpbd_frames=args.cpbd_frames, csim_frames=args.csim_frames)
     notes = list(NOTES)
     syncnet = None

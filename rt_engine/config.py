@@ -117,6 +117,11 @@ class ModelConfig:
         return [self.start * 2 ** ((i + 1) // 2) for i in range(1 + 2 * self.n_up)]
 
     @property
+    def has_opening(self) -> bool:
+        """Whether the generator takes a mouth opening (the warp generator with ``warp_open``)."""
+        return self.generator == "warp" and self.warp_open
+
+    @property
     def num_noises(self) -> int:
         return len(self.noise_sizes)
 

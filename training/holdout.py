@@ -38,11 +38,13 @@ def write_holdout_folder(
         clip_ids = {names[n] for n in clip_ids - unknown}
         if unknown:
             raise SystemExit(f"error: no talking clip with id {', '.join(sorted(unknown))} in {table}")
+    else:
+        clip_ids = {s.id for s in sources if s.identity in ids}
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     done = []
     for s in sources:
-        if not s.want_audio or (s.id not in clip_ids if clip_ids is not None else s.identity not in ids):
+        if not s.want_audio or s.id not in clip_ids:
             continue
         video = Path(s.video).resolve()
         links = [(d / f"{s.id}{video.suffix}", video)]

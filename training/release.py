@@ -159,7 +159,7 @@ def _stored_half(path: str | Path) -> bool:
 
 
 def _need_opening_channel(model: PCAVS) -> None:
-    if not getattr(model.cfg, "warp_open", False):
+    if not model.cfg.has_opening:
         raise ConfigError("open_gain needs a warp model with the mouth-opening channel (model.warp_open)")
 
 

@@ -69,7 +69,7 @@ class PCAVS(nn.Module):
         ``opening`` [B]: the mouth opening to draw, warp generator with warp_open only)."""
         id_map = id_feature1.expand(style.shape[0], -1, -1, -1)
         if opening is not None:
-            if not (self.cfg.generator == "warp" and self.cfg.warp_open):  # else it would be ignored
+            if not self.cfg.has_opening:  # else it would be ignored
                 raise ConfigError(f"an explicit mouth opening needs a warp_open model, not {self.cfg.name!r}")
             return self.generator(style, id_map, noise, form=form, opening=opening)
         return self.generator(style, id_map, noise, form=form)

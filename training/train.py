@@ -230,7 +230,7 @@ class Trainer:
         self.mcfg = cfg.model_config()
         need_audio = cfg.stage != "identity"
         self.store = ClipStore(cfg.data, read_holdout(cfg.holdout), need_audio=need_audio and cfg.video_only_frac == 0)
-        wants = cfg.w_open > 0 or cfg.w_open_img > 0 or (cfg.stage == "joint" and self.mcfg.warp_open)
+        wants = cfg.w_open > 0 or cfg.w_open_img > 0 or (cfg.stage == "joint" and self.mcfg.has_opening)
         if wants and not self.store.has_opening:
             raise ConfigError(
                 f"w_open / w_open_img / model.warp_open need mouth-opening labels in {cfg.data}: run "
@@ -531,7 +531,7 @@ class Trainer:
             else:  # official: one feature for both
                 pose = m.pose_encoder.headpose(noid)  # [B,12]
             style = m.make_style(id0, m.pose_encoder.mouth(audio), pose)
-            opening, open_g = self._generator_opening(style, b) if self.mcfg.warp_open else (None, None)
+            opening, open_g = self._generator_opening(style, b) if self.mcfg.has_opening else (None, None)
             fake = m.generate(style, id1, noise="random", opening=opening)  # [B,3,S,S]
         fake = fake.float()
         speech = b["speech"]  # [B]
@@ -861,7 +861,7 @@ class Trainer:
         else:
             if cfg.stage == "joint" and cfg.w_open_img > 0 and cfg.open_img_warmup > 0:
                 self.warm_up_image_opening(cfg.open_img_warmup)
-            if cfg.stage == "joint" and self.mcfg.warp_open and cfg.open_g_warmup > 0:
+            if cfg.stage == "joint" and self.mcfg.has_opening and cfg.open_g_warmup > 0:
                 self.warm_up_generator_opening(cfg.open_g_warmup)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stats_f = open(self.out / "stats.jsonl", "a") if self.rank == 0 else None

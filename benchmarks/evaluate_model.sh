@@ -20,8 +20,15 @@ Q=(python -m benchmarks.quality "${CKA[@]}" "${RF[@]}" -q)
 "${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_200 --max-frames 200 --methods model,fixed_pose,still
 "${Q[@]}" --clips runs/holdout_clips --out $R/${TAG}_holdout_full --methods model,fixed_pose,still,true_opening
 "${Q[@]}" --clips $D/demo.csv --out $R/${TAG}_unseen_demo_clip --methods model,fixed_pose,still
-python -m benchmarks.opening_response "${CKA[@]}" --clips runs/holdout_clips --out $R/${TAG}_opening_response -q ||
-  echo "opening_response failed or does not apply (it needs a warp_open model): see above"
+# the opening sweep needs a model with the opening channel (model.warp_open); any other failure stops
+has_opening=0
+python -c 'import sys; from rt_engine.models.checkpoint import load_checkpoint
+sys.exit(0 if load_checkpoint(sys.argv[1] or None).cfg.has_opening else 3)' "$CK" || has_opening=$?
+case $has_opening in
+  0) python -m benchmarks.opening_response "${CKA[@]}" --clips runs/holdout_clips --out $R/${TAG}_opening_response -q ;;
+  3) echo "opening_response skipped: the model has no opening channel (model.warp_open)" ;;
+  *) exit "$has_opening" ;;
+esac
 if [ -d runs/seen_clips ]; then
   "${Q[@]}" --clips runs/seen_clips --out $R/${TAG}_seen --max-frames 60 --methods model,fixed_pose,still
 fi

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-sessions", type=int, default=6, help="last stage (and the server's --max-sessions)")
     ap.add_argument("--backend", default="auto", help="server --backend")
     ap.add_argument("--threads", type=int, default=0, help="server --threads")
+    ap.add_argument("--lanes", type=int, default=0, help="server --lanes (0: auto)")
     ap.add_argument(
         "--admission",
         default="capacity",
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ckpt is None and args.preset != "bundled":
             ckpt = random_checkpoint(args.preset, tmp)
         extra = ["--backend", args.backend, "--max-sessions", str(args.max_sessions), "--workers", str(args.workers)]
+        extra += ["--lanes", str(args.lanes)]
         if args.admission == "count":
             extra.append("--no-capacity-admission")
         with ServerProcess(ckpt, args.threads, extra) as server:
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sessions_held": held,
         "fresh_target": FRESH_TARGET,
         "model_fps_by_batch": health.get("model_fps"),
+        "model_lanes": health.get("model_lanes"),
         "model_cpu_per_busy_s": cpu_per_busy,
         "stages": stages,
         "host": {

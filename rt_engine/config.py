@@ -152,6 +152,10 @@ class ModelConfig:
                 )
             if min(self.warp_feat, self.warp_motion, *self.warp_dec) <= 0 or len(self.warp_dec) != 3:
                 raise ConfigError("model.warp_feat, warp_motion and the three warp_dec channels must be positive")
+        elif self.warp_open or self.warp_mouth_mask:
+            raise ConfigError(
+                f"model.warp_open and model.warp_mouth_mask belong to generator: warp, not {self.generator!r}"
+            )
         if self.n_mels != 80:
             raise ConfigError("model.n_mels must be 80 (the audio encoder's input height)")
         return self

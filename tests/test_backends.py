@@ -137,6 +137,36 @@ def test_runner_batch_equals_single_frames(model, name, onnx_cache):
         assert sorted(str(k[1]) for k in runner._sessions if k[0] == "generator") == ["1", "dynamic"]
 
 
+def test_openvino_lanes_run_at_once_and_match_one_lane(model, onnx_cache):
+    """Two lanes (inference streams): two threads generate at once, each on its own requests, and
+    get the frames one lane makes; a lane the runner does not have is refused."""
+    _need("openvino")
+    import threading
+
+    runner = make_backend("openvino", model=model, precision="fp32", threads=2)
+    id0, id1, mouth, pose = _style_inputs(model.cfg, 2, seed=3)
+    one = runner.generate(id0, id1, mouth, pose)
+    assert runner.set_lanes(2) == 2 and runner.set_lanes(8) == 2  # at most one lane per thread
+    out: dict[int, list] = {0: [], 1: []}
+
+    def lane(k: int) -> None:
+        runner.use_lane(k)
+        for _ in range(5):
+            out[k].append(runner.generate(id0, id1, mouth, pose))
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out[0]) == len(out[1]) == 5
+    for got in out[0] + out[1]:
+        assert (got - one).abs().max().item() < 1e-5
+    assert all(len(reqs) == 2 for reqs in runner._sessions.values())  # one request per lane
+    with pytest.raises(ValueError, match="lane 2 out of range"):
+        runner.use_lane(2)
+
+
 def test_openvino_encoders_can_run_fp32_under_a_bf16_generator(model, onnx_cache):
     """encoder_precision fp32: the identity, pose and audio codes equal the fp32 runner's, and the
     generator still runs in the runner's precision."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rt_engine.config import FIRST_FRAME, NoiseMode
-from rt_engine.stream.capacity import CostModel, PlanConfig, plan_output, wants_frame
+from rt_engine.stream.capacity import CostModel, ObservedLoad, PlanConfig, plan_output, wants_frame
 from rt_engine.stream.clock import LOOKAHEAD_S
 from rt_engine.stream.scheduler import FrameJob, Metrics, Scheduler, SchedulerConfig
 from rt_engine.stream.session import SessionOptions
@@ -251,6 +251,139 @@ def test_warm_up_fixes_the_batch_cap_and_releases_larger_sizes():
         sched.stop()
     assert sched.cost.limit == r.kept and 1 <= r.kept <= 4
     assert sched.cost.batch_cap() == sched.cost.limit
+
+
+class LaneRunner(FakeRunner):
+    """A model that runs up to ``most`` calls at once (sleeps): records which lanes called and the
+    most calls in flight together."""
+
+    def __init__(self, frame_s: float, most: int = 4):
+        super().__init__(frame_s)
+        self.most, self.lanes, self.set_calls = most, 1, []
+        self._tl, self._lock = threading.local(), threading.Lock()
+        self.in_flight = self.peak = 0
+        self.used: set[int] = set()
+
+    def set_lanes(self, n: int) -> int:
+        self.set_calls.append(n)
+        self.lanes = max(1, min(n, self.most))
+        return self.lanes
+
+    def use_lane(self, lane: int) -> None:
+        assert 0 <= lane < self.lanes
+        self._tl.k = lane
+
+    def generate(self, id0, id1, mouth, pose, noise=NoiseMode.STORED) -> torch.Tensor:
+        with self._lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            self.used.add(getattr(self._tl, "k", 0))
+        try:
+            return super().generate(id0, id1, mouth, pose, noise)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def test_lanes_run_batches_at_once():
+    """Two lanes: two threads take batches from the one queue, and their calls overlap."""
+    r = LaneRunner(0.03)
+    sched = Scheduler(r, SchedulerConfig(max_batch=1, lanes=2), Metrics()).start()
+    try:
+        assert sched.lanes == 2 and len(sched.thread_ids) == 2 and r.set_calls == [2]
+        o = Owner("a")
+        now = time.monotonic()
+        sched.submit([_job(o, i, now + 5.0) for i in range(8)])
+        deadline = time.monotonic() + 10
+        while len(o.delivered) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.stop()
+    assert sorted(i for i, _ in o.delivered) == list(range(8)) and not o.drops
+    assert r.peak == 2 and r.used == {0, 1}
+    assert sched.busy_s < 8 * 0.03  # averaged over the lanes: the two lanes' batches overlap
+
+
+@pytest.mark.parametrize(("frame_s", "fixed", "lanes"), [(0.004, 0, 2), (0.06, 0, 1), (0.06, 2, 2)])
+def test_warm_up_keeps_lanes_only_where_one_frame_fits_a_frame_period(frame_s, fixed, lanes):
+    """Auto lanes (one per model thread) stay where one frame on one lane takes at most 40 ms; a
+    slower model goes back to one lane (its other lane threads end); lanes set by hand stay."""
+    r = LaneRunner(frame_s)
+    sched = Scheduler(r, SchedulerConfig(max_batch=2, lanes=fixed), Metrics(), threads=2).start()
+    try:
+        sched.warm_up(torch.zeros(1, 4), torch.zeros(1, 2, 7, 7)).result(timeout=30)
+        assert sched.lanes == lanes == sched.cost.lanes == r.lanes
+        assert r.set_calls == ([2] if lanes == 2 else [2, 1])
+        assert len(sched.thread_ids) == lanes and sched.alive
+        assert r.peak == lanes  # the warm-up timed the lanes together, as they run in service
+        one = sched.cost.batch_s(1, spread=False)
+        assert sched.cost.fps(1) == pytest.approx(lanes / one)
+    finally:
+        sched.stop()
+
+
+def test_cost_model_and_plan_count_the_lanes():
+    """12 ms a frame on one lane (83 frames/s): 4 sessions (100 frames/s) do not fit one lane, they
+    fit two; batches then hold the frames of half the sessions; a replica keeps the lanes."""
+    one = CostModel(max_batch=4)
+    for b in range(1, 5):
+        one.set(b, 0.012 * b)
+    assert not plan_output(one, 4, 0.08, LOOKAHEAD_S).full_rate
+    two = CostModel(max_batch=4)
+    two.restore(one.snapshot())
+    two.lanes = 2
+    assert two.fps(1) == pytest.approx(2 * one.fps(1))
+    plan = plan_output(two, 4, 0.08, LOOKAHEAD_S)
+    assert plan.full_rate and plan.batch <= 2 and plan.model_fps == pytest.approx(two.fps(plan.batch))
+    replica = CostModel(max_batch=4)
+    replica.restore(two.snapshot())
+    assert replica.lanes == 2 and replica.predicted(3).lanes == 2
+
+
+def test_observed_load_scales_the_utilisation_measured_in_service():
+    """Two sessions keep the model 50% busy: three would need 75%, four 100%. Trusted after three
+    windows; kept while a new count is measured (sessions arrive together), the most loaded count
+    wins once trusted; a thinned plan counts at the full rate."""
+    load, cost = ObservedLoad(window_s=1.0, min_windows=3), CostModel(max_batch=4)
+    t, busy = 100.0, 0.0
+    load.update(t, busy, 2)
+    for _ in range(3):
+        assert load.predicted(3, cost) is None
+        t, busy = t + 1.0, busy + 0.5
+        load.update(t, busy, 2)
+        load.update(t + 0.5, busy + 0.2, 2)  # within the window: no new figure
+    assert load.predicted(3, cost) == pytest.approx(0.75)
+    assert load.predicted(4, cost) == pytest.approx(1.0)
+    t += 1.0
+    load.update(t, busy, 1)  # one session left: measured at 2 still counts
+    assert load.predicted(3, cost) == pytest.approx(0.75)
+    load.update(t, busy, 3)
+    for _ in range(3):  # three sessions keep it 90% busy: four would need 120%
+        t, busy = t + 1.0, busy + 0.9
+        load.update(t, busy, 3)
+    assert load.predicted(4, cost) == pytest.approx(1.2)
+    thinned = ObservedLoad(window_s=1.0, min_windows=1)
+    thinned.update(0.0, 0.0, 1, fraction=0.5)
+    thinned.update(1.0, 0.3, 1, fraction=0.5)  # half the frames took 30%: all of them would take 60%
+    assert thinned.predicted(2, cost) == pytest.approx(1.2)
+
+
+def test_engine_admits_only_what_the_measured_utilisation_carries(tiny_engine):
+    """On paper (1 ms a frame) four sessions fit; measured in service, one session keeps the model 35%
+    busy, so a second fits (70%, within 75%) and a third (105%) does not."""
+    eng = tiny_engine
+    cost, saved, load = eng.scheduler.cost, eng.scheduler.cost.snapshot(), eng.load
+    try:
+        for b in range(1, 9):
+            cost.set(b, 0.001 * b)
+        assert eng.admits(4)
+        eng.load = ObservedLoad(window_s=1.0, min_windows=1)
+        eng.load.update(0.0, 0.0, 1)
+        eng.load.update(1.0, 0.35, 1)
+        assert eng.admits(2) and not eng.admits(3)
+    finally:
+        eng.load = load
+        cost.restore(saved)
 
 
 def test_admission_predicts_the_slowdown_each_session_brings():

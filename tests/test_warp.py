@@ -58,6 +58,9 @@ def test_config_shapes_and_validation():
         dataclasses.replace(
             model_preset("official"), generator="warp", size=56, start=7, gen_channels=(8, 8, 8, 8)
         ).validate()
+    for opt in ("warp_open", "warp_mouth_mask"):  # options of the warp generator alone
+        with pytest.raises(ConfigError, match="belong to generator: warp"):
+            dataclasses.replace(off, **{opt: True}).validate()
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -81,6 +81,15 @@ class Runner(ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, model '{self.cfg.name}')"
 
+    def set_lanes(self, n: int) -> int:
+        """Prepare for ``n`` threads calling at once (the scheduler's lanes), each after
+        :meth:`use_lane`; -> the number the runner supports. Default: one (calls must not overlap)."""
+        return 1
+
+    def use_lane(self, lane: int) -> None:
+        """The calling thread is lane ``lane`` (< the number :meth:`set_lanes` returned) from now on."""
+        return None
+
     def keep_batches(self, largest: int) -> None:
         """Release what the runner holds for batch sizes above ``largest`` (the scheduler will not form
         them). Default: nothing is held per size."""

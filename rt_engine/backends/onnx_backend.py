@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,24 @@ def ensure_graphs(model: PCAVS, out_dir: str | Path | None = None) -> Path:
     return d
 
 
-def openvino_config(precision: str, threads: int) -> dict[str, str]:
-    """The CPU plugin's compile options for one latency-bound inference stream (``precision``: bf16
-    or fp32, as a runner's): what every OpenVINO model here, and the benchmarks' own, compiles with."""
+def openvino_config(precision: str, threads: int, streams: int = 1) -> dict[str, str]:
+    """The CPU plugin's compile options (``precision``: bf16 or fp32, as a runner's): what every
+    OpenVINO model here, and the benchmarks' own, compiles with. One latency-bound inference stream
+    over ``threads``, or ``streams`` streams sharing them (a runner's lanes), unpinned: the server's
+    media threads share the cores, and a pinned stream could not move away from them."""
+    if streams <= 1:
+        return {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": str(threads),
+            "NUM_STREAMS": "1",
+        }
     return {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(threads),
-        "NUM_STREAMS": "1",
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "INFERENCE_NUM_THREADS": str(max(threads, streams)),
+        "NUM_STREAMS": str(streams),
+        "ENABLE_CPU_PINNING": "NO",
     }
 
 
@@ -175,6 +186,9 @@ class OpenVINORunner(_OnnxRunnerBase):
 
         self._core = ov.Core()
         self._models: dict[str, Any] = {}
+        self.lanes = 1  # inference streams: threads that may call at once (set_lanes)
+        self._lane = threading.local()  # .k: the calling thread's lane (use_lane; 0 by default)
+        self._compile_lock = threading.Lock()
         self.effective_precision = "?"  # what the CPU plugin really runs (f32 where bf16 is not native)
         self.name = "openvino"
 
@@ -194,14 +208,30 @@ class OpenVINORunner(_OnnxRunnerBase):
         res = req.infer(feeds)
         return np.array(res[req.model_outputs[0]], dtype=np.uint8, copy=True)
 
+    def set_lanes(self, n: int) -> int:
+        """``n`` inference streams of ``threads / n`` threads each (at least one), and one inference
+        request per stream and compiled shape; drops everything compiled before."""
+        n = max(1, min(int(n), self.threads))
+        with self._compile_lock:
+            if n != self.lanes:
+                self._sessions.clear()
+                self.lanes = n
+        return self.lanes
+
+    def use_lane(self, lane: int) -> None:
+        if not 0 <= lane < self.lanes:
+            raise ValueError(f"lane {lane} out of range: the runner has {self.lanes} lane(s)")
+        self._lane.k = lane
+
     def _precision_of(self, stage: str) -> str:
         return self.precision if stage == "generator" else self.encoder_precision
 
     def keep_batches(self, largest: int) -> None:
         """Drop the static models compiled for batch sizes above ``largest`` (at the official size each
         holds about 200-380 MB of buffers)."""
-        for key in [k for k in self._sessions if isinstance(k[1], int) and k[1] > largest]:
-            del self._sessions[key]
+        with self._compile_lock:
+            for key in [k for k in self._sessions if isinstance(k[1], int) and k[1] > largest]:
+                del self._sessions[key]
 
     @staticmethod
     def _uint8_output(m):
@@ -220,28 +250,36 @@ class OpenVINORunner(_OnnxRunnerBase):
         return ppp.build()
 
     def _compiled(self, stage: str, feeds: dict[str, np.ndarray], uint8: bool = False):
-        import openvino as ov
-
         b = next(iter(feeds.values())).shape[0]
         static = b <= self.static_batches
         key = (stage, b if static else "dynamic") + (("uint8",) if uint8 else ())
-        if key not in self._sessions:
-            if stage not in self._models:
-                self._models[stage] = self._core.read_model(str(self.dir / f"{stage}.onnx"))
-            m = self._models[stage].clone()
-            if static:  # id0/id1 of one session arrive as [1,...] and are expanded to b by the caller
-                m.reshape({name: list(arr.shape) for name, arr in feeds.items()})
-            else:  # every input's leading dimension is the batch (or 1, broadcast: id0/id1 of one session)
-                m.reshape({name: ov.PartialShape([ov.Dimension(-1), *arr.shape[1:]]) for name, arr in feeds.items()})
-            if uint8:
-                m = self._uint8_output(m)
-            cfg = openvino_config(self._precision_of(stage), self.threads)
-            compiled = self._core.compile_model(m, "CPU", cfg)
-            hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
-            if stage == "generator":  # what the plugin runs where the time goes
-                self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
-            self._sessions[key] = compiled.create_infer_request()
-            log.debug("openvino: compiled %s, batch %s (%s; runs %s)", stage, key[1], cfg, self.effective_precision)
+        requests = self._sessions.get(key)
+        if requests is None:
+            with self._compile_lock:
+                requests = self._sessions.get(key) or self._compile(key, stage, feeds, static, uint8)
+        return requests[getattr(self._lane, "k", 0)]
+
+    def _compile(self, key: tuple, stage: str, feeds: dict[str, np.ndarray], static: bool, uint8: bool) -> list:
+        """Compile ``stage`` for the shapes of ``feeds`` -> one inference request per lane (stream)."""
+        import openvino as ov
+
+        if stage not in self._models:
+            self._models[stage] = self._core.read_model(str(self.dir / f"{stage}.onnx"))
+        m = self._models[stage].clone()
+        if static:  # id0/id1 of one session arrive as [1,...] and are expanded to b by the caller
+            m.reshape({name: list(arr.shape) for name, arr in feeds.items()})
+        else:  # every input's leading dimension is the batch (or 1, broadcast: id0/id1 of one session)
+            m.reshape({name: ov.PartialShape([ov.Dimension(-1), *arr.shape[1:]]) for name, arr in feeds.items()})
+        if uint8:
+            m = self._uint8_output(m)
+        cfg = openvino_config(self._precision_of(stage), self.threads, self.lanes)
+        compiled = self._core.compile_model(m, "CPU", cfg)
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
+        if stage == "generator":  # what the plugin runs where the time goes
+            self.effective_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        # one request per lane (a request serves one call at a time); the plugin runs each on a free stream
+        self._sessions[key] = [compiled.create_infer_request() for _ in range(self.lanes)]
+        log.debug("openvino: compiled %s, batch %s (%s; runs %s)", stage, key[1], cfg, self.effective_precision)
         return self._sessions[key]
 
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

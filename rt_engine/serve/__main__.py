@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch of frames per model call")
     ap.add_argument(
+        "--lanes",
+        type=int,
+        default=0,
+        help="model calls at once, each on its own share of the model threads (OpenVINO streams; 0: one "
+        "per model thread where one frame on one thread takes at most 40 ms, else 1; docs/serving.md)",
+    )
+    ap.add_argument(
         "--mouth-gain", type=float, default=1.0, help="how far the mouth moves: 1 as trained, 0 closed, up to 3 wider"
     )
     ap.add_argument(
@@ -167,7 +174,7 @@ def server_config(args: argparse.Namespace):
 def scheduler_config(args: argparse.Namespace):
     from rt_engine.stream.scheduler import SchedulerConfig
 
-    return SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain).validate()
+    return SchedulerConfig(max_batch=args.max_batch, mouth_gain=args.mouth_gain, lanes=args.lanes).validate()
 
 
 def make_runner(args: argparse.Namespace):

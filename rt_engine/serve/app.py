@@ -273,6 +273,7 @@ async def health(request: web.Request) -> web.Response:
             "model_fps": {b: round(eng.scheduler.cost.fps(b), 1) for b in eng.scheduler.cost.table()},
             "one_session_fresh_fps": round(eng.plan(1).fresh_fps, 1),  # below 25: a slow model's sub-rate
             "batch_cap": eng.scheduler.cost.batch_cap(),  # largest batch the scheduler forms (capacity.py)
+            "model_lanes": eng.scheduler.cost.lanes,  # batches the model runs at once (scheduler.py)
             "model_slowdown_per_session": round(eng.scheduler.cost.slowdown(1) - 1.0, 3),
             "model_cpu_per_busy_s": round(eng.scheduler.model_cpu_per_busy_s, 3),
             "model": eng.runner.describe(),
@@ -301,8 +302,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.set("session_fresh_fps_min", min((d["fresh_fps"] for d in rates), default=0.0))
     m.set("scheduler_pending_frames", eng.scheduler.pending())
     m.set("model_busy_seconds", eng.scheduler.busy_s)
-    if getattr(eng.scheduler, "thread_id", None) is not None:  # the model runs in this process
-        for part, sec in app[STATE].cpu.read([eng.scheduler.thread_id]).items():  # model vs the rest (serve/cputime.py)
+    if getattr(eng.scheduler, "thread_ids", None):  # the model runs in this process
+        for part, sec in app[STATE].cpu.read(eng.scheduler.thread_ids).items():  # model vs the rest (serve/cputime.py)
             m.set("cpu_seconds", sec, part=part)
     model_side = eng.scheduler.model_metrics  # kept by a model process (--workers N): added in
     return web.Response(
@@ -479,7 +480,7 @@ def capacity_sessions(app: web.Application) -> int:
     """How many sessions the measured model capacity serves at the full fresh rate (<= --max-sessions)."""
     eng: Engine = app[ENGINE]
     cap = app[CFG].max_sessions
-    return next((n - 1 for n in range(1, cap + 1) if not eng.plan(n).full_rate), cap)
+    return next((n - 1 for n in range(1, cap + 1) if not eng.admits(n)), cap)
 
 
 def _check_room(app: web.Application) -> web.Response | None:
@@ -500,7 +501,7 @@ def _check_room(app: web.Application) -> web.Response | None:
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
     # the first session is always taken: a model slower than real time streams its own rate to it as
     # fresh frames (an even sub-rate, capacity.py); only sharing the model needs the capacity
-    if cfg.admit_by_capacity and connected >= 1 and not eng.plan(connected + 1).full_rate:
+    if cfg.admit_by_capacity and connected >= 1 and not eng.admits(connected + 1):
         eng.metrics.inc("sessions_rejected_total", reason="capacity")
         return error(
             503,

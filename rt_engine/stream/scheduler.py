@@ -1,4 +1,4 @@
-"""The model worker: one thread runs the Runner for every session, batching frames across sessions.
+"""The model worker: lanes of threads run the Runner for every session, batching frames across sessions.
 
 Sessions submit :class:`FrameJob` s (frame index, mel window [1,80,20], pose code [12], due time).
 The worker takes every pending job, orders them by due time (earliest deadline first) and forms
@@ -15,10 +15,19 @@ frames late too). So no frame is computed and then thrown away as late while the
     id0 [B,id_dim], id1 [B,C,7,7] (stacked per row: identities differ per row), pose [B,12]
     --generate--> frames [B,3,H,W] -> uint8 [B,H,W,3] -> session.deliver(i, image)
 
+**Lanes.** A runner that can run several model calls at once (OpenVINO: one inference stream of
+one thread per lane, :meth:`~rt_engine.backends.base.Runner.set_lanes`) gets one worker thread per
+lane; each free lane forms its own batch from the shared pending jobs by the rule above. On a small
+model, lanes of one thread make more frames per second than one call spread over every thread (on
+the 2-core VM of docs/serving.md, 114 against 84 generator frames/s), and a lane that the
+media threads preempt delays only its own batch. The warm-up keeps the lanes only where one frame
+on one lane fits in a frame period (40 ms); a large model (the official size) runs one lane over
+every thread. ``SchedulerConfig.lanes`` (``--lanes``) fixes the number instead.
+
 When compute keeps up every batch holds about one frame per session; when it falls behind, the
 sessions lengthen their delay and thin their frames (:mod:`rt_engine.stream.capacity`), and late
 jobs are dropped, never queued up (no drift, no growing latency). Other model work (identity
-features, pose codes) runs through :meth:`call`, in the same thread, between batches: frame
+features, pose codes) runs through :meth:`call`, in a lane's thread, between batches: frame
 batches go first, a call waits at most ``CALL_WAIT_S``. Besides closures, :meth:`Scheduler.call` takes
 the name of one of :data:`MODEL_CALLS`, whose arguments and results are numpy arrays: only those can
 also cross into a model process (:mod:`rt_engine.stream.remote`).
@@ -43,7 +52,7 @@ import numpy as np
 import torch
 
 from rt_engine.backends.base import MouthGain, Runner
-from rt_engine.config import MEL_WINDOW, NoiseMode, check_mouth_gain, noise_mode
+from rt_engine.config import FPS, MEL_WINDOW, NoiseMode, check_mouth_gain, noise_mode
 from rt_engine.errors import ConfigError
 from rt_engine.inputs.audio import N_MELS
 from rt_engine.inputs.image import to_tensor, to_uint8
@@ -55,6 +64,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 CALL_WAIT_S = 0.25  # longest a non-frame model call (identity, pose) waits behind frame batches
 PROBE_S = 1.0  # with nothing run for this long, the newest job runs even if the estimate says it is late
+LANE_FRAME_S = 1.0 / FPS  # lanes are kept only where one frame on one lane takes at most a frame period
+LANE_SYNC_S = 120.0  # longest the lanes wait for one another in the warm-up (a lane that died breaks it)
 
 
 class Metrics:
@@ -241,17 +252,21 @@ class SchedulerConfig:
     noise: str = NoiseMode.STORED
     late_grace_s: float = 0.0  # a job may still run this long after its due time
     mouth_gain: float = 1.0  # how far the mouth moves, 1 = as trained (backends.base.MouthGain)
+    lanes: int = 0  # model calls at once (0: as many as the runner offers for the threads, kept if fast enough)
 
     def validate(self) -> SchedulerConfig:
         if not 1 <= self.max_batch <= 64:
             raise ConfigError(f"scheduler.max_batch must be in [1, 64], got {self.max_batch}")
+        if not isinstance(self.lanes, int) or not 0 <= self.lanes <= 64:
+            raise ConfigError(f"scheduler.lanes must be an integer in [0, 64] (0: auto), got {self.lanes!r}")
         noise_mode(self.noise, "scheduler.noise")
         check_mouth_gain(self.mouth_gain, "scheduler.mouth_gain")
         return self
 
 
 class Scheduler:
-    """Owns the Runner; everything that touches the model goes through its single thread."""
+    """Owns the Runner; everything that touches the model goes through its lane threads (one, unless
+    the runner runs several calls at once: see the module doc)."""
 
     def __init__(
         self, runner: Runner, cfg: SchedulerConfig | None = None, metrics: Metrics | None = None, threads: int = 0
@@ -265,11 +280,19 @@ class Scheduler:
         self._calls: list[tuple[Callable[[Runner], Any], concurrent.futures.Future, float]] = []
         self._cv = threading.Condition()
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        # lanes: the runner's calls that may run at once, each in its own thread (module doc)
+        set_lanes = getattr(runner, "set_lanes", None)  # Runner subclasses have it (duck-typed ones may not)
+        want = self.cfg.lanes or max(1, threads or torch.get_num_threads())
+        self.lanes = set_lanes(want) if set_lanes is not None else 1
+        self._lanes_fixed = bool(self.cfg.lanes)  # else the warm-up may fall back to one lane
+        self._lane_calls: list[list[Callable[[Runner, int], None]]] = [[] for _ in range(self.lanes)]
+        self._lane_futures: list[concurrent.futures.Future] = []  # warm-ups (cancelled by stop)
         self.batches = 0
         self.frames = 0
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # model-busy seconds, averaged over the lanes (busy_s / wall time = utilisation)
         self.cost = CostModel(self.cfg.max_batch)  # seconds per batch by size (drives admission of jobs)
+        self.cost.lanes = self.lanes
         self.model_cpu_per_busy_s = 0.0  # measured by warm_up
         self._last_run = time.monotonic()
 
@@ -280,32 +303,41 @@ class Scheduler:
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="rt-engine-model", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for lane in range(self.lanes):
+                name = "rt-engine-model" + (f"-{lane}" if lane else "")
+                th = threading.Thread(target=self._loop, args=(lane,), name=name, daemon=True)
+                th.start()
+                self._threads.append(th)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for th in self._threads:
+            th.join(timeout)
+        self._threads = []
         with self._cv:
             for _, fut, _ in self._calls:
                 fut.cancel()
             self._calls.clear()
+            for fut in self._lane_futures:
+                fut.cancel()
+            self._lane_futures.clear()
+            for calls in self._lane_calls:
+                calls.clear()
             self._jobs.clear()
 
     @property
-    def thread_id(self) -> int | None:
-        """The model thread's native (OS) id while it runs."""
-        return self._thread.native_id if self._thread is not None else None
+    def thread_ids(self) -> list[int]:
+        """The native (OS) ids of the lane threads that run."""
+        return [th.native_id for th in self._threads if th.native_id is not None and th.is_alive()]
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Lane 0 runs (the others may have ended after a warm-up fell back to one lane)."""
+        return bool(self._threads) and self._threads[0].is_alive()
 
     # ------------------------------------------------------------------ input
     def submit(self, jobs: list[FrameJob]) -> None:
@@ -334,38 +366,115 @@ class Scheduler:
         return fut
 
     def warm_up(self, id0: torch.Tensor, id1: torch.Tensor) -> concurrent.futures.Future:
-        """Run every batch size the scheduler can form three times: the first call takes any
-        first-call cost of a runner (OpenVINO compiles and allocates per shape) out of the stream, the
-        faster of the other two seeds the cost model (one timing alone, taken while the server starts,
-        moved the batch cap between 1 and 4 from one start to the next), so the first sessions are
-        planned on measured figures."""
+        """Run every batch size the scheduler can form three times on every lane at once: the first
+        call takes any first-call cost of a runner (OpenVINO compiles and allocates per shape) out of
+        the stream, the faster of the other two, averaged over the lanes, seeds the cost model (one
+        timing alone, taken while the server starts, moved the batch cap between 1 and 4 from one
+        start to the next), so the first sessions are planned on measured figures. First, with
+        several lanes and ``SchedulerConfig.lanes`` at auto, one frame is timed on one lane alone
+        (fastest of three); slower than :data:`LANE_FRAME_S`, the runner goes back to one lane over
+        every thread."""
+        wins = functools.partial(torch.zeros, dtype=torch.float32)
 
-        def run(r: Runner) -> None:
+        def time_sizes(r: Runner, lane: int, sync: threading.Barrier, best: dict) -> tuple[float, float]:
+            """-> (wall, process CPU) seconds of this lane's timed calls; best[(lane, b)] = fastest."""
             wall = cpu = 0.0
             for b in range(1, self.cfg.max_batch + 1):
-                best = float("inf")
+                best[lane, b] = float("inf")
                 for timed in (False, True, True):
+                    sync.wait()  # the lanes' calls overlap as they will in service
                     t0, c0 = time.monotonic(), time.process_time()
-                    self._compute(r, id0, id1, torch.zeros(b, 1, N_MELS, MEL_WINDOW), torch.zeros(b, r.cfg.pose_dim))
+                    self._compute(r, id0, id1, wins(b, 1, N_MELS, MEL_WINDOW), wins(b, r.cfg.pose_dim))
                     if timed:
-                        best = min(best, time.monotonic() - t0)
+                        best[lane, b] = min(best[lane, b], time.monotonic() - t0)
                         wall, cpu = wall + time.monotonic() - t0, cpu + time.process_time() - c0
-                self.cost.set(b, best)
+            sync.wait()
+            return wall, cpu
+
+        def run(r: Runner) -> None:  # in lane 0: it alone may end the others
+            if self.lanes > 1 and not self._lanes_fixed:
+                alone = float("inf")
+                for k in range(4):  # the first call compiles; the fastest of the other three counts
+                    t0 = time.monotonic()
+                    self._compute(r, id0, id1, wins(1, 1, N_MELS, MEL_WINDOW), wins(1, r.cfg.pose_dim))
+                    alone = min(alone, time.monotonic() - t0) if k else alone
+                if alone > LANE_FRAME_S:
+                    log.info(
+                        "one frame on one of %d lanes takes %.1f ms (> %.0f ms): one lane over every thread",
+                        self.lanes,
+                        1e3 * alone,
+                        1e3 * LANE_FRAME_S,
+                    )
+                    self._set_lanes(1)
+            lanes = self.lanes
+            sync = threading.Barrier(lanes, timeout=LANE_SYNC_S)
+            best: dict[tuple[int, int], float] = {}
+            errors: list[BaseException] = []
+
+            def other(r: Runner, lane: int) -> None:
+                try:
+                    time_sizes(r, lane, sync, best)
+                except BaseException as e:  # noqa: BLE001 - reported by lane 0
+                    errors.append(e)
+                    sync.abort()
+
+            with self._cv:
+                for lane in range(1, lanes):
+                    self._lane_calls[lane].append(other)
+                self._cv.notify_all()
+            try:
+                wall, cpu = time_sizes(r, 0, sync, best)
+            except threading.BrokenBarrierError:
+                raise (errors[0] if errors else RuntimeError("a model lane did not take part in the warm-up")) from None
+            for b in range(1, self.cfg.max_batch + 1):
+                self.cost.set(b, sum(best[lane, b] for lane in range(lanes)) / lanes)
             self.cost.limit = None
             self.cost.limit = self.cost.batch_cap()  # fixed: sizes above it are never formed
             keep = getattr(r, "keep_batches", None)  # Runner subclasses have it (duck-typed ones may not)
             if keep is not None:
                 keep(self.cost.limit)
-            # process CPU seconds per model-busy second, with nothing else running: lets a benchmark
-            # tell the model's share of the server's CPU from the rest (model_busy_seconds x this)
+            # process CPU seconds per model-busy second (every lane busy), with nothing else running:
+            # lets a benchmark tell the model's share of the server's CPU from the rest
             self.model_cpu_per_busy_s = cpu / wall if wall > 0 else 0.0
             log.info(
-                "model seconds per batch size: %s; batches of up to %d frames",
+                "model seconds per batch size (each of %d lane(s)): %s; batches of up to %d frames",
+                lanes,
                 ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in self.cost.table().items()),
                 self.cost.limit,
             )
 
-        return self.call(run)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def lead(r: Runner, lane: int) -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(run(r))
+                except BaseException as e:  # handed to the caller
+                    fut.set_exception(e)
+
+        with self._cv:
+            if self._stop:
+                fut.set_exception(RuntimeError("scheduler stopped"))
+                return fut
+            self._lane_calls[0].append(lead)
+            self._lane_futures.append(fut)
+            self._cv.notify_all()
+        return fut
+
+    def _set_lanes(self, n: int) -> None:
+        """Fewer lanes (called in lane 0, in the warm-up): lanes >= n finish their batch and end, then
+        the runner drops what it held for them."""
+        with self._cv:
+            self.lanes = n
+            self.cost.lanes = n
+            self._cv.notify_all()
+        for th in self._threads[n:]:
+            th.join(LANE_SYNC_S)
+        self._threads = self._threads[:n]
+        set_lanes = getattr(self.runner, "set_lanes", None)
+        got = set_lanes(n) if set_lanes is not None else 1
+        with self._cv:
+            self.lanes = self.cost.lanes = got
 
     def forget(self, owner: JobOwner) -> None:
         """Remove a closed session's pending jobs."""
@@ -387,21 +496,40 @@ class Scheduler:
         return None
 
     # ------------------------------------------------------------------ worker
-    def _loop(self) -> None:
+    def _loop(self, lane: int = 0) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        use_lane = getattr(self.runner, "use_lane", None)
+        if use_lane is not None:
+            use_lane(lane)  # this thread's share of the runner (its inference requests)
         while True:
             with self._cv:
-                while not self._stop and not self._jobs and not self._calls:
+                while (
+                    not self._stop
+                    and lane < self.lanes
+                    and not self._lane_calls[lane]
+                    and not self._jobs
+                    and not self._calls
+                ):
                     self._cv.wait()
-                if self._stop:
+                if self._stop or lane >= self.lanes:
                     return
+                if self._lane_calls[lane]:  # this lane's part of a warm-up
+                    mine = self._lane_calls[lane].pop(0)
+                    self._cv.release()
+                    try:
+                        mine(self.runner, lane)
+                    finally:
+                        self._cv.acquire()
+                    continue
                 # frames first; other model work when idle or once it has waited CALL_WAIT_S
                 urgent = self._calls and (not self._jobs or time.monotonic() - self._calls[0][2] > CALL_WAIT_S)
                 call = self._calls.pop(0) if urgent else None
                 jobs: list[FrameJob] = []
                 if call is None:
                     jobs, self._jobs = self._select(self._jobs)
+                if (jobs or call is not None) and (self._jobs or self._calls) and self.lanes > 1:
+                    self._cv.notify()  # work left for a free lane (submit and call wake only one)
             if call is not None:
                 fn, fut, _ = call
                 if fut.set_running_or_notify_cancel():
@@ -480,10 +608,11 @@ class Scheduler:
                 self.metrics.inc("frames_dropped_total", reason="model_error")
             return
         t1 = time.monotonic()
-        self._last_run = t1
-        self.batches += 1
-        self.frames += len(jobs)
-        self.busy_s += t1 - t0
+        with self._cv:  # lanes finish batches concurrently
+            self._last_run = t1
+            self.batches += 1
+            self.frames += len(jobs)
+            self.busy_s += (t1 - t0) / self.lanes
         self.cost.observe(len(jobs), t1 - t0)
         late = sum(1 for j in jobs if t1 > j.due + self.cfg.late_grace_s)
         if late:

@@ -46,7 +46,7 @@ from rt_engine.errors import ConfigError, InputError
 from rt_engine.inputs.audio import silence_window
 from rt_engine.inputs.image import official_crop, to_tensor
 from rt_engine.stream import sources
-from rt_engine.stream.capacity import Plan, PlanConfig, RunningQuantile, plan_output, wants_frame
+from rt_engine.stream.capacity import ObservedLoad, Plan, PlanConfig, RunningQuantile, plan_output, wants_frame
 from rt_engine.stream.clock import (
     AUDIO_PTIME_S,
     FRAME_S,
@@ -618,6 +618,7 @@ class Engine:
         self.plan_cfg = plan_cfg or PlanConfig()
         self.sessions: set[str] = set()  # ids of the open sessions (what the output plan is made for)
         self._plan: tuple[float, int, Plan] | None = None  # (made at, sessions, plan)
+        self.load = ObservedLoad()  # the model's utilisation in service (admission checks it)
         # p95 of how far past its media time + lookahead a frame's window is complete (packet arrival,
         # jitter buffer, a busy loop): the plan's arrival allowance follows it
         self.arrival = RunningQuantile(0.95, self.plan_cfg.arrival_s)
@@ -658,7 +659,17 @@ class Engine:
         cost.load = n
         if self._plan is None or self._plan[1] != n or now - self._plan[0] > 0.25:
             self._plan = (now, n, plan_output(cost, n, self.clock_cfg.margin_s, LOOKAHEAD_S, pc))
+            self.load.update(now, self.scheduler.busy_s, n, self._plan[2].fraction)
         return self._plan[2]
+
+    def admits(self, sessions: int) -> bool:
+        """Whether ``sessions`` sessions would all get every frame fresh: the plan predicted for them is
+        full rate, and the utilisation measured in service, scaled to them, stays within the plan's
+        (capacity.py, :class:`ObservedLoad`)."""
+        if not self.plan(sessions).full_rate:
+            return False
+        util = self.load.predicted(sessions, self.scheduler.cost)
+        return util is None or util <= self.plan_cfg.observed_utilisation
 
     async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
         """Identity features (cached by file content) -> (id0 [1,D], id1 [1,C,7,7], aligned crop, cache key)."""

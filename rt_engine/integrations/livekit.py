@@ -8,7 +8,7 @@ generator yields (video frames and the speech that goes with them, in sync) as t
 Scale-out is LiveKit's: every machine runs ``python -m rt_engine.integrations.livekit start`` (or the
 example ``examples/livekit_avatar_worker.py``), registers with the LiveKit server, and the server
 dispatches each avatar job to a worker whose load is under its threshold. The load a worker reports
-is its model thread's busy share (:class:`LoadMeter`): the fraction of the last seconds the
+is its model's busy share (:class:`LoadMeter`): the fraction of the last seconds the
 scheduler spent computing frames, which reaches 1 when the machine makes frames as fast as it can.
 Jobs run as threads of the worker process, so all sessions of a machine share one engine, one
 model and one batching scheduler.
@@ -84,7 +84,8 @@ class RtEngineVideoGenerator(VideoGenerator):
 
 
 class LoadMeter:
-    """The share of the last ``window_s`` seconds the engine's model thread was busy, in [0, 1]."""
+    """The share of the last ``window_s`` seconds the engine's model was busy (averaged over its lanes),
+    in [0, 1]."""
 
     def __init__(self, engine: Engine, window_s: float = 5.0):
         self.engine = engine

@@ -3,8 +3,8 @@
     CpuSplit().read(model_threads) -> {"model": s, "server": s, "total": s}
 
 Linux only (``/proc/self/task``); elsewhere ``model`` is 0 and everything counts as ``server``.
-A thread counts as the model's when it is the scheduler's model thread, or when Python does not
-know it and it is not a MediaPipe thread: the runtimes' own worker pools (OpenVINO's TBB workers,
+A thread counts as the model's when it is one of the scheduler's lane threads, or when Python does
+not know it and it is not a MediaPipe thread: the runtimes' own worker pools (OpenVINO's TBB workers,
 torch's OpenMP threads) are native threads that Python never started. Threads that ended stay
 counted on their side (:class:`CpuSplit` keeps their last reading). A codec that ran its own native
 threads would be counted as the model's; at 224 px aiortc's encoders run in the calling executor

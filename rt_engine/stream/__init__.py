@@ -1,7 +1,7 @@
 """Real-time streaming engine: media clock, sources, model scheduler, sessions.
 
 Read in this order: :mod:`.clock` (media time and output timing), :mod:`.sources` (audio, pose,
-identity inputs), :mod:`.scheduler` (the single model thread, batching across sessions),
+identity inputs), :mod:`.scheduler` (the model's lane threads, batching across sessions),
 :mod:`.session` (one client's pipeline and the :class:`Engine` that creates sessions).
 """
 

@@ -25,9 +25,10 @@ slowdown against the warm-up time at each session count and extrapolates it line
 
 The prediction is checked against what the model really does in service (:class:`ObservedLoad`):
 the model's busy seconds per second at the most loaded session count measured, scaled per session
-to one more session (and by the growth of the slowdown), must stay within ``observed_utilisation``. The linear slowdown misses the
-point where the cores run out (on 2 cores with the peers on the same machine, 4 sessions were
-predicted to fit and got 71% of their frames fresh); the measured utilisation does not.
+to one more session (and by the growth of the slowdown), must stay within ``observed_utilisation``.
+The linear slowdown misses the point where the cores run out (on 2 cores with the peers on the same
+machine, 4 sessions were predicted to fit and got 71% of their frames fresh); the measured
+utilisation sees it coming.
 
 Batches that do not pay are not formed: :meth:`CostModel.batch_cap` is the smallest batch size
 that makes nearly the best frames/s among the sizes that all keep batch 1's rate. On a runtime where

@@ -348,7 +348,7 @@ class Scheduler:
             self._cv.notify()
 
     def call(self, fn: Callable[[Runner], Any] | str, *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(runner)`` in the model thread; returns a Future (wrap with asyncio.wrap_future).
+        """Run ``fn(runner)`` in a lane's thread; returns a Future (wrap with asyncio.wrap_future).
         ``fn`` may also be the name of one of :data:`MODEL_CALLS`, run as ``MODEL_CALLS[fn](runner, *args)``."""
         if isinstance(fn, str):
             if fn not in MODEL_CALLS:

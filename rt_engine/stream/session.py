@@ -17,8 +17,9 @@ features, and creates sessions from :class:`SessionOptions`.
 
 Threads (each with a fixed budget; see docs/serving.md): the asyncio loop (HTTP, pacing, RTP),
 one input thread for all sessions (resampling, gain, mel, job submission: per-packet work kept off
-the loop, in arrival order), the model thread (``threads`` torch intra-op threads; OpenVINO's own
-pool is sized by its backend) and the loop's default executor (face crops, file decoding).
+the loop, in arrival order), the model's lane threads (``threads`` torch intra-op threads; OpenVINO's
+own pool is sized by its backend, one stream per lane) and the loop's default executor (face crops,
+file decoding).
 Pushed speech (``audio='push'``, :mod:`rt_engine.stream.avatar`) is the exception: its 20 ms feeder
 and :meth:`Session.barge_in` both run on the loop, so a barge-in never interleaves with a feed.
 """

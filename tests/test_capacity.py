@@ -376,8 +376,8 @@ def test_engine_admits_only_what_the_measured_utilisation_carries(tiny_engine):
     try:
         for b in range(1, 9):
             cost.set(b, 0.001 * b)
+        eng.load = ObservedLoad(window_s=1.0, min_windows=1)  # nothing measured (earlier tests ran sessions)
         assert eng.admits(4)
-        eng.load = ObservedLoad(window_s=1.0, min_windows=1)
         eng.load.update(0.0, 0.0, 1)
         eng.load.update(1.0, 0.35, 1)
         assert eng.admits(2) and not eng.admits(3)

@@ -203,8 +203,8 @@ class PlanConfig:
     solo_utilisation: float = 0.98
     # admission: the utilisation measured in service, scaled per session to one more session, must
     # stay within this. It grows faster than the session count once lanes overlap and the cores fill:
-    # on the 2-core VM (peers on the same cores) from 2 to 3 sessions it grew 1.5-1.8x, and 3 sessions
-    # got every frame fresh (95-100%) only where 2 had measured under 0.51 (predicted 0.76)
+    # on the 2-core VM (peers on the same cores) from 2 to 3 sessions it grew 1.5-1.8x; 3 sessions held
+    # 95% fresh in 4 of 5 runs where 2 measured 0.47-0.51, and in 1 of 6 at 0.51-0.60 (docs/serving.md)
     observed_utilisation: float = 0.75
     arrival_s: float = 0.04  # least allowance for how far into the margin a frame's audio is complete
     max_arrival_s: float = 0.2  # the measured allowance (p95, Engine) is capped here

@@ -74,20 +74,20 @@ def openvino_config(precision: str, threads: int, streams: int = 1) -> dict[str,
     OpenVINO model here, and the benchmarks' own, compiles with. One latency-bound inference stream
     over ``threads``, or ``streams`` streams sharing them (a runner's lanes), unpinned: the server's
     media threads share the cores, and a pinned stream could not move away from them."""
-    if streams <= 1:
-        return {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": str(threads),
-            "NUM_STREAMS": "1",
-        }
-    return {
+    cfg = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        "PERFORMANCE_HINT": "THROUGHPUT",
-        "INFERENCE_NUM_THREADS": str(max(threads, streams)),
-        "NUM_STREAMS": str(streams),
-        "ENABLE_CPU_PINNING": "NO",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(threads),
+        "NUM_STREAMS": "1",
     }
+    if streams > 1:
+        cfg.update(
+            PERFORMANCE_HINT="THROUGHPUT",
+            INFERENCE_NUM_THREADS=str(max(threads, streams)),
+            NUM_STREAMS=str(streams),
+            ENABLE_CPU_PINNING="NO",
+        )
+    return cfg
 
 
 class _OnnxRunnerBase(Runner):

@@ -282,17 +282,18 @@ class Scheduler:
         self._stop = False
         self._threads: list[threading.Thread] = []
         # lanes: the runner's calls that may run at once, each in its own thread (module doc)
+        self.cost = CostModel(self.cfg.max_batch)  # seconds per batch by size (drives admission of jobs)
         set_lanes = getattr(runner, "set_lanes", None)  # Runner subclasses have it (duck-typed ones may not)
         want = self.cfg.lanes or max(1, threads or torch.get_num_threads())
-        self.lanes = set_lanes(want) if set_lanes is not None else 1
+        self.cost.lanes = set_lanes(want) if set_lanes is not None else 1
         self._lanes_fixed = bool(self.cfg.lanes)  # else the warm-up may fall back to one lane
-        self._lane_calls: list[list[Callable[[Runner, int], None]]] = [[] for _ in range(self.lanes)]
-        self._lane_futures: list[concurrent.futures.Future] = []  # warm-ups (cancelled by stop)
+        # per lane: its part of a warm-up, with the future of the whole (lane 0) or None
+        self._lane_calls: list[list[tuple[Callable[[Runner, int], None], concurrent.futures.Future | None]]] = [
+            [] for _ in range(self.lanes)
+        ]
         self.batches = 0
         self.frames = 0
         self.busy_s = 0.0  # model-busy seconds, averaged over the lanes (busy_s / wall time = utilisation)
-        self.cost = CostModel(self.cfg.max_batch)  # seconds per batch by size (drives admission of jobs)
-        self.cost.lanes = self.lanes
         self.model_cpu_per_busy_s = 0.0  # measured by warm_up
         self._last_run = time.monotonic()
 
@@ -300,6 +301,12 @@ class Scheduler:
     def cost_per_frame_s(self) -> float:
         """Estimated model seconds for a batch of one frame (0 before any was measured)."""
         return self.cost.batch_s(1)
+
+    @property
+    def lanes(self) -> int:
+        """Model calls that run at once, each in its own thread (kept by the cost model, which counts
+        its frames/s over them)."""
+        return self.cost.lanes
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
@@ -322,10 +329,10 @@ class Scheduler:
             for _, fut, _ in self._calls:
                 fut.cancel()
             self._calls.clear()
-            for fut in self._lane_futures:
-                fut.cancel()
-            self._lane_futures.clear()
             for calls in self._lane_calls:
+                for _, fut in calls:
+                    if fut is not None:
+                        fut.cancel()
                 calls.clear()
             self._jobs.clear()
 
@@ -374,7 +381,6 @@ class Scheduler:
         several lanes and ``SchedulerConfig.lanes`` at auto, one frame is timed on one lane alone
         (fastest of three); slower than :data:`LANE_FRAME_S`, the runner goes back to one lane over
         every thread."""
-        wins = functools.partial(torch.zeros, dtype=torch.float32)
 
         def time_sizes(r: Runner, lane: int, sync: threading.Barrier, best: dict) -> tuple[float, float]:
             """-> (wall, process CPU) seconds of this lane's timed calls; best[(lane, b)] = fastest."""
@@ -384,7 +390,7 @@ class Scheduler:
                 for timed in (False, True, True):
                     sync.wait()  # the lanes' calls overlap as they will in service
                     t0, c0 = time.monotonic(), time.process_time()
-                    self._compute(r, id0, id1, wins(b, 1, N_MELS, MEL_WINDOW), wins(b, r.cfg.pose_dim))
+                    self._compute(r, id0, id1, torch.zeros(b, 1, N_MELS, MEL_WINDOW), torch.zeros(b, r.cfg.pose_dim))
                     if timed:
                         best[lane, b] = min(best[lane, b], time.monotonic() - t0)
                         wall, cpu = wall + time.monotonic() - t0, cpu + time.process_time() - c0
@@ -396,7 +402,7 @@ class Scheduler:
                 alone = float("inf")
                 for k in range(4):  # the first call compiles; the fastest of the other three counts
                     t0 = time.monotonic()
-                    self._compute(r, id0, id1, wins(1, 1, N_MELS, MEL_WINDOW), wins(1, r.cfg.pose_dim))
+                    self._compute(r, id0, id1, torch.zeros(1, 1, N_MELS, MEL_WINDOW), torch.zeros(1, r.cfg.pose_dim))
                     alone = min(alone, time.monotonic() - t0) if k else alone
                 if alone > LANE_FRAME_S:
                     log.info(
@@ -420,7 +426,7 @@ class Scheduler:
 
             with self._cv:
                 for lane in range(1, lanes):
-                    self._lane_calls[lane].append(other)
+                    self._lane_calls[lane].append((other, None))
                 self._cv.notify_all()
             try:
                 wall, cpu = time_sizes(r, 0, sync, best)
@@ -456,8 +462,7 @@ class Scheduler:
             if self._stop:
                 fut.set_exception(RuntimeError("scheduler stopped"))
                 return fut
-            self._lane_calls[0].append(lead)
-            self._lane_futures.append(fut)
+            self._lane_calls[0].append((lead, fut))
             self._cv.notify_all()
         return fut
 
@@ -465,16 +470,14 @@ class Scheduler:
         """Fewer lanes (called in lane 0, in the warm-up): lanes >= n finish their batch and end, then
         the runner drops what it held for them."""
         with self._cv:
-            self.lanes = n
             self.cost.lanes = n
             self._cv.notify_all()
         for th in self._threads[n:]:
             th.join(LANE_SYNC_S)
         self._threads = self._threads[:n]
-        set_lanes = getattr(self.runner, "set_lanes", None)
-        got = set_lanes(n) if set_lanes is not None else 1
+        got = self.runner.set_lanes(n)  # it has lanes beyond one: it has set_lanes
         with self._cv:
-            self.lanes = self.cost.lanes = got
+            self.cost.lanes = got
 
     def forget(self, owner: JobOwner) -> None:
         """Remove a closed session's pending jobs."""
@@ -515,7 +518,7 @@ class Scheduler:
                 if self._stop or lane >= self.lanes:
                     return
                 if self._lane_calls[lane]:  # this lane's part of a warm-up
-                    mine = self._lane_calls[lane].pop(0)
+                    mine, _ = self._lane_calls[lane].pop(0)
                     self._cv.release()
                     try:
                         mine(self.runner, lane)

@@ -258,3 +258,55 @@ def test_library_leaves_process_settings_alone(tiny_engine):
     eng = Engine(tiny_engine.runner, threads=1)
     eng.close()
     assert (sys.getswitchinterval(), gc.get_freeze_count()) == before
+
+
+def test_vp8_denoiser_hook_sets_the_codec_option():
+    """compat.vp8_denoiser: aiortc's sender then gets a VP8 encoder whose libvpx runs with the given
+    noise-sensitivity and aiortc's other settings: at aiortc's own level (4) its bitstream is aiortc's
+    byte for byte, at 0 it differs and still decodes; None restores aiortc's encoder."""
+    import fractions
+
+    import av
+    import numpy as np
+    from aiortc import rtcrtpsender
+    from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder, VpxPayloadDescriptor
+    from aiortc.jitterbuffer import JitterFrame
+
+    from rt_engine.serve import compat
+
+    vp8 = type("Codec", (), {"mimeType": "video/VP8"})()
+    rng = np.random.default_rng(0)
+    base = np.zeros((64, 64, 3), np.int16)
+    base[16:48, 16:48] = (200, 40, 90)
+    imgs = [np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8) for _ in range(4)]  # [H,W,3]
+
+    def encode(enc) -> list[tuple[bytes, int]]:
+        out = []
+        for k, img in enumerate(imgs):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = k * 3600, fractions.Fraction(1, 90000)
+            payloads, ts = enc.encode(frame)
+            out.append((b"".join(VpxPayloadDescriptor.parse(p)[1] for p in payloads), ts))
+        return out
+
+    saved = rtcrtpsender.get_encoder
+    try:
+        aiortc_bytes = encode(Vp8Encoder())
+        compat.vp8_denoiser(4)
+        compat.vp8_denoiser(4)  # idempotent: the hook wraps aiortc's function, not itself
+        assert getattr(rtcrtpsender.get_encoder, compat.MARK) is getattr(saved, compat.MARK, saved)
+        enc = rtcrtpsender.get_encoder(vp8)
+        assert isinstance(enc, Vp8Encoder) and type(enc) is not Vp8Encoder
+        assert encode(enc) == aiortc_bytes
+        compat.vp8_denoiser(0)
+        quiet = encode(rtcrtpsender.get_encoder(vp8))
+        assert [d for d, _ in quiet] != [d for d, _ in aiortc_bytes]
+        dec = Vp8Decoder()
+        last = [f for d, ts in quiet for f in dec.decode(JitterFrame(data=d, timestamp=ts))][-1]
+        assert np.abs(last.to_ndarray(format="rgb24").astype(int) - imgs[-1]).mean() < 12
+        with pytest.raises(ValueError, match="noise sensitivity"):
+            compat.vp8_denoiser(7)
+        compat.vp8_denoiser(None)
+        assert type(rtcrtpsender.get_encoder(vp8)) is Vp8Encoder
+    finally:
+        rtcrtpsender.get_encoder = getattr(saved, compat.MARK, saved)

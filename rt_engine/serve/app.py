@@ -71,6 +71,7 @@ class ServerConfig:
     admit_by_capacity: bool = True  # admit only while the measured model time serves one more session fully
     connect_timeout_s: float = 5.0  # an answered offer must connect within this, or it is closed
     audio_jitter_frames: int = 1  # server-side audio jitter buffer (aiortc default: 4 = +60 ms)
+    vp8_noise_sensitivity: int = 0  # libvpx's camera denoiser, 0-6 (aiortc: 4); generated frames have no noise
     max_uploads: int = 64
     # where uploads are kept; None: a private temporary folder, removed on cleanup. Media workers
     # (--workers N) share one folder made by the parent, so an offer finds an upload another took
@@ -87,6 +88,8 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ConfigError(f"audio_jitter_frames must be in [0, 8], got {self.audio_jitter_frames}")
+        if not 0 <= self.vp8_noise_sensitivity <= 6:
+            raise ConfigError(f"vp8_noise_sensitivity must be in [0, 6], got {self.vp8_noise_sensitivity}")
         if not 1 <= self.max_pending <= 64:
             raise ConfigError(f"max_pending must be in [1, 64], got {self.max_pending}")
         if not 0.5 <= self.connect_timeout_s <= 60:
@@ -704,6 +707,7 @@ def create_app(
     compat.check()
     only = cfg.ice_only_address
     compat.ice_addresses(include_loopback=cfg.use_loopback_ice and only is None, only=only)
+    compat.vp8_denoiser(cfg.vp8_noise_sensitivity)
     app = web.Application(client_max_size=max(v[0] for v in UPLOAD_KINDS.values()) + (1 << 20))
     app[CFG] = cfg
     app[ENGINE] = engine

@@ -1,6 +1,6 @@
 """Every hook into private names of aiortc and aioice, in one place.
 
-The server needs four things that aiortc/aioice do not offer publicly:
+The server needs five things that aiortc/aioice do not offer publicly:
 
 * ``aioice.ice.get_host_addresses``: which local addresses ICE gathers (and binds UDP sockets on).
   Replaced to add 127.0.0.1 (a client on the same machine) or to keep only the address HTTP is bound
@@ -9,6 +9,10 @@ The server needs four things that aiortc/aioice do not offer publicly:
   audio jitter buffer holds 4 packets (80 ms) before decoding; a live mic on a LAN needs 1.
 * ``RTCRtpSender._handle_rtcp_packet`` / ``RTCRtpReceiver._handle_rtcp_packet``: every RTCP packet
   from the peer counts as a sign of life, so a client that only receives is watched too.
+* ``aiortc.rtcrtpsender.get_encoder`` and the codec options of ``aiortc.codecs.vpx.Vp8Encoder``:
+  aiortc opens libvpx with ``noise-sensitivity 4``, a denoiser meant for camera noise. Generated
+  frames have none. With it off, 150 frames of the bundled model (224 px, aiortc's default bitrate)
+  took 1.35 against 1.47 ms of encoder CPU per frame and decoded at 41.9 against 40.2 dB PSNR.
 
 :func:`check` verifies that the installed versions are ones these hooks were written against and that
 every private name still exists; it raises :class:`CompatError` naming what is missing. The server
@@ -67,6 +71,13 @@ def check() -> None:
 
     if "__jitter_buffer" not in inspect.getsource(rtcrtpreceiver.RTCRtpReceiver.__init__):
         missing.append("aiortc.rtcrtpreceiver.RTCRtpReceiver.__jitter_buffer")
+    if not callable(getattr(rtcrtpsender, "get_encoder", None)):
+        missing.append("aiortc.rtcrtpsender.get_encoder")
+    from aiortc.codecs import vpx
+
+    encode = inspect.getsource(vpx.Vp8Encoder.encode)
+    if "self.codec.options" not in encode or '"noise-sensitivity"' not in encode:
+        missing.append("aiortc.codecs.vpx.Vp8Encoder.codec.options['noise-sensitivity']")
     if missing:
         raise CompatError(
             f"aiortc {aiortc.__version__} / aioice {aioice.__version__} lack private names that "
@@ -93,6 +104,64 @@ def ice_addresses(include_loopback: bool, only: str | None) -> None:
 
     setattr(addresses, MARK, orig)
     aioice.ice.get_host_addresses = addresses
+
+
+class _VpxOptions:
+    """A libvpx codec context whose ``options`` get ``noise-sensitivity`` replaced; the rest passes through."""
+
+    __slots__ = ("_ctx", "_noise")
+
+    def __init__(self, ctx: Any, noise: int) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_noise", noise)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "options":
+            value = {**value, "noise-sensitivity": str(self._noise)}
+        setattr(self._ctx, name, value)
+
+
+def _vp8_encoder_class(noise: int) -> type:
+    from aiortc.codecs.vpx import Vp8Encoder
+
+    class Vp8EncoderNoise(Vp8Encoder):
+        """aiortc's VP8 encoder with libvpx's denoiser set to ``noise`` (0 = off, aiortc: 4)."""
+
+        @property
+        def codec(self) -> Any:
+            return self._rt_codec
+
+        @codec.setter
+        def codec(self, ctx: Any) -> None:
+            self._rt_codec = None if ctx is None else _VpxOptions(ctx, noise)
+
+    return Vp8EncoderNoise
+
+
+def vp8_denoiser(level: int | None) -> None:
+    """Set libvpx's ``noise-sensitivity`` (0-6) of every VP8 encoder aiortc creates from now on,
+    process-wide (idempotent, re-settable); None restores aiortc's own encoder (4)."""
+    from aiortc import rtcrtpsender
+
+    if level is not None and not 0 <= level <= 6:
+        raise ValueError(f"VP8 noise sensitivity must be in [0, 6], got {level}")
+    current = rtcrtpsender.get_encoder
+    orig = getattr(current, MARK, current)
+    if level is None:
+        rtcrtpsender.get_encoder = orig
+        return
+    cls = _vp8_encoder_class(level)
+
+    def get_encoder(codec: Any) -> Any:
+        if codec.mimeType.lower() == "video/vp8":
+            return cls()
+        return orig(codec)
+
+    setattr(get_encoder, MARK, orig)
+    rtcrtpsender.get_encoder = get_encoder
 
 
 def set_audio_jitter(receiver: Any, frames: int) -> None:

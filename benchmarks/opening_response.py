@@ -74,6 +74,70 @@ def clip_response(runner, clip: Q.Clip, analyzer, frames: int) -> dict:
     return out
 
 
+def pair_fit(model, store, analyzer, pairs: int, seed: int = 0) -> dict:
+    """``pairs`` (reference, target) pairs of ``store`` (training.data.ClipStore, labelled clips), the
+    target's opening told to ``model`` -> least squares drawn ~ a * target + b * reference + c over the
+    measured openings (inner-lip gap / eye width), with the correlations and the pair count."""
+    import torch
+
+    from rt_engine.config import NoiseMode
+    from training.data import Batcher
+
+    batcher = Batcher(store, 8, 0, 5, seed, negatives=False)
+    drawn, target, ref = [], [], []
+    with torch.no_grad():
+        for step in range(-(-pairs // 8)):
+            b = batcher.batch(step)
+            id0, id1 = model.encode_identity(b["ref"])  # [8,...]
+            style = model.make_style(id0, model.encode_mouth(b["mel"]), model.encode_pose(b["target"]))  # [8,S]
+            fake = model.generate(style, id1, NoiseMode.STORED, opening=torch.nan_to_num(b["opening"]))  # [8,3,S,S]
+            for out, x in ((drawn, fake), (target, b["target"]), (ref, b["ref"])):
+                out.append(M.to_uint8_frames(x.float().numpy()))  # [8,S,S,3]
+    d, t, r = (M.mouth_opening(analyzer.landmarks(np.concatenate(x)[:pairs])) for x in (drawn, target, ref))
+    return fit_openings(d, t, r)
+
+
+def fit_openings(drawn: np.ndarray, target: np.ndarray, ref: np.ndarray) -> dict:
+    """Openings [N] of drawn, target and reference frames (NaN: no face) -> least squares
+    drawn ~ target * a + reference * b + intercept over the rows without NaN, with the correlations."""
+    ok = np.isfinite(drawn) & np.isfinite(target) & np.isfinite(ref)
+    d, t, r = (np.asarray(x, np.float64)[ok] for x in (drawn, target, ref))
+    if len(d) < 10:
+        raise Q.SkipClip(f"a face in only {len(d)} of {len(ok)} pairs")
+    a, b, c = np.linalg.lstsq(np.stack([t, r, np.ones_like(t)], 1), d, rcond=None)[0]
+    return {
+        "pairs": int(len(d)),
+        "target": float(a),
+        "reference": float(b),
+        "intercept": float(c),
+        "corr_target": float(np.corrcoef(d, t)[0, 1]),
+        "corr_reference": float(np.corrcoef(d, r)[0, 1]),
+    }
+
+
+def run_pairs(args: argparse.Namespace, analyzer) -> dict:
+    """--pairs: pair_fit on the trained identities and on the held-out ones of the cache."""
+    from rt_engine.models.checkpoint import load_checkpoint
+    from training.data import ClipStore, read_holdout, read_index
+
+    model = load_checkpoint(args.checkpoint).float().eval()
+    held = read_holdout(args.holdout)
+    clips = [e for e in read_index(args.pairs) if e["has_audio"]]
+    out = {}
+    for name, ids in (
+        ("trained", {e["id"] for e in clips if e["identity"] not in held}),
+        ("held_out", {e["id"] for e in clips if e["identity"] in held}),
+    ):
+        if not ids:
+            continue
+        store = ClipStore(args.pairs, only_ids=ids)
+        if not store.has_opening:
+            raise SystemExit(f"error: {args.pairs} has no mouth labels (python -m training.mouth_labels {args.pairs})")
+        out[name] = pair_fit(model, store, analyzer, args.num_pairs)
+        log.info("pairs %s: %s", name, out[name])
+    return out
+
+
 def run(args: argparse.Namespace, command: str) -> dict:
     from tqdm import tqdm
 
@@ -93,6 +157,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         except Q.SkipClip as e:
             clips[spec.name] = {"skipped": str(e)}
             log.warning("%s skipped: %s", spec.name, e)
+    pairs = run_pairs(args, analyzer) if args.pairs else None
     done = [c for c in clips.values() if "skipped" not in c]
     summary = {
         k: float(np.mean([c[k]["response"] for c in done])) if done else None for k in ("closed_photo", "open_photo")
@@ -104,6 +169,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "levels": list(LEVELS),
         "mean_response": summary,
         "clips": clips,
+        **({"pairs": pairs} if pairs is not None else {}),
         "seconds": round(time.time() - t0, 1),
     }
     out = Path(args.out)
@@ -122,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", default=None, help="a warp_open model (default: the bundled model)")
     ap.add_argument("--out", required=True, help="output folder (results.json)")
     ap.add_argument("--frames", type=int, default=150, help="frames of each clip to measure (default 150)")
+    ap.add_argument("--pairs", default=None, help="a training cache with mouth labels: also fit training pairs")
+    ap.add_argument("--holdout", default="training/holdout.txt", help="identities held out of training (--pairs)")
+    ap.add_argument("--num-pairs", type=int, default=160, help="pairs per group (--pairs; default 160)")
     ap.add_argument("-q", "--quiet", action="store_true")
     return ap
 
@@ -131,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     res = run(args, " ".join(["python -m benchmarks.opening_response", *argv]))
-    print(json.dumps({"mean_response": res["mean_response"], "seconds": res["seconds"]}))
+    print(json.dumps({"mean_response": res["mean_response"], "pairs": res.get("pairs"), "seconds": res["seconds"]}))
     return 0
 
 

@@ -427,3 +427,22 @@ def test_opening_response_measures_the_bundled_model_and_refuses_others(model, t
     plain = save_single(model, tmp_path / "plain.safetensors")
     with pytest.raises(SystemExit, match="no mouth-opening channel"):
         response_main(["--clips", str(tmp_path), "--out", str(tmp_path / "out"), "--checkpoint", str(plain)])
+
+
+def test_opening_pair_fit_separates_target_from_reference():
+    """benchmarks.opening_response.fit_openings: the drawn opening's share of the target's and of the
+    reference's opening, recovered from noisy rows; rows without a face are left out."""
+    import numpy as np
+
+    from benchmarks.opening_response import fit_openings
+
+    rng = np.random.default_rng(0)
+    t, r = rng.uniform(0.0, 0.15, 200), rng.uniform(0.0, 0.15, 200)  # [N] inner-lip gap / eye width
+    d = 0.25 * t + 0.55 * r + 0.01 + rng.normal(0, 0.002, 200)
+    d[:7] = np.nan
+    fit = fit_openings(d, t, r)
+    assert fit["pairs"] == 193
+    assert abs(fit["target"] - 0.25) < 0.03 and abs(fit["reference"] - 0.55) < 0.03
+    assert fit["corr_reference"] > fit["corr_target"]
+    follows = fit_openings(t + rng.normal(0, 0.002, 200), t, r)
+    assert abs(follows["target"] - 1.0) < 0.03 and abs(follows["reference"]) < 0.03

@@ -25,7 +25,10 @@ has_opening=0
 python -c 'import sys; from rt_engine.models.checkpoint import load_checkpoint
 sys.exit(0 if load_checkpoint(sys.argv[1] or None).cfg.has_opening else 3)' "$CK" || has_opening=$?
 case $has_opening in
-  0) python -m benchmarks.opening_response "${CKA[@]}" --clips runs/holdout_clips --out $R/${TAG}_opening_response -q ;;
+  0) PAIRS=()  # the training-pair fit needs the training cache with mouth labels
+     if [ -d runs/data/train ]; then PAIRS=(--pairs runs/data/train); fi
+     python -m benchmarks.opening_response "${CKA[@]}" "${PAIRS[@]}" --clips runs/holdout_clips \
+       --out $R/${TAG}_opening_response -q ;;
   3) echo "opening_response skipped: the model has no opening channel (model.warp_open)" ;;
   *) exit "$has_opening" ;;
 esac

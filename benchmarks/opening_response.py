@@ -115,12 +115,11 @@ def fit_openings(drawn: np.ndarray, target: np.ndarray, ref: np.ndarray) -> dict
     }
 
 
-def run_pairs(args: argparse.Namespace, analyzer) -> dict:
-    """--pairs: pair_fit on the trained identities and on the held-out ones of the cache."""
-    from rt_engine.models.checkpoint import load_checkpoint
+def run_pairs(args: argparse.Namespace, model, analyzer) -> dict:
+    """--pairs: pair_fit of ``model`` (fp32) on the trained identities and on the held-out ones of the
+    cache; a group with too few faces found is reported as skipped."""
     from training.data import ClipStore, read_holdout, read_index
 
-    model = load_checkpoint(args.checkpoint).float().eval()
     held = read_holdout(args.holdout)
     clips = [e for e in read_index(args.pairs) if e["has_audio"]]
     out = {}
@@ -133,7 +132,10 @@ def run_pairs(args: argparse.Namespace, analyzer) -> dict:
         store = ClipStore(args.pairs, only_ids=ids)
         if not store.has_opening:
             raise SystemExit(f"error: {args.pairs} has no mouth labels (python -m training.mouth_labels {args.pairs})")
-        out[name] = pair_fit(model, store, analyzer, args.num_pairs)
+        try:
+            out[name] = pair_fit(model, store, analyzer, args.num_pairs)
+        except Q.SkipClip as e:
+            out[name] = {"skipped": str(e)}
         log.info("pairs %s: %s", name, out[name])
     return out
 
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         except Q.SkipClip as e:
             clips[spec.name] = {"skipped": str(e)}
             log.warning("%s skipped: %s", spec.name, e)
-    pairs = run_pairs(args, analyzer) if args.pairs else None
+    pairs = run_pairs(args, runner.model, analyzer) if args.pairs else None  # the torch runner's fp32 model
     done = [c for c in clips.values() if "skipped" not in c]
     summary = {
         k: float(np.mean([c[k]["response"] for c in done])) if done else None for k in ("closed_photo", "open_photo")

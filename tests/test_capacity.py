@@ -381,6 +381,10 @@ def test_engine_admits_only_what_the_measured_utilisation_carries(tiny_engine):
         eng.load.update(0.0, 0.0, 1)
         eng.load.update(1.0, 0.35, 1)
         assert eng.admits(2) and not eng.admits(3)
+        assert eng.refusal(3) == "3 sessions would keep the model 105% busy, as measured in service (at most 75%)"
+        for b in range(1, 9):  # 50 frames/s: two sessions on paper, whatever was measured
+            cost.set(b, 0.02 * b)
+        assert eng.refusal(3).startswith("the model makes ")
     finally:
         eng.load = load
         cost.restore(saved)

@@ -504,13 +504,10 @@ def _check_room(app: web.Application) -> web.Response | None:
         return error(503, f"server full: {cfg.max_sessions} of {cfg.max_sessions} sessions in use; try again later")
     # the first session is always taken: a model slower than real time streams its own rate to it as
     # fresh frames (an even sub-rate, capacity.py); only sharing the model needs the capacity
-    if cfg.admit_by_capacity and connected >= 1 and not eng.admits(connected + 1):
+    refusal = eng.refusal(connected + 1) if cfg.admit_by_capacity and connected >= 1 else None
+    if refusal is not None:
         eng.metrics.inc("sessions_rejected_total", reason="capacity")
-        return error(
-            503,
-            f"server at model capacity: {connected} session(s) use what the model makes "
-            f"({eng.plan(connected).model_fps:.0f} frames/s); try again later",
-        )
+        return error(503, f"server at model capacity: {refusal}; try again later")
     if connecting >= cfg.max_pending:
         eng.metrics.inc("sessions_rejected_total", reason="pending")
         return error(503, f"too many offers still connecting ({connecting}); try again in a few seconds")

@@ -663,14 +663,26 @@ class Engine:
             self.load.update(now, self.scheduler.busy_s, n, self._plan[2].fraction)
         return self._plan[2]
 
-    def admits(self, sessions: int) -> bool:
-        """Whether ``sessions`` sessions would all get every frame fresh: the plan predicted for them is
-        full rate, and the utilisation measured in service, scaled to them, stays within the plan's
-        (capacity.py, :class:`ObservedLoad`)."""
-        if not self.plan(sessions).full_rate:
-            return False
+    def refusal(self, sessions: int) -> str | None:
+        """Why ``sessions`` sessions would not all get every frame fresh, or None when they would: the
+        plan predicted for them must be full rate, and the utilisation measured in service, scaled to
+        them, must stay within the plan's (capacity.py, :class:`ObservedLoad`)."""
+        plan = self.plan(sessions)
+        if not plan.full_rate:
+            return (
+                f"the model makes {plan.model_fps:.0f} frames/s, short of {sessions} sessions at {FPS} fresh frames/s"
+            )
         util = self.load.predicted(sessions, self.scheduler.cost)
-        return util is None or util <= self.plan_cfg.observed_utilisation
+        if util is not None and util > self.plan_cfg.observed_utilisation:
+            return (
+                f"{sessions} sessions would keep the model {util:.0%} busy, as measured in service "
+                f"(at most {self.plan_cfg.observed_utilisation:.0%})"
+            )
+        return None
+
+    def admits(self, sessions: int) -> bool:
+        """Whether ``sessions`` sessions would all get every frame fresh (:meth:`refusal` says why not)."""
+        return self.refusal(sessions) is None
 
     async def identity(self, path: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
         """Identity features (cached by file content) -> (id0 [1,D], id1 [1,C,7,7], aligned crop, cache key)."""
